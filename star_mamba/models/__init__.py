@@ -1,0 +1,5 @@
+from .backbone import StarBackbone
+from .classifier import StarClassifier
+from .mamba import Mamba, MambaState
+from .pretrain import PretrainOutput, StarDecoder, StarPretrain
+from .registry import MODEL_SIZES, create_model, create_pretrain_model, list_models, model_config

@@ -1,0 +1,103 @@
+"""The STAR backbone: patch embedding, position table and a stack of MambaMLP blocks.
+
+One class serves pretraining (1 causal direction, cluster-ordered packed sequences) and
+fine-tuning (2 or 4 directions over raster order): callers embed, arrange the tokens as their
+task needs, and run the blocks.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from timm.layers import PatchEmbed, trunc_normal_
+from torch import Tensor, nn
+
+from ..config import StarConfig
+from .blocks import MambaMLPBlock
+from .mamba import MambaState
+from .pos_embed import sincos_2d
+
+
+class StarBackbone(nn.Module):
+    def __init__(self, cfg: StarConfig):
+        super().__init__()
+        self.cfg = cfg
+        g = cfg.grid_size
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        table = sincos_2d(cfg.embed_dim, (g, g)).unsqueeze(0)  # (1, N, D)
+        if cfg.learnable_pos_embed:
+            self.pos_embed = nn.Parameter(table)
+        else:
+            self.register_buffer("pos_embed", table, persistent=False)
+        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear rule
+        self.blocks = nn.ModuleList(
+            MambaMLPBlock(cfg.embed_dim, cfg.mlp_hidden, cfg.d_state, cfg.d_conv, cfg.expand,
+                          cfg.resolved_dt_rank, cfg.directions, dpr[i], cfg.norm_eps,
+                          cfg.scan_backend)
+            for i in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.grad_checkpointing = False
+        self.apply(_init_weights)
+        w = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear on the flattened patch
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.cfg.grid_size, self.cfg.grid_size)
+
+    def embed(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, N, D) patch tokens in raster order, position table added."""
+        return self.patch_embed(images) + self.pos_embed
+
+    def embed_patches(self, patches: Tensor) -> Tensor:
+        """Pixel patches (..., p*p*C) -> tokens (..., D) through the same patch embedding, no position."""
+        proj = self.patch_embed.proj
+        p, c = self.cfg.patch_size, self.cfg.in_chans
+        x = patches.reshape(-1, p, p, c).permute(0, 3, 1, 2)  # (M, C, p, p): patchify's (p, p, C)
+        x = proj(x.to(proj.weight.dtype)).flatten(1)  # (M, D)
+        return x.reshape(*patches.shape[:-1], -1)
+
+    def forward_blocks(self, x: Tensor, orders: Optional[Sequence[Tensor]] = None,
+                       taps: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
+        """Run the blocks on (B, L, D) tokens.
+
+        Returns the final-normed output (B, L, D) and the raw outputs of the 1-based blocks in
+        ``taps`` (a list of (B, L, D), in the order given).
+        """
+        wanted = {t: None for t in taps}
+        for i, block in enumerate(self.blocks, start=1):
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, orders, use_reentrant=False)
+            else:
+                x = block(x, orders)  # (B, L, D)
+            if i in wanted:
+                wanted[i] = x
+        return self.norm(x), [wanted[t] for t in taps]
+
+    def allocate_state(self, batch_size: int, device=None, dtype=torch.float32) -> list[MambaState]:
+        return [b.mixer.allocate_state(batch_size, device, dtype) for b in self.blocks]
+
+    def step(self, x: Tensor, states: list[MambaState]) -> Tensor:
+        """One token through a causal backbone: (B, D) -> final-normed (B, D)."""
+        for block, state in zip(self.blocks, states):
+            x = block.step(x, state)
+        return self.norm(x)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        names = {"pos_embed"}
+        names |= {n for n, _ in self.named_parameters() if n.endswith((".A_log", ".D"))}
+        return names
+
+
+def _init_weights(module: nn.Module) -> None:
+    """timm-style init; Mamba's dt_proj keeps its own (flagged ``_no_reinit``)."""
+    if isinstance(module, nn.Linear):
+        if getattr(module.weight, "_no_reinit", False):
+            return
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

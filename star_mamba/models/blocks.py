@@ -1,0 +1,71 @@
+"""Residual blocks: the MambaMLP encoder block and the decoder's cross-attention block."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch.nn.functional as F
+from timm.layers import DropPath, Mlp, SwiGLU
+from torch import Tensor, nn
+
+from .mamba import Mamba, MambaState
+
+
+class MambaMLPBlock(nn.Module):
+    """Pre-norm: x = x + Mamba(LN(x)); x = x + SwiGLU(LN(x)); both residuals with drop path."""
+
+    def __init__(self, dim: int, mlp_hidden: int, d_state: int = 16, d_conv: int = 4,
+                 expand: int = 1, dt_rank: Optional[int] = None, directions: int = 1,
+                 drop_path: float = 0.0, norm_eps: float = 1e-6, scan_backend: str = "auto"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mixer = Mamba(dim, d_state, d_conv, expand, dt_rank, directions, scan_backend)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = SwiGLU(dim, mlp_hidden, act_layer=nn.SiLU)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor, orders: Optional[Sequence[Tensor]] = None) -> Tensor:
+        """x: (B, L, D) -> (B, L, D)."""
+        x = x + self.drop_path(self.mixer(self.norm1(x), orders))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def step(self, x: Tensor, state: MambaState) -> Tensor:
+        """One token, (B, D) -> (B, D), for a causal block."""
+        x = x + self.mixer.step(self.norm1(x), state)
+        return x + self.mlp(self.norm2(x))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from queries (B, Lq, D) to memory (B, Lk, D) through SDPA."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, memory: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """mask: (Lq, Lk) bool, True = may attend."""
+        b, lq, d = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(b, lq, h, d // h).transpose(1, 2)  # (B, h, Lq, d/h)
+        k, v = self.kv(memory).reshape(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)  # (B, h, Lk, d/h)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, Lq, d/h)
+        return self.proj(out.transpose(1, 2).reshape(b, lq, d))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Decoder block without self-attention: x = x + Attn(LN(x), LN(mem)); x = x + MLP(LN(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm_q = nn.LayerNorm(dim, eps=norm_eps)
+        self.norm_kv = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = CrossAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=nn.GELU)
+
+    def forward(self, x: Tensor, memory: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """x: (B, Lq, D), memory: (B, Lk, D) -> (B, Lq, D)."""
+        x = x + self.attn(self.norm_q(x), self.norm_kv(memory), mask)
+        return x + self.mlp(self.norm2(x))
