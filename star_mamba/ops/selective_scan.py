@@ -1,0 +1,184 @@
+"""Selective scan (Mamba's S6 recurrence) behind one function with interchangeable backends.
+
+    h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t        h: (batch, dim, N), h_{-1} = 0
+    y_t = <C_t, h_t> + D * u_t,   then   y_t *= silu(z_t)
+
+Shapes and semantics follow mamba-ssm's ``selective_scan_fn``: u, delta, z (batch, dim, L);
+A (dim, N); B, C (batch, N, L); D, delta_bias (dim,).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
+    if u.ndim != 3:
+        raise ValueError(f"u must be (batch, dim, L), got shape {tuple(u.shape)}")
+    b, d, L = u.shape
+    if A.ndim != 2 or A.shape[0] != d:
+        raise ValueError(f"A must be (dim, N) = ({d}, N), got shape {tuple(A.shape)}")
+    n = A.shape[1]
+    expected = {"delta": (delta, (b, d, L)), "B": (B, (b, n, L)), "C": (C, (b, n, L)),
+                "z": (z, (b, d, L)), "D": (D, (d,)), "delta_bias": (delta_bias, (d,))}
+    for name, (t, shape) in expected.items():
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _prepare_delta(delta: Tensor, delta_bias: Optional[Tensor], softplus: bool) -> Tensor:
+    if delta_bias is not None:
+        delta = delta + delta_bias[:, None]
+    return F.softplus(delta) if softplus else delta
+
+
+def _finish(y: Tensor, u: Tensor, D: Optional[Tensor], z: Optional[Tensor]) -> Tensor:
+    if D is not None:
+        y = y + D[:, None] * u
+    if z is not None:
+        y = y * F.silu(z)
+    return y
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------- reference
+
+def scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False):
+    """A Python loop under autograd, line by line the recurrence above: the ground truth."""
+    dtype = u.dtype
+    ct = _compute_dtype(dtype)
+    u, delta, A, B, C = (t.to(ct) for t in (u, delta, A, B, C))
+    delta = _prepare_delta(delta, None if delta_bias is None else delta_bias.to(ct), delta_softplus)
+    h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, d, N)
+    ys = []
+    for t in range(u.shape[2]):
+        dt = delta[:, :, t, None]  # (b, d, 1)
+        h = torch.exp(dt * A) * h + dt * B[:, None, :, t] * u[:, :, t, None]  # (b, d, N)
+        ys.append((h * C[:, None, :, t]).sum(-1))  # (b, d)
+    y = torch.stack(ys, dim=-1)  # (b, d, L)
+    y = _finish(y, u, None if D is None else D.to(ct), None if z is None else z.to(ct)).to(dtype)
+    return (y, h.to(dtype)) if return_last_state else y
+
+
+# ----------------------------------------------------------------------------- torch
+
+class _ScanFn(torch.autograd.Function):
+    """Core recurrence y_t = <C_t, h_t> with a hand-written reverse-scan backward.
+
+    States live as (L, b, d, N) so that each step touches one contiguous slab with one fused
+    multiply-add; the backward runs the adjoint recurrence g_t = dy_t C_t + dA_{t+1} g_{t+1}.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C):
+        # u, delta: (b, d, L); A: (d, N); B, C: (b, N, L)
+        dA = torch.exp(delta.permute(2, 0, 1).unsqueeze(-1) * A)  # (L, b, d, N)
+        dBu = (delta * u).permute(2, 0, 1).unsqueeze(-1) * B.permute(2, 0, 1).unsqueeze(2)  # (L, b, d, N)
+        hs = dBu  # states are written in place over dBu: h_0 = dBu_0
+        for t in range(1, hs.shape[0]):
+            torch.addcmul(dBu[t], dA[t], hs[t - 1], out=hs[t])  # h_t = dA_t h_{t-1} + dBu_t
+        y = torch.einsum("lbdn,bnl->bdl", hs, C)  # (b, d, L)
+        ctx.save_for_backward(u, delta, A, B, C, dA, hs)
+        return y, hs[-1]
+
+    @staticmethod
+    def backward(ctx, dy, dlast):
+        u, delta, A, B, C, dA, hs = ctx.saved_tensors
+        g = torch.einsum("bdl,bnl->lbdn", dy, C)  # (L, b, d, N): direct gradient on h_t
+        if dlast is not None:
+            g[-1] += dlast
+        for t in range(g.shape[0] - 2, -1, -1):
+            torch.addcmul(g[t], dA[t + 1], g[t + 1], out=g[t])  # adjoint recurrence
+        dC = torch.einsum("bdl,lbdn->bnl", dy, hs)  # (b, N, L)
+        h_prev = torch.cat([torch.zeros_like(hs[:1]), hs[:-1]])  # (L, b, d, N)
+        d_dtA = g * h_prev * dA  # gradient on delta_t * A, (L, b, d, N)
+        gB = torch.einsum("lbdn,bnl->bdl", g, B)  # sum_n g_t B_t, (b, d, L)
+        ddelta = torch.einsum("lbdn,dn->bdl", d_dtA, A) + gB * u
+        dA_param = torch.einsum("lbdn,bdl->dn", d_dtA, delta)
+        du = gB * delta
+        dB = torch.einsum("lbdn,bdl->bnl", g, delta * u)
+        return du, ddelta, dA_param, dB, dC
+
+
+def scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+               return_last_state=False):
+    """Pure PyTorch, hand-written backward; the CPU default."""
+    dtype = u.dtype
+    ct = _compute_dtype(dtype)
+    u32, A32, B32, C32 = (t.to(ct) for t in (u, A, B, C))
+    delta = _prepare_delta(delta.to(ct), None if delta_bias is None else delta_bias.to(ct),
+                           delta_softplus)
+    y, last = _ScanFn.apply(u32, delta, A32, B32.contiguous(), C32.contiguous())
+    y = _finish(y, u32, None if D is None else D.to(ct), None if z is None else z.to(ct)).to(dtype)
+    return (y, last.to(dtype)) if return_last_state else y
+
+
+# ----------------------------------------------------------------------------- cuda
+
+@functools.lru_cache(maxsize=None)
+def _import_cuda_kernel() -> Callable:
+    try:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception as e:  # not installed, or installed without its compiled extension
+        raise RuntimeError(f"backend 'cuda' needs mamba-ssm with its CUDA extension "
+                           f"(pip install 'star-mamba[cuda]'): {e}") from e
+    return selective_scan_fn
+
+
+def scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+              return_last_state=False):
+    """mamba-ssm's fused CUDA kernel."""
+    if not u.is_cuda:
+        raise RuntimeError("backend 'cuda' needs tensors on a CUDA device; got "
+                           f"{u.device}")
+    fn = _import_cuda_kernel()
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+
+
+def _cuda_available(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        _import_cuda_kernel()
+        return True
+    except RuntimeError:
+        return False
+
+
+BACKENDS: dict[str, Callable] = {"reference": scan_reference, "torch": scan_torch,
+                                 "cuda": scan_cuda}
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on tensors of ``device``."""
+    device = torch.device(device)
+    return [name for name in BACKENDS if name != "cuda" or _cuda_available(device)]
+
+
+def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                   D: Optional[Tensor] = None, z: Optional[Tensor] = None,
+                   delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
+                   return_last_state: bool = False, backend: str = "auto"):
+    """Selective scan; returns y (batch, dim, L), plus the last state (batch, dim, N) if asked.
+
+    ``backend``: ``auto`` (``cuda`` for GPU tensors where mamba-ssm works, else ``torch``),
+    ``reference``, ``torch`` or ``cuda``.
+    """
+    _check_shapes(u, delta, A, B, C, D, z, delta_bias)
+    if backend == "auto":
+        backend = "cuda" if _cuda_available(u.device) else "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown selective-scan backend {backend!r}; allowed: "
+                         f"'auto', {', '.join(repr(b) for b in BACKENDS)}")
+    return BACKENDS[backend](u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                             return_last_state)

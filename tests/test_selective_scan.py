@@ -1,0 +1,101 @@
+"""Every selective-scan backend agrees with the reference loop, forward and backward."""
+import pytest
+import torch
+
+from star_mamba.ops import available_backends, selective_scan
+
+FAST = [b for b in available_backends("cpu") if b != "reference"]
+ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+
+
+def make_inputs(dtype, stress=False, b=2, d=6, n=4, L=17, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    if stress:  # large steps and fast decays: exp(delta * A) underflows, nothing may overflow
+        delta = torch.rand(b, d, L, generator=g, dtype=dtype) * 3
+        A = -torch.linspace(1, 16, n, dtype=dtype).repeat(d, 1)
+        bias = None
+    else:  # Mamba's initialisation: A = -(1..N), dt = softplus(bias) in [1e-3, 0.1]
+        dt = torch.exp(torch.rand(d, generator=g, dtype=dtype) * (torch.log(torch.tensor(0.1))
+                                                                  - torch.log(torch.tensor(1e-3)))
+                       + torch.log(torch.tensor(1e-3, dtype=dtype)))
+        bias = dt + torch.log(-torch.expm1(-dt))
+        delta = r(b, d, L) * 0.1
+        A = -torch.arange(1, n + 1, dtype=dtype).repeat(d, 1)
+    return dict(u=r(b, d, L), delta=delta, A=A, B=r(b, n, L), C=r(b, n, L), D=r(d), z=r(b, d, L),
+                delta_bias=bias)
+
+
+def run(backend, inputs, softplus, keep):
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items() if v is not None and k in keep}
+    args = {k: leaves.get(k, v if k in keep else None) for k, v in inputs.items()}
+    y, last = selective_scan(**args, delta_softplus=softplus, return_last_state=True, backend=backend)
+    loss = (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum() + (last ** 2).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return y, last, dict(zip(leaves, grads))
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
+@pytest.mark.parametrize("stress", [False, True])
+@pytest.mark.parametrize("keep,softplus", [(ARGS, True), (("u", "delta", "A", "B", "C"), False)])
+def test_backend_matches_reference(backend, dtype, tol, stress, keep, softplus):
+    inputs = make_inputs(dtype, stress)
+    y_ref, last_ref, g_ref = run("reference", inputs, softplus, keep)
+    y, last, g = run(backend, inputs, softplus, keep)
+    assert y.dtype == dtype and y.shape == (2, 6, 17) and last.shape == (2, 6, 4)
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(last, last_ref, rtol=tol, atol=tol)
+    assert set(g) == set(g_ref) == {k for k in keep if inputs[k] is not None}
+    for name in g_ref:
+        assert torch.isfinite(g[name]).all(), name
+        torch.testing.assert_close(g[name], g_ref[name], rtol=tol, atol=tol * 10, msg=name)
+
+
+def test_reference_matches_explicit_recurrence():
+    x = make_inputs(torch.float64, L=5)
+    u, delta, A, B, C = (x[k] for k in ("u", "delta", "A", "B", "C"))
+    h = torch.zeros(2, 6, 4, dtype=torch.float64)
+    for t in range(5):
+        h = torch.exp(delta[:, :, t, None] * A) * h + delta[:, :, t, None] * B[:, None, :, t] * u[:, :, t, None]
+    y, last = selective_scan(u, delta, A, B, C, return_last_state=True, backend="reference")
+    torch.testing.assert_close(last, h)
+    torch.testing.assert_close(y[:, :, -1], (h * C[:, None, :, -1]).sum(-1))
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_gradcheck(backend):
+    x = make_inputs(torch.float64, b=1, d=2, n=2, L=4)
+    args = [x[k].clone().requires_grad_() for k in ("u", "delta", "A", "B", "C", "D", "z")]
+    assert torch.autograd.gradcheck(
+        lambda *a: selective_scan(*a, delta_softplus=True, backend=backend), args)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_bf16_inputs_give_bf16_close_to_float32(backend):
+    x = make_inputs(torch.float32)
+    ref = selective_scan(**x, delta_softplus=True, backend=backend)
+    y = selective_scan(**{k: v.bfloat16() if v is not None else None for k, v in x.items()},
+                       delta_softplus=True, backend=backend)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_auto_on_cpu_is_a_fast_backend():
+    x = make_inputs(torch.float64)
+    torch.testing.assert_close(selective_scan(**x, backend="auto"),
+                               selective_scan(**x, backend="reference"))
+    assert "reference" in available_backends("cpu") and "torch" in available_backends("cpu")
+    assert "cuda" not in available_backends("cpu")
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = make_inputs(torch.float32)
+    with pytest.raises(ValueError, match=r"B must have shape \(2, 4, 17\), got \(2, 4, 16\)"):
+        selective_scan(**{**x, "B": x["B"][..., :16]})
+    with pytest.raises(ValueError, match=r"A must be \(dim, N\)"):
+        selective_scan(**{**x, "A": x["A"][:3]})
+    with pytest.raises(ValueError, match="unknown selective-scan backend 'triton2'"):
+        selective_scan(**x, backend="triton2")
+    with pytest.raises(RuntimeError, match="backend 'cuda' needs"):
+        selective_scan(**x, backend="cuda")
