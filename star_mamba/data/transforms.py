@@ -1,0 +1,27 @@
+"""Image transforms of the ARM/STAR recipes (torchvision), with timm's ImageNet statistics."""
+from __future__ import annotations
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torchvision import transforms as T
+
+
+def build_pretrain_transform(img_size: int = 192, scale: tuple[float, float] = (0.2, 1.0),
+                             mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> T.Compose:
+    """ARM pretraining: RandomResizedCrop (bicubic), horizontal flip, ImageNet normalisation."""
+    return T.Compose([
+        T.RandomResizedCrop(img_size, scale=scale, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
+
+
+def build_eval_transform(img_size: int = 224, crop_pct: float = 0.875,
+                         mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> T.Compose:
+    """Evaluation: resize the short side to img_size / crop_pct, centre crop, normalise."""
+    return T.Compose([
+        T.Resize(int(img_size / crop_pct), interpolation=T.InterpolationMode.BICUBIC),
+        T.CenterCrop(img_size),
+        T.ToTensor(),
+        T.Normalize(mean, std),
+    ])
