@@ -1,0 +1,1 @@
+"""Training engines, run configuration and their small utilities."""

@@ -1,0 +1,62 @@
+"""Metrics: JSON lines (always), TensorBoard (when installed) and a loss-curve plot."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger("star_mamba")
+
+
+class MetricWriter:
+    """Rank 0 appends one JSON object per logged step to ``metrics.jsonl`` (and TensorBoard)."""
+
+    def __init__(self, output_dir: Path, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+            except ImportError:
+                log.warning("tensorboard is not installed; writing metrics.jsonl only")
+
+    def write(self, step: int, values: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and key != "epoch":
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_loss_curve(metrics_path: Path, out_path: Path, title: Optional[str] = None) -> Path:
+    """Plot ``loss`` against ``step`` from a metrics file into a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics(metrics_path) if "loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (normalised-pixel MSE)")
+    ax.set_title(title or "STAR pretraining")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return out_path
