@@ -62,12 +62,14 @@ class FashionMNIST(Dataset):
     28x28 images are scaled to [0, 1], zero-padded symmetrically to ``img_size`` and normalised
     with the training set's mean and std; grey is repeated to 3 channels when ``in_chans=3``.
     ``augment`` adds random horizontal flips and random translations of up to 2 pixels.
+    ``download`` fetches the files with torchvision into ``root`` (default ``data/``) when they
+    are nowhere to be found and a network is available.
     """
 
     classes = CLASSES
 
     def __init__(self, root: Optional[str | Path] = None, split: str = "train", img_size: int = 32,
-                 in_chans: int = 1, augment: bool = False,
+                 in_chans: int = 1, augment: bool = False, download: bool = False,
                  transform: Optional[Callable] = None):
         if split not in FILES:
             raise ValueError(f"invalid split {split!r} for Fashion-MNIST; allowed: 'train', 'test'")
@@ -76,7 +78,15 @@ class FashionMNIST(Dataset):
                              "zero-padded, so it must be 28 + an even number (e.g. 32)")
         if in_chans not in (1, 3):
             raise ValueError(f"invalid in_chans={in_chans} for Fashion-MNIST; allowed: 1, 3")
-        directory = find_fashion_mnist(root)
+        try:
+            directory = find_fashion_mnist(root)
+        except FileNotFoundError:
+            if not download:
+                raise
+            from torchvision.datasets import FashionMNIST as TorchvisionFashionMNIST
+            root = Path(root) if root is not None else Path("data")
+            TorchvisionFashionMNIST(str(root), train=split == "train", download=True)
+            directory = find_fashion_mnist(root)
         images_stem, labels_stem = FILES[split]
         images = read_idx(_find_file(directory, images_stem))
         labels = read_idx(_find_file(directory, labels_stem))

@@ -27,7 +27,8 @@ class DataConfig:
     root: Optional[str] = None  # dataset directory; None searches the usual places
     split: str = "train"
     num_workers: int = 2
-    augment: bool = False  # light flips/crops for the built-in data (ImageFolder always augments)
+    augment: bool = False  # light flips/shifts for the built-in data (ImageFolder always augments)
+    download: bool = False  # fetch Fashion-MNIST with torchvision if it is nowhere on disk
     max_images: Optional[int] = None  # use only the first N images (quick runs)
     synthetic_images: int = 2048  # size of the synthetic dataset
 

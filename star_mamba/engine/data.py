@@ -27,7 +27,7 @@ def build_pretrain_dataset(data: DataConfig, model: StarConfig) -> Dataset:
     elif data.name == "fashion_mnist":
         dataset = build_dataset("fashion_mnist", root=data.root, split=data.split,
                                 img_size=model.img_size, in_chans=model.in_chans,
-                                augment=data.augment)
+                                augment=data.augment, download=data.download)
     else:
         dataset = build_dataset("synthetic", num_images=data.synthetic_images,
                                 img_size=model.img_size, in_chans=model.in_chans)

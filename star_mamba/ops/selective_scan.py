@@ -9,6 +9,7 @@ A (dim, N); B, C (batch, N, L); D, delta_bias (dim,).
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -117,17 +118,51 @@ class _ScanFn(torch.autograd.Function):
         return back(du), back(ddelta), dA_param, back(dB), back(dC)
 
 
-def scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-               return_last_state=False):
-    """Pure PyTorch, hand-written backward; the CPU default."""
+def _scan_core(core: Callable, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+               return_last_state):
+    """Shared wrapper: bias and softplus before, D and the z gate after, under plain autograd."""
     dtype = u.dtype
     ct = _compute_dtype(dtype)
     u32, A32, B32, C32 = (t.to(ct) for t in (u, A, B, C))
     delta = _prepare_delta(delta.to(ct), None if delta_bias is None else delta_bias.to(ct),
                            delta_softplus)
-    y, last = _ScanFn.apply(u32, delta, A32, B32.contiguous(), C32.contiguous())
+    y, last = core(u32.contiguous(), delta.contiguous(), A32.contiguous(), B32.contiguous(),
+                   C32.contiguous())
     y = _finish(y, u32, None if D is None else D.to(ct), None if z is None else z.to(ct)).to(dtype)
     return (y, last.to(dtype)) if return_last_state else y
+
+
+def scan_torch(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+               return_last_state=False):
+    """Pure PyTorch, hand-written backward; runs on any device."""
+    return _scan_core(_ScanFn.apply, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                      return_last_state)
+
+
+# ----------------------------------------------------------------------------- numba (CPU)
+
+@functools.lru_cache(maxsize=None)
+def _import_numba_kernel() -> Optional[Callable]:
+    """The fused CPU kernel, or None (with one warning) where numba cannot load."""
+    try:
+        from .scan_numba import NumbaScanFn
+    except Exception as e:  # numba missing or broken on this platform
+        warnings.warn(f"star_mamba: the fused CPU selective scan is unavailable ({e}); falling "
+                      "back to the slower pure-PyTorch scan. `pip install numba` enables it.")
+        return None
+    return NumbaScanFn.apply
+
+
+def scan_numba(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+               return_last_state=False):
+    """Fused CPU kernel compiled by numba (forward and backward)."""
+    if u.device.type != "cpu":
+        raise RuntimeError(f"backend 'numba' runs on CPU tensors; got {u.device}")
+    core = _import_numba_kernel()
+    if core is None:
+        raise RuntimeError("backend 'numba' needs numba (pip install numba)")
+    return _scan_core(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                      return_last_state)
 
 
 # ----------------------------------------------------------------------------- cuda
@@ -163,13 +198,29 @@ def _cuda_available(device: torch.device) -> bool:
 
 
 BACKENDS: dict[str, Callable] = {"reference": scan_reference, "torch": scan_torch,
-                                 "cuda": scan_cuda}
+                                 "numba": scan_numba, "cuda": scan_cuda}
+
+
+def _usable(name: str, device: torch.device) -> bool:
+    if name == "cuda":
+        return _cuda_available(device)
+    if name == "numba":
+        return device.type == "cpu" and _import_numba_kernel() is not None
+    return True
+
+
+def default_backend(device: torch.device) -> str:
+    """The fastest backend for ``device``: cuda (GPU, mamba-ssm), numba (CPU), else torch."""
+    for name in ("cuda", "numba"):
+        if _usable(name, device):
+            return name
+    return "torch"
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends that can run on tensors of ``device``."""
     device = torch.device(device)
-    return [name for name in BACKENDS if name != "cuda" or _cuda_available(device)]
+    return [name for name in BACKENDS if _usable(name, device)]
 
 
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
@@ -178,12 +229,12 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                    return_last_state: bool = False, backend: str = "auto"):
     """Selective scan; returns y (batch, dim, L), plus the last state (batch, dim, N) if asked.
 
-    ``backend``: ``auto`` (``cuda`` for GPU tensors where mamba-ssm works, else ``torch``),
-    ``reference``, ``torch`` or ``cuda``.
+    ``backend``: ``auto`` (see :func:`default_backend`), ``reference``, ``torch``, ``numba``
+    or ``cuda``.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     if backend == "auto":
-        backend = "cuda" if _cuda_available(u.device) else "torch"
+        backend = default_backend(u.device)
     if backend not in BACKENDS:
         raise ValueError(f"unknown selective-scan backend {backend!r}; allowed: "
                          f"'auto', {', '.join(repr(b) for b in BACKENDS)}")
