@@ -9,6 +9,7 @@ A (dim, N); B, C (batch, N, L); D, delta_bias (dim,).
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from typing import Callable, Optional
 
@@ -165,6 +166,54 @@ def scan_numba(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
                       return_last_state)
 
 
+# ----------------------------------------------------------------------------- triton (GPU)
+
+def _triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _import_triton_kernel() -> Optional[Callable]:
+    try:
+        from .scan_triton import TritonScanFn
+    except Exception:  # triton missing (CPU-only torch builds) or unusable
+        return None
+    return TritonScanFn.apply
+
+
+def scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                return_last_state=False):
+    """Triton kernel, float32 inside (GPU; on CPU only under TRITON_INTERPRET=1). Untested on GPU."""
+    if not (u.is_cuda or _triton_interpreted()):
+        raise RuntimeError(f"backend 'triton' needs CUDA tensors; got {u.device}")
+    core = _import_triton_kernel()
+    if core is None:
+        raise RuntimeError("backend 'triton' needs the triton package (it ships with PyTorch's "
+                           "CUDA wheels)")
+    dtype = u.dtype
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    out = _scan_core(core, f32(u), f32(delta), f32(A), f32(B), f32(C), f32(D), f32(z),
+                     f32(delta_bias), delta_softplus, return_last_state)
+    if return_last_state:
+        return out[0].to(dtype), out[1].to(dtype)
+    return out.to(dtype)
+
+
+_TRITON_FAILED: list[str] = []
+
+
+def _scan_triton_or_torch(*args):
+    """``auto`` on GPU without mamba-ssm: Triton, falling back to the torch scan if it fails."""
+    if not _TRITON_FAILED:
+        try:
+            return scan_triton(*args)
+        except Exception as e:  # compile or launch failure on this GPU / driver
+            _TRITON_FAILED.append(repr(e))
+            warnings.warn(f"star_mamba: the Triton selective scan failed ({e}); using the "
+                          "pure-PyTorch scan from now on")
+    return scan_torch(*args)
+
+
 # ----------------------------------------------------------------------------- cuda
 
 @functools.lru_cache(maxsize=None)
@@ -198,7 +247,7 @@ def _cuda_available(device: torch.device) -> bool:
 
 
 BACKENDS: dict[str, Callable] = {"reference": scan_reference, "torch": scan_torch,
-                                 "numba": scan_numba, "cuda": scan_cuda}
+                                 "numba": scan_numba, "triton": scan_triton, "cuda": scan_cuda}
 
 
 def _usable(name: str, device: torch.device) -> bool:
@@ -206,12 +255,17 @@ def _usable(name: str, device: torch.device) -> bool:
         return _cuda_available(device)
     if name == "numba":
         return device.type == "cpu" and _import_numba_kernel() is not None
+    if name == "triton":
+        return ((device.type == "cuda" or _triton_interpreted())
+                and _import_triton_kernel() is not None)
     return True
 
 
 def default_backend(device: torch.device) -> str:
-    """The fastest backend for ``device``: cuda (GPU, mamba-ssm), numba (CPU), else torch."""
-    for name in ("cuda", "numba"):
+    """The fastest backend for ``device``: GPU: cuda (mamba-ssm) > triton > torch;
+    CPU: numba > torch."""
+    names = ("cuda", "triton") if device.type == "cuda" else ("numba",)
+    for name in names:
         if _usable(name, device):
             return name
     return "torch"
@@ -229,12 +283,15 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                    return_last_state: bool = False, backend: str = "auto"):
     """Selective scan; returns y (batch, dim, L), plus the last state (batch, dim, N) if asked.
 
-    ``backend``: ``auto`` (see :func:`default_backend`), ``reference``, ``torch``, ``numba``
-    or ``cuda``.
+    ``backend``: ``auto`` (see :func:`default_backend`), ``reference``, ``torch``, ``numba``,
+    ``triton`` or ``cuda``.
     """
     _check_shapes(u, delta, A, B, C, D, z, delta_bias)
     if backend == "auto":
         backend = default_backend(u.device)
+        if backend == "triton":
+            return _scan_triton_or_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                         return_last_state)
     if backend not in BACKENDS:
         raise ValueError(f"unknown selective-scan backend {backend!r}; allowed: "
                          f"'auto', {', '.join(repr(b) for b in BACKENDS)}")
