@@ -1,11 +1,21 @@
-"""The ``star-mamba`` command line: ``star-mamba pretrain [--config FILE] [--set k=v ...]``."""
+"""The ``star-mamba`` command line.
+
+  star-mamba pretrain  [-c CONFIG] [--set section.key=value ...]   STAR pretraining
+  star-mamba finetune  [-c CONFIG] [--set ...]                     fine-tune the classifier
+  star-mamba linprobe  [-c CONFIG] [--set ...]                     linear probe (frozen backbone)
+  star-mamba eval --checkpoint CKPT [-c CONFIG] [--ema]            top-1 / top-5 of a classifier
+  star-mamba bench [--quick]                                       benchmarks
+  star-mamba models                                                model sizes
+"""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from typing import Optional, Sequence
 
-DEFAULT_PRETRAIN_CONFIG = "pretrain/fashion_mnist"
+DEFAULT_CONFIGS = {"pretrain": "pretrain/fashion_mnist", "finetune": "finetune/fashion_mnist",
+                   "linprobe": "linprobe/fashion_mnist", "eval": "finetune/fashion_mnist"}
 
 
 def _add_run_args(p: argparse.ArgumentParser, default_config: str) -> None:
@@ -14,17 +24,33 @@ def _add_run_args(p: argparse.ArgumentParser, default_config: str) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config value, e.g. --set optim.blr=1e-4 (repeatable)")
     p.add_argument("--output-dir", help="shortcut for --set run.output_dir=DIR")
-    p.add_argument("--resume", help="checkpoint to resume from; 'never' to start over "
-                                    "(default: the latest checkpoint in the output directory)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="star-mamba", description=__doc__)
+    parser = argparse.ArgumentParser(prog="star-mamba", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pretrain", help="STAR pretraining (default: star_tiny on Fashion-MNIST)")
-    _add_run_args(p, DEFAULT_PRETRAIN_CONFIG)
+    for name, text in (("pretrain", "STAR pretraining (default: star_tiny on Fashion-MNIST)"),
+                       ("finetune", "fine-tune the classifier from a pretraining checkpoint"),
+                       ("linprobe", "linear probe: frozen backbone, trained linear head")):
+        p = sub.add_parser(name, help=text)
+        _add_run_args(p, DEFAULT_CONFIGS[name])
+        p.add_argument("--resume", help="checkpoint to resume from; 'never' to start over "
+                                        "(default: the latest checkpoint in the output directory)")
+    e = sub.add_parser("eval", help="top-1/top-5 of a fine-tuned checkpoint")
+    _add_run_args(e, DEFAULT_CONFIGS["eval"])
+    e.add_argument("--checkpoint", required=True, help="classifier checkpoint (star-mamba finetune)")
+    e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
     sub.add_parser("models", help="list the model sizes")
+    b = sub.add_parser("bench", help="scan backends, pretraining step and FLOP/s benchmarks")
+    b.add_argument("--output-dir", default="benchmarks/results")
+    b.add_argument("--quick", action="store_true", help="fewer shapes and repeats (a smoke run)")
     return parser
+
+
+def _error(e: Exception) -> int:
+    print(f"star-mamba: error: {e}", file=sys.stderr)
+    return 2
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -34,23 +60,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for name, size in MODEL_SIZES.items():
             print(f"{name:12s} embed_dim={size['embed_dim']:5d} depth={size['depth']}")
         return 0
+    if args.command == "bench":
+        from .bench import run_all, to_markdown
+        print(to_markdown(run_all(args.output_dir, quick=args.quick)), end="")
+        print(f"results written to {args.output_dir}/bench.json and bench.md")
+        return 0
     from .engine.config import load_config
     overrides = list(args.overrides)
     if args.output_dir:
         overrides.append(f"run.output_dir={args.output_dir}")
-    if args.resume:
+    if getattr(args, "resume", None):
         overrides.append(f"run.resume={args.resume}")
+    if args.command == "linprobe":
+        overrides.append("run.linprobe=true")
+    task = "pretrain" if args.command == "pretrain" else "finetune"
     try:
-        cfg = load_config(args.config, overrides)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"star-mamba: error: {e}", file=sys.stderr)
-        return 2
-    from .engine.pretrain import pretrain
-    try:
-        pretrain(cfg)
-    except (ValueError, FileNotFoundError) as e:  # bad config or data, found before training
-        print(f"star-mamba: error: {e}", file=sys.stderr)
-        return 2
+        cfg = load_config(args.config, overrides, task=task)
+        if args.command == "pretrain":
+            from .engine.pretrain import pretrain
+            pretrain(cfg)
+        elif args.command in ("finetune", "linprobe"):
+            from .engine.finetune import finetune
+            finetune(cfg)
+        else:
+            from .engine.finetune import evaluate_checkpoint
+            print(json.dumps(evaluate_checkpoint(args.checkpoint, cfg, use_ema=args.ema)))
+    except (ValueError, FileNotFoundError) as e:  # bad config, data or checkpoint: before training
+        return _error(e)
     return 0
 
 

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch.utils.data import Dataset
 
 from .idx import read_idx
@@ -62,6 +63,8 @@ class FashionMNIST(Dataset):
     28x28 images are scaled to [0, 1], zero-padded symmetrically to ``img_size`` and normalised
     with the training set's mean and std; grey is repeated to 3 channels when ``in_chans=3``.
     ``augment`` adds random horizontal flips and random translations of up to 2 pixels.
+    ``pil_transform`` replaces all of this: it receives the padded image as a greyscale PIL
+    image (for timm's augmentation pipelines) and returns the tensor.
     ``download`` fetches the files with torchvision into ``root`` (default ``data/``) when they
     are nowhere to be found and a network is available.
     """
@@ -70,7 +73,7 @@ class FashionMNIST(Dataset):
 
     def __init__(self, root: Optional[str | Path] = None, split: str = "train", img_size: int = 32,
                  in_chans: int = 1, augment: bool = False, download: bool = False,
-                 transform: Optional[Callable] = None):
+                 transform: Optional[Callable] = None, pil_transform: Optional[Callable] = None):
         if split not in FILES:
             raise ValueError(f"invalid split {split!r} for Fashion-MNIST; allowed: 'train', 'test'")
         if img_size < 28 or (img_size - 28) % 2:
@@ -97,12 +100,16 @@ class FashionMNIST(Dataset):
         self.images = torch.from_numpy(np.array(images))  # (N, 28, 28) uint8
         self.labels = torch.from_numpy(labels.astype(np.int64))  # (N,)
         self.img_size, self.in_chans, self.augment, self.transform = img_size, in_chans, augment, transform
+        self.pil_transform = pil_transform
         self.pad = (img_size - 28) // 2
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if self.pil_transform is not None:
+            padded = F.pad(self.images[index], (self.pad,) * 4).numpy()  # (S, S) uint8
+            return self.pil_transform(Image.fromarray(padded, mode="L")), int(self.labels[index])
         x = self.images[index].float().div_(255).unsqueeze(0)  # (1, 28, 28) in [0, 1]
         x = F.pad(x, (self.pad,) * 4)  # (1, S, S), zeros around
         if self.augment:

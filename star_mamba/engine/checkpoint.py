@@ -9,6 +9,7 @@ from typing import Any, Optional
 import torch
 
 LATEST = "checkpoint-latest.pth"
+BEST = "checkpoint-best.pth"
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -65,22 +65,66 @@ class RunOptions:
 
 
 @dataclass
+class FinetuneData(DataConfig):
+    eval_split: str = "test"  # test (Fashion-MNIST) or val (ImageFolder)
+    max_eval_images: Optional[int] = None
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; null = off
+    reprob: float = 0.25  # random erasing probability
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale
+    crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, then centre crop
+
+
+@dataclass
+class FinetuneOptim(OptimConfig):
+    blr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    epochs: int = 100
+    warmup_epochs: float = 5.0
+    clip_grad: Optional[float] = None
+    layer_decay: Optional[float] = 0.65  # layer-wise lr decay; null = off
+    smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+
+
+@dataclass
+class FinetuneRun(RunOptions):
+    output_dir: str = "runs/finetune"
+    pretrained: Optional[str] = None  # STAR pretraining checkpoint to start from; null = scratch
+    linprobe: bool = False  # freeze the backbone, train only the linear head
+    ema_decay: Optional[float] = 0.99992  # null = no EMA
+    eval_every: int = 1  # epochs between evaluations
+
+
+TASKS = {
+    "pretrain": {"data": DataConfig, "optim": OptimConfig, "run": RunOptions},
+    "finetune": {"data": FinetuneData, "optim": FinetuneOptim, "run": FinetuneRun},
+}
+
+
+@dataclass
 class RunConfig:
     model: dict[str, Any] = field(default_factory=lambda: {"name": "star_tiny"})
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunOptions = field(default_factory=RunOptions)
+    task: str = "pretrain"
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        out["optim"]["betas"] = list(out["optim"]["betas"])
+        for section in out.values():
+            if isinstance(section, dict):
+                for key, value in section.items():
+                    if isinstance(value, tuple):
+                        section[key] = list(value)
         return out
 
     def model_overrides(self) -> dict[str, Any]:
         return {k: v for k, v in self.model.items() if k != "name"}
 
 
-SECTIONS = {"data": DataConfig, "optim": OptimConfig, "run": RunOptions}
 
 
 def _unknown(key: str, valid: list[str], where: str) -> ValueError:
@@ -129,13 +173,25 @@ def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-def from_dict(values: dict[str, Any]) -> RunConfig:
-    """Build a RunConfig from nested dicts, rejecting unknown sections and keys."""
+def from_dict(values: dict[str, Any], task: Optional[str] = None) -> RunConfig:
+    """Build a RunConfig from nested dicts, rejecting unknown sections and keys.
+
+    ``task`` (``pretrain`` or ``finetune``) picks the section classes; a config file may name
+    its own task, which must then agree.
+    """
     values = dict(values or {})
-    cfg = RunConfig()
+    named = values.pop("task", None)
+    if named is not None and task is not None and named != task:
+        raise ValueError(f"this config is for task {named!r}, not {task!r}")
+    task = task or named or "pretrain"
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+    sections = TASKS[task]
+    cfg = RunConfig(data=sections["data"](), optim=sections["optim"](), run=sections["run"](),
+                    task=task)
     for section in values:
-        if section not in ("model", *SECTIONS):
-            raise _unknown(section, ["model", *SECTIONS], "section ")
+        if section not in ("model", *sections):
+            raise _unknown(section, ["model", *sections], "section ")
     model = dict(values.get("model") or {})
     valid_model = ["name", *model_field_names()]
     for key in model:
@@ -145,7 +201,7 @@ def from_dict(values: dict[str, Any]) -> RunConfig:
     if model["name"] not in MODEL_SIZES:
         raise _unknown(model["name"], list(MODEL_SIZES), "model.name=")
     cfg.model = model
-    for section, cls in SECTIONS.items():
+    for section, cls in sections.items():
         given = dict(values.get(section) or {})
         obj = getattr(cfg, section)
         hints = typing.get_type_hints(cls)
@@ -179,7 +235,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     return parts, yaml.safe_load(raw) if raw.strip() else None
 
 
-def load_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
+def load_config(path: Optional[str], overrides: list[str] = (),
+                task: Optional[str] = None) -> RunConfig:
     """Read a YAML config (or a built-in name) and apply ``section.key=value`` overrides."""
     values: dict[str, Any] = {}
     if path is not None:
@@ -193,7 +250,7 @@ def load_config(path: Optional[str], overrides: list[str] = ()) -> RunConfig:
         if values[section] is None:
             values[section] = {}
         values[section][key] = value
-    return from_dict(values)
+    return from_dict(values, task)
 
 
 def save_config(cfg: RunConfig, path: Path) -> None:

@@ -49,9 +49,16 @@ def plot_loss_curve(metrics_path: Path, out_path: Path, title: Optional[str] = N
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in read_metrics(metrics_path) if "loss" in r]
+    rows = [r for r in read_metrics(metrics_path) if "loss" in r and "top1" not in r]
+    steps, losses = [r["step"] for r in rows], [r["loss"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1.2)
+    ax.plot(steps, losses, lw=1.0, alpha=0.4, label="logged")
+    k = max(1, len(losses) // 12)  # moving average over ~1/12 of the run
+    if k > 1:
+        smooth = [sum(losses[max(0, i - k + 1): i + 1]) / len(losses[max(0, i - k + 1): i + 1])
+                  for i in range(len(losses))]
+        ax.plot(steps, smooth, lw=2.0, label=f"moving average of {k}")
+        ax.legend()
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss (normalised-pixel MSE)")
     ax.set_title(title or "STAR pretraining")

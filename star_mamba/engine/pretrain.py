@@ -1,287 +1,36 @@
-"""STAR pretraining: the entry point (``pretrain``) and the one-epoch engine (``train_one_epoch``).
-
-The same code runs as one CPU process or as many GPU processes under ``torchrun``.
-"""
+"""STAR pretraining entry point: build the pretraining model and data, then :func:`fit`."""
 from __future__ import annotations
 
-import contextlib
-import logging
-import math
-import random
-import sys
-import time
-from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-import numpy as np
 import torch
-from timm.optim import create_optimizer_v2
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from ..models.pretrain import StarPretrain
 from ..models.registry import PRETRAIN_DEFAULTS, model_config
-from . import checkpoint as ckpt
-from .config import RunConfig, save_config
+from .config import RunConfig
 from .data import build_pretrain_dataset
-from .dist import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, resolve_device
-from .lr_sched import lr_at, set_lr
-from .metrics import MetricWriter, plot_loss_curve
-from .sampler import BlockShardSampler
-
-log = logging.getLogger("star_mamba")
+from .trainer import Job, check_run_config, fit, seed_everything, start_run
 
 
-@dataclass
-class TrainState:
-    """Where training stands; saved in every checkpoint."""
-
-    epoch: int = 0  # current epoch
-    batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
-    step: int = 0  # optimizer steps taken in total
-    nonfinite_in_row: int = 0
-
-
-def setup_logging(output_dir: Optional[Path], is_main: bool) -> None:
-    log.handlers.clear()
-    log.setLevel(logging.INFO if is_main else logging.WARNING)
-    log.propagate = False
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if output_dir is not None and is_main:
-        handlers.append(logging.FileHandler(output_dir / "log.txt"))
-    for h in handlers:
-        h.setFormatter(fmt)
-        log.addHandler(h)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
-    if amp == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    choices = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if amp not in choices:
-        raise ValueError(f"invalid run.amp={amp!r}; allowed: 'auto', 'off', 'bf16', 'fp16'")
-    if amp == "fp16" and device.type != "cuda":
-        raise ValueError("run.amp='fp16' needs a CUDA device; use 'bf16' or 'off' on CPU")
-    return choices[amp]
-
-
-def check_run_config(cfg: RunConfig, k: int) -> None:
-    o, r = cfg.optim, cfg.run
-    if o.batch_size <= 0 or o.batch_size % k:
-        raise ValueError(f"invalid config: optim.batch_size={o.batch_size} must be a positive "
-                         f"multiple of model.images_per_sequence={k} (images are packed K per sequence)")
-    for name in ("accum_iter", "epochs"):
-        if getattr(o, name) <= 0:
-            raise ValueError(f"invalid config: optim.{name}={getattr(o, name)!r}; expected a positive integer")
-    if (o.lr if o.lr is not None else o.blr) <= 0:
-        raise ValueError(f"invalid config: optim.{'lr' if o.lr is not None else 'blr'}="
-                         f"{o.lr if o.lr is not None else o.blr!r}; expected a positive learning rate")
-    if o.min_lr < 0 or o.weight_decay < 0 or o.warmup_epochs < 0:
-        raise ValueError("invalid config: optim.min_lr, optim.weight_decay and optim.warmup_epochs "
-                         "must be >= 0")
-    if o.clip_grad is not None and o.clip_grad <= 0:
-        raise ValueError(f"invalid config: optim.clip_grad={o.clip_grad!r}; expected > 0 or null")
-    if r.save_every <= 0 or r.save_every_steps <= 0 or r.log_every <= 0:
-        raise ValueError("invalid config: run.save_every, run.save_every_steps and run.log_every "
-                         "must be positive")
-
-
-def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer, scaler,
-                    state: TrainState, cfg: RunConfig, device: torch.device,
-                    amp_dtype: Optional[torch.dtype], base_lr: float, steps_per_epoch: int,
-                    writer: MetricWriter, info: DistInfo, on_step=None) -> Optional[float]:
-    """One pass over ``loader`` from ``state.batch_in_epoch``. Returns the epoch's mean loss."""
-    o, r = cfg.optim, cfg.run
-    model.train()
-    accum = o.accum_iter
-    losses: list[float] = []
-    t_last, images_since = time.perf_counter(), 0
-    bar = tqdm(total=steps_per_epoch * accum, initial=state.batch_in_epoch, leave=False,
-               disable=not (r.progress and info.is_main), desc=f"epoch {state.epoch}",
-               dynamic_ncols=True, file=sys.stdout)
-    window_ok = True  # every micro-batch of the current accumulation window had a finite loss
-    for images, _ in loader:
-        micro = state.batch_in_epoch % accum
-        if micro == 0:
-            window_ok = True
-            lr = lr_at(state.epoch + state.batch_in_epoch / (steps_per_epoch * accum), base_lr,
-                       o.min_lr, o.warmup_epochs, o.epochs)
-            set_lr(optimizer, lr)
-        images = images.to(device, non_blocking=True)
-        last_micro = micro == accum - 1
-        sync = model.no_sync() if (info.enabled and not last_micro) else contextlib.nullcontext()
-        with sync:
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
-                loss = model(images).loss
-            finite = torch.isfinite(loss.detach()).float()
-            if info.enabled:  # every rank must agree to skip, or DDP would deadlock
-                finite = all_reduce_mean(finite)
-            window_ok = window_ok and finite.item() == 1.0
-            if window_ok:
-                scaler.scale(loss / accum).backward()
-        state.batch_in_epoch += 1
-        images_since += images.shape[0] * info.world_size
-        bar.update(1)
-        if not last_micro:
-            continue
-        if not window_ok:
-            optimizer.zero_grad(set_to_none=True)
-            state.nonfinite_in_row += 1
-            log.warning(f"non-finite loss before step {state.step} (epoch {state.epoch}, "
-                        f"batch {state.batch_in_epoch - 1}); step skipped, weights untouched "
-                        f"({state.nonfinite_in_row} in a row)")
-            if state.nonfinite_in_row >= r.max_nonfinite:
-                raise FloatingPointError(
-                    f"{state.nonfinite_in_row} non-finite losses in a row (run.max_nonfinite="
-                    f"{r.max_nonfinite}); stopping. The last good checkpoint is untouched; try a "
-                    "lower optim.blr, a smaller optim.clip_grad or run.amp=off")
-            continue
-        state.nonfinite_in_row = 0
-        if o.clip_grad is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        loss_value = all_reduce_mean(loss.detach().float()).item()
-        losses.append(loss_value)
-        lr_now = optimizer.param_groups[0]["lr"]
-        if state.step % r.log_every == 0 or state.batch_in_epoch == steps_per_epoch * accum:
-            now = time.perf_counter()
-            ips = images_since / max(now - t_last, 1e-9)
-            t_last, images_since = now, 0
-            writer.write(state.step, dict(epoch=state.epoch, loss=loss_value, lr=lr_now,
-                                          images_per_s=round(ips, 2)))
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_now:.2e}", img_s=f"{ips:.1f}")
-            if not (r.progress and info.is_main):
-                log.info(f"epoch {state.epoch} step {state.step} loss {loss_value:.4f} "
-                         f"lr {lr_now:.2e} {ips:.1f} img/s")
-        if on_step is not None:
-            on_step()
-        if r.max_steps is not None and state.step >= r.max_steps:
-            break
-    bar.close()
-    return float(np.mean(losses)) if losses else None
+def pretrain_loss(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return model(images).loss
 
 
 def pretrain(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) a STAR pretraining run; returns a summary of the finished run."""
-    r, o = cfg.run, cfg.optim
-    device = resolve_device(r.device)
-    info = init_distributed(device)
-    if info.enabled and device.type == "cuda":
-        device = resolve_device(r.device, info.local_rank)
-    if r.threads:
-        torch.set_num_threads(r.threads)
-    amp_dtype = autocast_dtype(r.amp, device)
-
+    check_run_config(cfg)
     model_cfg = model_config(cfg.model["name"], PRETRAIN_DEFAULTS, **cfg.model_overrides())
     model_cfg.validate_pretraining()
-    check_run_config(cfg, model_cfg.images_per_sequence)
+    k = model_cfg.images_per_sequence
+    if cfg.optim.batch_size % k:
+        raise ValueError(f"invalid config: optim.batch_size={cfg.optim.batch_size} must be a "
+                         f"multiple of model.images_per_sequence={k} (images are packed K per "
+                         "sequence)")
     dataset = build_pretrain_dataset(cfg.data, model_cfg)  # fails early on missing data
-
-    output_dir = Path(r.output_dir)
-    if info.is_main:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, output_dir / "config.yaml")
-    barrier()
-    setup_logging(output_dir, info.is_main)
-
-    seed_everything(r.seed)  # same initial weights on every rank
-    model = StarPretrain(model_cfg).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    eff_batch = o.batch_size * o.accum_iter * info.world_size
-    base_lr = o.lr if o.lr is not None else o.blr * eff_batch / 256
-    optimizer = create_optimizer_v2(model, "adamw", lr=base_lr, weight_decay=o.weight_decay,
-                                    betas=tuple(o.betas))
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    state = TrainState()
-
-    resume_path = ckpt.find_resume(output_dir, r.resume)
-    if resume_path is not None:
-        saved = ckpt.load_checkpoint(resume_path)
-        ckpt.check_same_model(saved["model_config"], model_cfg.to_dict(), resume_path)
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scaler.load_state_dict(saved["scaler"])
-        state = TrainState(**saved["state"])
-        log.info(f"resumed from {resume_path} at epoch {state.epoch}, step {state.step}")
-
-    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if info.enabled else model
-    sampler = BlockShardSampler(len(dataset), o.batch_size, info.rank, info.world_size, r.seed)
-    loader = DataLoader(dataset, batch_size=o.batch_size, sampler=sampler,
-                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                        drop_last=True, persistent_workers=False,
-                        worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(r.seed))
-    steps_per_epoch = sampler.batches_per_epoch // o.accum_iter
-    if steps_per_epoch == 0:
-        raise ValueError(f"an epoch of {sampler.batches_per_epoch} batches is shorter than "
-                         f"optim.accum_iter={o.accum_iter}")
-    log.info(f"STAR pretraining: {cfg.model['name']} ({n_params / 1e6:.2f}M params), "
-             f"{model_cfg.images_per_sequence} images x {model_cfg.segments_per_image} segments "
-             f"= {model_cfg.seq_len} tokens per sequence, {len(dataset)} images, "
-             f"{info.world_size} process(es) on {device}, effective batch {eff_batch}, "
-             f"lr {base_lr:.3e}, {steps_per_epoch} steps/epoch, amp {amp_dtype}")
-
-    writer = MetricWriter(output_dir, enabled=info.is_main, tensorboard=r.tensorboard)
-
-    def save(path_names: list[str]) -> None:
-        if not info.is_main:
-            return
-        payload = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                       scaler=scaler.state_dict(), state=asdict(state),
-                       model_config=model_cfg.to_dict(), run_config=cfg.to_dict())
-        for name in path_names:
-            ckpt.atomic_save(payload, output_dir / name)
-
-    def on_step() -> None:
-        if state.step % r.save_every_steps == 0:
-            save([ckpt.LATEST])
-
-    epoch_loss = None
-    start = time.perf_counter()
-    try:
-        while state.epoch < o.epochs and (r.max_steps is None or state.step < r.max_steps):
-            sampler.set_epoch(state.epoch, state.batch_in_epoch)
-            epoch_loss = train_one_epoch(ddp, loader, optimizer, scaler, state, cfg, device,
-                                         amp_dtype, base_lr, steps_per_epoch, writer, info, on_step)
-            finished_epoch = state.batch_in_epoch >= steps_per_epoch * o.accum_iter
-            if finished_epoch:
-                log.info(f"epoch {state.epoch} done: mean loss {epoch_loss:.4f}, step {state.step}")
-                state.epoch += 1
-                state.batch_in_epoch = 0
-                names = [ckpt.LATEST]
-                if state.epoch % r.save_every == 0 or state.epoch == o.epochs:
-                    names.append(f"checkpoint-{state.epoch:04d}.pth")
-                save(names)
-            else:  # stopped by max_steps inside an epoch
-                save([ckpt.LATEST])
-        barrier()
-    finally:
-        writer.close()
-    elapsed = time.perf_counter() - start
-    if info.is_main and writer.path.exists():
-        plot_loss_curve(writer.path, output_dir / "loss_curve.png",
-                        f"STAR pretraining, {cfg.model['name']} on {cfg.data.name}")
-        log.info(f"finished: step {state.step}, {elapsed:.0f}s; outputs in {output_dir}")
-    cleanup()
-    return dict(step=state.step, epoch=state.epoch, loss=epoch_loss, seconds=elapsed,
-                output_dir=str(output_dir))
-
-
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+    ctx = start_run(cfg)
+    seed_everything(cfg.run.seed)  # same initial weights on every rank
+    model = StarPretrain(model_cfg)
+    describe = (f", {k} images x {model_cfg.segments_per_image} segments = {model_cfg.seq_len} "
+                "tokens per sequence")
+    return fit(cfg, ctx, Job("STAR pretraining", model, model_cfg, dataset, pretrain_loss,
+                             describe=describe))

@@ -1,0 +1,215 @@
+"""Fine-tuning, linear probing and evaluation of the STAR classifier (ARM's recipe, timm's APIs).
+
+``finetune``: classifier (4 directions by default) initialised from a pretraining checkpoint
+(positions interpolated, mixers widened), RandAugment, random erasing, mixup/cutmix, label
+smoothing, drop path, layer-wise lr decay, EMA evaluated beside the raw weights, best-checkpoint
+keeping. ``run.linprobe`` freezes everything but the linear head. ``evaluate_checkpoint``: top-1
+and top-5 of a saved classifier.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..config import StarConfig
+from ..data import FashionMNIST, build_image_folder
+from ..data import fashion_mnist as fm
+from ..data.transforms import build_eval_transform
+from ..models.classifier import StarClassifier
+from ..models.convert import load_pretrained
+from ..models.registry import CLASSIFIER_DEFAULTS, model_config
+from .checkpoint import load_checkpoint
+from .config import FinetuneData, RunConfig
+from .dist import DistInfo, all_reduce_mean
+from .trainer import Job, check_run_config, fit, seed_everything, start_run
+
+log = logging.getLogger("star_mamba")
+
+
+# ------------------------------------------------------------------------------ data
+
+class _ToChannels:
+    """After timm's RGB pipeline: keep ``in_chans`` channels (1 for grey images)."""
+
+    def __init__(self, in_chans: int):
+        self.in_chans = in_chans
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x[: self.in_chans]
+
+
+def build_train_transform(data: FinetuneData, model: StarConfig, mean, std):
+    """timm's training pipeline on RGB PIL images (grey images are converted, then reduced)."""
+    import torchvision.transforms as T
+    t = create_transform(model.img_size, is_training=True, scale=tuple(data.scale),
+                         auto_augment=data.auto_augment, interpolation="bicubic",
+                         re_prob=data.reprob, re_mode="pixel", re_count=1,
+                         mean=tuple(mean) * (3 // len(mean)), std=tuple(std) * (3 // len(std)))
+    return T.Compose([T.Lambda(lambda im: im.convert("RGB")), t, _ToChannels(model.in_chans)])
+
+
+def build_datasets(data: FinetuneData, model: StarConfig, train: bool = True
+                   ) -> tuple[Optional[Dataset], Dataset, int]:
+    """(train set or None, eval set, number of classes)."""
+    if data.name == "fashion_mnist":
+        tf = build_train_transform(data, model, (fm.MEAN,), (fm.STD,)) if train else None
+        train_set = (FashionMNIST(data.root, data.split, model.img_size, model.in_chans,
+                                  download=data.download, pil_transform=tf) if train else None)
+        eval_set = FashionMNIST(data.root, data.eval_split, model.img_size, model.in_chans,
+                                download=data.download)
+        num_classes = len(fm.CLASSES)
+    elif data.name == "imagefolder":
+        if data.root is None:
+            raise ValueError("invalid config: data.root is required for data.name='imagefolder'")
+        if model.in_chans != 3:
+            raise ValueError(f"invalid config: model.in_chans={model.in_chans} but ImageFolder "
+                             "images are RGB (3 channels)")
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        train_set = (build_image_folder(data.root, data.split, build_train_transform(
+            data, model, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)) if train else None)
+        eval_set = build_image_folder(data.root, data.eval_split,
+                                      build_eval_transform(model.img_size, data.crop_pct))
+        num_classes = len(eval_set.classes)
+    else:
+        raise ValueError(f"invalid config: data.name={data.name!r} for fine-tuning; allowed: "
+                         "'fashion_mnist', 'imagefolder'")
+    if train_set is not None and data.max_images is not None:
+        train_set = Subset(train_set, range(min(data.max_images, len(train_set))))
+    if data.max_eval_images is not None:
+        eval_set = Subset(eval_set, range(min(data.max_eval_images, len(eval_set))))
+    return train_set, eval_set, num_classes
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
+             amp_dtype: Optional[torch.dtype] = None) -> dict[str, float]:
+    """Top-1, top-5 (percent) and mean cross-entropy; exact over ranks (counts are summed)."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # n, top1, top5, loss sum
+    for images, targets in loader:
+        images, targets = images.to(device), targets.to(device)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            logits = model(images)
+        logits = logits.float()
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
+        hit = top5 == targets[:, None]
+        totals += torch.tensor([len(targets), hit[:, 0].sum().item(), hit.any(1).sum().item(),
+                                F.cross_entropy(logits, targets, reduction="sum").item()],
+                               dtype=torch.float64, device=device)
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    totals = all_reduce_mean(totals) * world
+    n = max(totals[0].item(), 1)
+    return dict(top1=100 * totals[1].item() / n, top5=100 * totals[2].item() / n,
+                loss=totals[3].item() / n)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, info: DistInfo, num_workers: int) -> DataLoader:
+    """Each rank takes every world_size-th image, so the summed counts are exact."""
+    indices = list(range(info.rank, len(dataset), info.world_size))
+    return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers)
+
+
+# ------------------------------------------------------------------------------ fine-tuning
+
+def classifier_config(cfg: RunConfig, num_classes: int) -> StarConfig:
+    overrides = cfg.model_overrides()
+    overrides.setdefault("num_classes", num_classes)
+    model_cfg = model_config(cfg.model["name"], CLASSIFIER_DEFAULTS, **overrides)
+    if model_cfg.num_classes < num_classes:
+        raise ValueError(f"invalid config: model.num_classes={model_cfg.num_classes} but the "
+                         f"dataset has {num_classes} classes")
+    return model_cfg
+
+
+def finetune(cfg: RunConfig) -> dict[str, Any]:
+    """Fine-tune (or linearly probe) a classifier; returns a summary with the best top-1."""
+    if cfg.task != "finetune":
+        raise ValueError(f"finetune() needs a fine-tuning config, got task {cfg.task!r}")
+    check_run_config(cfg)
+    o, r = cfg.optim, cfg.run
+    train_set, eval_set, num_classes = build_datasets(cfg.data, _peek_model(cfg))
+    model_cfg = classifier_config(cfg, num_classes)
+    mixup_on = (o.mixup > 0 or o.cutmix > 0) and not r.linprobe
+    if mixup_on and o.batch_size % 2:
+        raise ValueError(f"invalid config: optim.batch_size={o.batch_size} must be even for "
+                         "mixup/cutmix")
+    ctx = start_run(cfg)
+    seed_everything(r.seed)
+    model = StarClassifier(model_cfg)
+    if r.pretrained:
+        report = load_pretrained(model, r.pretrained)
+        log.info(f"loaded {r.pretrained}: {report.summary()}")
+    if r.linprobe:
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("head.")
+
+    mixup = (Mixup(mixup_alpha=o.mixup, cutmix_alpha=o.cutmix, prob=o.mixup_prob,
+                   switch_prob=o.mixup_switch_prob, label_smoothing=o.smoothing,
+                   num_classes=model_cfg.num_classes) if mixup_on else None)
+    criterion = (SoftTargetCrossEntropy() if mixup is not None else
+                 LabelSmoothingCrossEntropy(o.smoothing) if o.smoothing > 0 else torch.nn.CrossEntropyLoss())
+
+    def loss_fn(m, images, targets):
+        if mixup is not None:
+            images, targets = mixup(images, targets)
+        return criterion(m(images).float(), targets)
+
+    ema = ModelEmaV3(model, decay=r.ema_decay) if r.ema_decay and not r.linprobe else None
+    loader = eval_loader(eval_set, o.batch_size, ctx.info, cfg.data.num_workers)
+
+    def run_eval(epoch: int) -> dict[str, float]:
+        metrics = evaluate(model, loader, ctx.device, ctx.amp_dtype)
+        if ema is not None:
+            metrics.update({f"ema_{k}": v for k, v in
+                            evaluate(ema.module, loader, ctx.device, ctx.amp_dtype).items()})
+        metrics["score"] = max(metrics["top1"], metrics.get("ema_top1", 0.0))
+        return metrics
+
+    job = Job("STAR linear probe" if r.linprobe else "STAR fine-tuning", model, model_cfg,
+              train_set, loss_fn, describe=f", {model_cfg.directions} directions, "
+              f"class token {model_cfg.class_token}, {num_classes} classes",
+              extras={"ema": ema} if ema is not None else {},
+              after_step=(lambda: ema.update(model)) if ema is not None else None,
+              evaluate=run_eval)
+    return fit(cfg, ctx, job)
+
+
+def _peek_model(cfg: RunConfig) -> StarConfig:
+    """The classifier config before the dataset's class count is known (for transforms)."""
+    return model_config(cfg.model["name"], CLASSIFIER_DEFAULTS,
+                        **{**cfg.model_overrides(), "num_classes": cfg.model.get("num_classes", 1000)})
+
+
+def evaluate_checkpoint(checkpoint: str | Path, cfg: RunConfig, use_ema: bool = False
+                        ) -> dict[str, float]:
+    """Top-1/top-5 of a fine-tuning checkpoint on ``cfg.data``'s evaluation split."""
+    saved = load_checkpoint(Path(checkpoint))
+    if "model_config" not in saved or "head.weight" not in saved.get("model", {}):
+        raise ValueError(f"{checkpoint} is not a classifier checkpoint written by star-mamba "
+                         "finetune (pretraining checkpoints have no classifier head)")
+    model_cfg = StarConfig.from_dict(saved["model_config"])
+    _, eval_set, _ = build_datasets(cfg.data, model_cfg, train=False)
+    model = StarClassifier(model_cfg)
+    weights = saved["model"]
+    if use_ema:
+        if "ema" not in saved.get("extras", {}):
+            raise ValueError(f"{checkpoint} holds no EMA weights")
+        weights = {k[len("module."):]: v for k, v in saved["extras"]["ema"].items()}
+    model.load_state_dict(weights)
+    ctx = start_run(cfg)
+    model.to(ctx.device)
+    result = evaluate(model, eval_loader(eval_set, cfg.optim.batch_size, ctx.info,
+                                         cfg.data.num_workers), ctx.device, ctx.amp_dtype)
+    log.info(f"{checkpoint}{' (EMA)' if use_ema else ''}: top-1 {result['top1']:.2f}, "
+             f"top-5 {result['top5']:.2f}, loss {result['loss']:.4f} on {len(eval_set)} images")
+    return result

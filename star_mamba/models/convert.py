@@ -1,0 +1,107 @@
+"""Turn a STAR pretraining checkpoint into classifier weights, in one place.
+
+- ``encoder.*`` (pretraining backbone) -> ``backbone.*`` (classifier backbone);
+- the position table is interpolated from the pretraining grid to the fine-tuning grid
+  (12 x 12 -> 14 x 14 for 192 -> 224 px);
+- 1-direction mixers are widened to the classifier's 2 or 4 directions by copying the
+  pretrained branch into every direction (the mixer averages the directions, so a widened mixer
+  is the average of the pretrained mixer run over each scan order);
+- decoder and separator weights are dropped.
+Every key is reported as loaded, converted, new (left at its initialisation) or unused.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .pos_embed import sincos_2d
+
+_BRANCH = re.compile(r"^(backbone\.blocks\.\d+\.mixer\.branches\.)(\d+)(\..+)$")
+
+
+@dataclass
+class LoadReport:
+    loaded: list[str] = field(default_factory=list)  # copied as they are
+    converted: list[str] = field(default_factory=list)  # interpolated or copied into new directions
+    new: list[str] = field(default_factory=list)  # not in the checkpoint: keep their init
+    unused: list[str] = field(default_factory=list)  # in the checkpoint, not in the classifier
+
+    def summary(self) -> str:
+        return (f"{len(self.loaded)} loaded, {len(self.converted)} converted, {len(self.new)} new "
+                f"({', '.join(self.new) or '-'}), {len(self.unused)} unused")
+
+
+def interpolate_pos_embed(table: Tensor, old_grid: tuple[int, int],
+                          new_grid: tuple[int, int]) -> Tensor:
+    """(1, h*w, D) -> (1, h'*w', D) by bicubic interpolation over the grid; same grid: unchanged."""
+    if tuple(old_grid) == tuple(new_grid):
+        return table
+    (h, w), (nh, nw) = old_grid, new_grid
+    d = table.shape[-1]
+    grid = table.reshape(1, h, w, d).permute(0, 3, 1, 2).float()  # (1, D, h, w)
+    grid = F.interpolate(grid, size=(nh, nw), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, nh * nw, d).to(table.dtype)
+
+
+def read_pretrained(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Tensor], Optional[dict]]:
+    """A checkpoint path or dict -> (state dict, model config dict or None)."""
+    if not isinstance(source, Mapping):
+        from ..engine.checkpoint import load_checkpoint
+        source = load_checkpoint(Path(source))
+    if "model" in source and isinstance(source["model"], Mapping):
+        return dict(source["model"]), source.get("model_config")
+    return dict(source), None
+
+
+def load_pretrained(classifier: nn.Module, source: str | Path | Mapping[str, Any]) -> LoadReport:
+    """Load a pretraining checkpoint (path, engine checkpoint dict or state dict) into a classifier."""
+    state, pre_cfg = read_pretrained(source)
+    target = classifier.state_dict()
+    report = LoadReport()
+    incoming: dict[str, Tensor] = {}
+    for key, value in state.items():
+        new_key = "backbone." + key[len("encoder."):] if key.startswith("encoder.") else key
+        if new_key not in target and not _BRANCH.match(new_key):
+            report.unused.append(key)
+            continue
+        incoming[new_key] = value
+    result = {}
+    for key, dest in target.items():
+        if key in incoming and incoming[key].shape == dest.shape:
+            result[key] = incoming[key]
+            report.loaded.append(key)
+            continue
+        m = _BRANCH.match(key)
+        source_key = f"{m.group(1)}0{m.group(3)}" if m else None
+        if m and key not in incoming and source_key in incoming:  # widen 1 direction to many
+            result[key] = incoming[source_key].clone()
+            report.converted.append(key)
+        elif key == "backbone.pos_embed":
+            table = _pretrained_pos_embed(incoming.get(key), pre_cfg, dest.shape[-1])
+            if table is None:
+                report.new.append(key)
+                continue
+            old = int(round(table.shape[1] ** 0.5))
+            new = int(round(dest.shape[1] ** 0.5))
+            result[key] = interpolate_pos_embed(table, (old, old), (new, new))
+            report.converted.append(key)
+        else:
+            report.new.append(key)
+    classifier.load_state_dict(result, strict=False)
+    return report
+
+
+def _pretrained_pos_embed(table: Optional[Tensor], pre_cfg: Optional[dict], dim: int) -> Optional[Tensor]:
+    """The pretraining position table: saved, or the fixed sin-cos table of its grid."""
+    if table is not None:
+        return table
+    if pre_cfg is None or pre_cfg.get("learnable_pos_embed"):
+        return None
+    grid = pre_cfg["img_size"] // pre_cfg["patch_size"]
+    return sincos_2d(dim, (grid, grid)).unsqueeze(0)
