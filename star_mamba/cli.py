@@ -4,6 +4,7 @@
   star-mamba finetune  [-c CONFIG] [--set ...]                     fine-tune the classifier
   star-mamba linprobe  [-c CONFIG] [--set ...]                     linear probe (frozen backbone)
   star-mamba eval --checkpoint CKPT [-c CONFIG] [--ema]            top-1 / top-5 of a classifier
+  star-mamba export --checkpoint CKPT --out FILE.safetensors [--ema]
   star-mamba bench [--quick]                                       benchmarks
   star-mamba models                                                model sizes
 """
@@ -41,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(e, DEFAULT_CONFIGS["eval"])
     e.add_argument("--checkpoint", required=True, help="classifier checkpoint (star-mamba finetune)")
     e.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
+    x = sub.add_parser("export", help="checkpoint weights + model config -> .safetensors")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--out", required=True, help="output .safetensors file")
+    x.add_argument("--ema", action="store_true", help="export the EMA weights")
     sub.add_parser("models", help="list the model sizes")
     b = sub.add_parser("bench", help="scan backends, pretraining step and FLOP/s benchmarks")
     b.add_argument("--output-dir", default="benchmarks/results")
@@ -64,6 +69,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .bench import run_all, to_markdown
         print(to_markdown(run_all(args.output_dir, quick=args.quick)), end="")
         print(f"results written to {args.output_dir}/bench.json and bench.md")
+        return 0
+    if args.command == "export":
+        from .engine.checkpoint import export_safetensors
+        try:
+            print(export_safetensors(args.checkpoint, args.out, use_ema=args.ema))
+        except (ValueError, FileNotFoundError) as e:
+            return _error(e)
         return 0
     from .engine.config import load_config
     overrides = list(args.overrides)

@@ -1,17 +1,81 @@
-"""ImageFolder datasets (ImageNet's train/ and val/ layout), decoded with Pillow as RGB."""
+"""ImageFolder datasets (ImageNet's train/ and val/ layout) that survive real-world files.
+
+Valid but odd images (greyscale, RGBA, palette, 16-bit, tiny) are converted to 8-bit RGB;
+unreadable ones (truncated, not an image, empty, no permission) are skipped, counted and named
+in the log, and a sample from the next index is returned instead. If more than
+``max_bad_fraction`` of the dataset turns out broken, loading stops with an error naming the
+last bad file. Empty class directories are allowed.
+"""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
+from PIL import Image
 from torchvision.datasets import ImageFolder
+
+log = logging.getLogger("star_mamba")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode an image fully and return it as 8-bit RGB; raises on a broken file."""
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grey: rescale to 8 bits
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        img = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), mode="L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    return img.convert("RGB")
+
+
+class SafeImageFolder(ImageFolder):
+    def __init__(self, root: str, transform: Optional[Callable] = None,
+                 max_bad_fraction: float = 0.01):
+        super().__init__(root, transform=transform, loader=load_rgb, allow_empty=True)
+        if len(self.samples) == 0:
+            raise FileNotFoundError(f"image folder {root} holds no images")
+        self.max_bad_fraction = max_bad_fraction
+        self.bad: dict[str, str] = {}  # path -> reason, in this process
+
+    def __getitem__(self, index: int):
+        for attempt in range(len(self.samples)):
+            path, target = self.samples[(index + attempt) % len(self.samples)]
+            if path in self.bad:
+                continue
+            try:
+                img = load_rgb(path)
+            except Exception as e:  # truncated, not an image, empty, unreadable, ...
+                self._record_bad(path, e)
+                continue
+            if self.transform is not None:
+                img = self.transform(img)
+            return img, target
+        raise RuntimeError(f"no readable image in {self.root}")
+
+    def _record_bad(self, path: str, error: Exception) -> None:
+        self.bad[path] = f"{type(error).__name__}: {error}"
+        log.warning(f"skipping unreadable image {path} ({self.bad[path]}); "
+                    f"{len(self.bad)} skipped so far")
+        if len(self.bad) > self.max_bad_fraction * len(self.samples):
+            raise RuntimeError(
+                f"{len(self.bad)} of {len(self.samples)} images in {self.root} are unreadable, "
+                f"more than data.max_bad_fraction={self.max_bad_fraction}; last: {path} "
+                f"({self.bad[path]})")
 
 
 def build_image_folder(root: str | Path, split: str = "train",
-                       transform: Optional[Callable] = None) -> ImageFolder:
+                       transform: Optional[Callable] = None,
+                       max_bad_fraction: float = 0.01) -> SafeImageFolder:
     """``root/split/<class>/<image>``; a missing directory raises FileNotFoundError naming it."""
     directory = Path(root) / split
     if not directory.is_dir():
         raise FileNotFoundError(f"image folder {directory} does not exist (expected "
                                 f"{Path(root)}/{split}/<class>/<images>)")
-    return ImageFolder(str(directory), transform=transform)
+    return SafeImageFolder(str(directory), transform=transform, max_bad_fraction=max_bad_fraction)

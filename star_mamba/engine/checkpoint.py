@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes, a rolling ``checkpoint-latest.pth`` and numbered epoch copies."""
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -29,6 +30,13 @@ def atomic_save(obj: Any, path: Path) -> None:
         raise
 
 
+def prune_numbered(output_dir: Path, keep_last: int) -> None:
+    """Keep the ``keep_last`` newest ``checkpoint-NNNN.pth`` (latest and best are never removed)."""
+    numbered = sorted(Path(output_dir).glob("checkpoint-[0-9][0-9][0-9][0-9].pth"))
+    for old in numbered[:-keep_last] if keep_last > 0 else []:
+        old.unlink()
+
+
 def find_resume(output_dir: Path, resume: str) -> Optional[Path]:
     """``auto``: the latest checkpoint in ``output_dir`` if any; ``never``; or an explicit path."""
     if resume == "never":
@@ -43,7 +51,12 @@ def find_resume(output_dir: Path, resume: str) -> Optional[Path]:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load tensors and plain containers only (``weights_only``): a checkpoint cannot run code."""
+    """Load tensors and plain containers only (``weights_only``): a checkpoint cannot run code.
+
+    ``.safetensors`` files (see :func:`export_safetensors`) load too.
+    """
+    if Path(path).suffix == ".safetensors":
+        return load_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file or a pickle that would need arbitrary code
@@ -57,3 +70,28 @@ def check_same_model(saved: dict[str, Any], current: dict[str, Any], path: Path)
         items = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
         raise ValueError(f"checkpoint {path} was made for another model ({items}); use another "
                          "run.output_dir or set run.resume=never")
+
+
+def export_safetensors(checkpoint: Path, out: Path, use_ema: bool = False) -> Path:
+    """Write a checkpoint's weights (or its EMA weights) and model config to a .safetensors file."""
+    from safetensors.torch import save_file
+    saved = load_checkpoint(Path(checkpoint))
+    weights = saved["model"]
+    if use_ema:
+        if "ema" not in saved.get("extras", {}):
+            raise ValueError(f"{checkpoint} holds no EMA weights")
+        weights = {k[len("module."):]: v for k, v in saved["extras"]["ema"].items()}
+    metadata = {"format": "star-mamba", "model_config": json.dumps(saved.get("model_config"))}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(out), metadata=metadata)
+    return out
+
+
+def load_safetensors(path: Path) -> dict[str, Any]:
+    """``{"model": weights, "model_config": dict or None}`` from :func:`export_safetensors`."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads((f.metadata() or {}).get("model_config", "null"))
+        weights = {k: f.get_tensor(k) for k in f.keys()}
+    return {"model": weights, "model_config": config}

@@ -31,6 +31,7 @@ class DataConfig:
     download: bool = False  # fetch Fashion-MNIST with torchvision if it is nowhere on disk
     max_images: Optional[int] = None  # use only the first N images (quick runs)
     synthetic_images: int = 2048  # size of the synthetic dataset
+    max_bad_fraction: float = 0.01  # ImageFolder: stop if more than this share is unreadable
 
 
 @dataclass
@@ -54,6 +55,7 @@ class RunOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | off | bf16 | fp16
     save_every: int = 1  # epochs between numbered checkpoints (a rolling latest is always kept)
+    keep_last: int = 3  # numbered checkpoints kept (0 = all); latest and best always stay
     save_every_steps: int = 200  # steps between refreshes of the rolling latest checkpoint
     log_every: int = 10  # steps between metric lines
     resume: str = "auto"  # auto (latest in output_dir) | never | <path to checkpoint>

@@ -23,7 +23,8 @@ def build_pretrain_dataset(data: DataConfig, model: StarConfig) -> Dataset:
             raise ValueError("invalid config: data.root is required for data.name='imagefolder' "
                              "(a directory holding train/ and val/ class folders)")
         dataset = build_dataset("imagefolder", root=data.root, split=data.split,
-                                transform=build_pretrain_transform(model.img_size))
+                                transform=build_pretrain_transform(model.img_size),
+                                max_bad_fraction=data.max_bad_fraction)
     elif data.name == "fashion_mnist":
         dataset = build_dataset("fashion_mnist", root=data.root, split=data.split,
                                 img_size=model.img_size, in_chans=model.in_chans,

@@ -74,9 +74,11 @@ def build_datasets(data: FinetuneData, model: StarConfig, train: bool = True
                              "images are RGB (3 channels)")
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         train_set = (build_image_folder(data.root, data.split, build_train_transform(
-            data, model, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)) if train else None)
+            data, model, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), data.max_bad_fraction)
+            if train else None)
         eval_set = build_image_folder(data.root, data.eval_split,
-                                      build_eval_transform(model.img_size, data.crop_pct))
+                                      build_eval_transform(model.img_size, data.crop_pct),
+                                      data.max_bad_fraction)
         num_classes = len(eval_set.classes)
     else:
         raise ValueError(f"invalid config: data.name={data.name!r} for fine-tuning; allowed: "

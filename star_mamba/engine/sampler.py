@@ -36,12 +36,19 @@ class BlockShardSampler(Sampler[int]):
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.start_batch) * self.batch_size
 
-    def __iter__(self) -> Iterator[int]:
+    def _order(self) -> torch.Tensor:
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.num_samples, generator=g)
-        else:
-            order = torch.arange(self.num_samples)
+            return torch.randperm(self.num_samples, generator=g)
+        return torch.arange(self.num_samples)
+
+    def batch_indices(self, batch: int) -> list[int]:
+        """Dataset indices of this rank's ``batch``-th batch of the current epoch."""
+        start = batch * self.batch_size * self.world_size + self.rank * self.batch_size
+        return self._order()[start:start + self.batch_size].tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        order = self._order()
         b, G = self.batch_size, self.batch_size * self.world_size
         for i in range(self.start_batch, self.batches_per_epoch):
             start = i * G + self.rank * b

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -62,6 +64,26 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator training touches, as tensors and plain values (weights_only-safe)."""
+    np_state = np.random.get_state()
+    state = dict(torch=torch.get_rng_state(), python=random.getstate(),
+                 numpy=[np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]])
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
@@ -142,11 +164,21 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer, scale
         bar.update(1)
         if not last_micro:
             continue
+        if window_ok:
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), o.clip_grad if o.clip_grad is not None else float("inf"))
+            if not torch.isfinite(grad_norm) and not scaler.is_enabled():  # fp16: scaler skips
+                window_ok = False
         if not window_ok:
             optimizer.zero_grad(set_to_none=True)
             state.nonfinite_in_row += 1
-            log.warning(f"non-finite loss before step {state.step} (epoch {state.epoch}, "
-                        f"batch {state.batch_in_epoch - 1}); step skipped, weights untouched "
+            first = state.batch_in_epoch - accum
+            indices = [i for b in range(first, state.batch_in_epoch)
+                       for i in loader.sampler.batch_indices(b)]
+            log.warning(f"non-finite loss or gradient before step {state.step} (epoch "
+                        f"{state.epoch}, batches {first}..{state.batch_in_epoch - 1}, dataset "
+                        f"indices {indices}); step skipped, weights untouched "
                         f"({state.nonfinite_in_row} in a row)")
             if state.nonfinite_in_row >= r.max_nonfinite:
                 raise FloatingPointError(
@@ -155,9 +187,6 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer, scale
                     "lower optim.blr, a smaller optim.clip_grad or run.amp=off")
             continue
         state.nonfinite_in_row = 0
-        if o.clip_grad is not None:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), o.clip_grad)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
@@ -255,6 +284,8 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
             obj.load_state_dict(saved["extras"][name])
         state = TrainState(**saved["state"])
         best = saved.get("best", best)
+        if "rng" in saved:
+            set_rng_state(saved["rng"])
         log.info(f"resumed from {resume_path} at epoch {state.epoch}, step {state.step}")
 
     trainable = any(p.requires_grad for p in model.parameters())
@@ -280,17 +311,19 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
         if not info.is_main:
             return
         payload = dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
-                       scaler=scaler.state_dict(), state=asdict(state), best=best,
+                       scaler=scaler.state_dict(), state=asdict(state), best=best, rng=rng_state(),
                        extras={n: obj.state_dict() for n, obj in job.extras.items()},
                        model_config=job.model_cfg.to_dict(), run_config=cfg.to_dict())
         for name in names:
             ckpt.atomic_save(payload, output_dir / name)
+        ckpt.prune_numbered(output_dir, r.keep_last)
 
     def on_step() -> None:
         if job.after_step is not None:
             job.after_step()
         if state.step % r.save_every_steps == 0:
             save([ckpt.LATEST])
+        _maybe_inject_fault(state.step, info)
 
     epoch_loss = None
     start = time.perf_counter()
@@ -329,6 +362,17 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
     cleanup()
     return dict(step=state.step, epoch=state.epoch, loss=epoch_loss, seconds=elapsed,
                 best=best, output_dir=str(output_dir))
+
+
+def _maybe_inject_fault(step: int, info: DistInfo) -> None:
+    """Fault injection for the tests: ``STAR_MAMBA_KILL_AT_STEP=N[:RANK]`` SIGKILLs that rank
+    (default the last) after step N, in the first attempt of a torchrun job only."""
+    spec = os.environ.get("STAR_MAMBA_KILL_AT_STEP")
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    at, _, rank = spec.partition(":")
+    if step == int(at) and info.rank == (int(rank) if rank else info.world_size - 1):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _seed_worker(worker_id: int) -> None:
