@@ -132,3 +132,12 @@ def test_triton_kernel_matches_reference_in_the_interpreter():
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "triton ok" in out.stdout
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_nan_in_the_input_reaches_the_output(backend):
+    """Fast paths must not hide bad data: the training loop relies on NaN reaching the loss."""
+    x = make_inputs(torch.float32)
+    x["u"][0, 1, 3] = float("nan")
+    y = selective_scan(**x, delta_softplus=True, backend=backend)
+    assert torch.isnan(y[0, 1, 3:]).all() and torch.isfinite(y[1]).all()

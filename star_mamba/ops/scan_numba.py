@@ -18,8 +18,11 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+# Fast-math without "no NaN / no inf": NaNs from bad inputs must still reach the loss check.
+_FAST = {"reassoc", "contract", "arcp", "nsz", "afn"}
 
-@njit(parallel=True, cache=True)
+
+@njit(parallel=True, cache=True, fastmath=_FAST)
 def _forward_kernel(u, delta, A, Bt, Ct, y, last):  # pragma: no cover - compiled
     # u, delta, y: (b, d, L); A: (d, N); Bt, Ct: (b, L, N); last: (b, d, N)
     nb, nd, L = u.shape
@@ -39,7 +42,7 @@ def _forward_kernel(u, delta, A, Bt, Ct, y, last):  # pragma: no cover - compile
             last[bi, di, n] = h[n]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, cache=True, fastmath=_FAST)
 def _backward_kernel(u, delta, A, Bt, Ct, dy, dlast, du, ddelta, dA_part, dB_part, dC_part,
                      block):  # pragma: no cover - compiled
     # dA_part: (b, d, N); dB_part, dC_part: (blocks, b, L, N); partial sums reduced by the caller
