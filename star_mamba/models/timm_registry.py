@@ -1,0 +1,33 @@
+"""Register the STAR classifiers with timm, so ``timm.create_model("star_base_patch16_224")``
+works after ``import star_mamba`` (no pretrained weights are downloadable: ``pretrained=True``
+raises)."""
+from __future__ import annotations
+
+from typing import Any
+
+from timm.models import register_model
+
+from .classifier import StarClassifier
+from .registry import MODEL_SIZES, create_model
+
+_TIMM_ONLY = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def _entrypoint(size: str):
+    def create(pretrained: bool = False, **kwargs: Any) -> StarClassifier:
+        if pretrained:
+            raise ValueError(f"no pretrained weights are published for {size}; load a checkpoint "
+                             "with star_mamba.models.convert.load_pretrained instead")
+        for key in _TIMM_ONLY:
+            kwargs.pop(key, None)
+        return create_model(size, patch_size=16, img_size=kwargs.pop("img_size", 224), **kwargs)
+    create.__name__ = f"{size}_patch16_224"
+    create.__doc__ = f"STAR {size} classifier, 16 px patches, 224 px (star_mamba.create_model)."
+    return create
+
+
+TIMM_NAMES = []
+for _size in MODEL_SIZES:
+    _fn = _entrypoint(_size)
+    register_model(_fn)
+    TIMM_NAMES.append(_fn.__name__)
