@@ -107,7 +107,8 @@ def test_finetuning_learns_a_tiny_problem_and_eval_agrees(tmp_path):
     overrides = [
         "model.name=star_tiny", "model.img_size=32", "model.patch_size=8", "model.in_chans=3",
         "model.embed_dim=32", "model.depth=2", "model.num_classes=4", "model.directions=2",
-        f"data.root={tmp_path / 'shapes'}", "data.name=imagefolder", "data.eval_split=val", "data.num_workers=0",
+        f"data.root={tmp_path / 'shapes'}", "data.name=imagefolder", "data.eval_split=val",
+        "data.num_workers=0",
         "data.auto_augment=null", "data.reprob=0", "data.scale=[0.9, 1.0]", "data.crop_pct=1.0",
         "optim.batch_size=16", "optim.lr=3e-3", "optim.epochs=12", "optim.warmup_epochs=1",
         "optim.mixup=0", "optim.cutmix=0", "optim.layer_decay=null", "run.ema_decay=0.9",
