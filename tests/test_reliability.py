@@ -1,7 +1,8 @@
 """Reliability: exact resume after SIGKILL, atomic saves, bad images, bad numbers, bad configs,
-safe loading."""
+safe loading, and a torchrun job that survives a killed worker."""
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -185,3 +186,30 @@ def test_safetensors_round_trip_and_use_as_pretrained(tmp_path):
                                   depth=2, num_classes=3)
     report = load_pretrained(clf, out)
     assert "backbone.patch_embed.proj.weight" in report.loaded
+
+
+def test_torchrun_job_survives_a_killed_worker(tmp_path):
+    """torchrun --max-restarts: a worker SIGKILLed after step 5 -> the job restarts, resumes
+    from the latest checkpoint and finishes."""
+    sets = [f"--set={s}" for s in (*TINY, "optim.batch_size=4", "optim.epochs=2",
+                                   "run.save_every_steps=1", f"run.output_dir={tmp_path}")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "--max-restarts=1", "-m", "star_mamba", "pretrain", *sets]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STAR_MAMBA_KILL_AT_STEP": "5"}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    log = (tmp_path / "log.txt").read_text()
+    assert "exitcode: -9" in out.stderr or "SIGKILL" in out.stderr  # the worker really died
+    assert re.search(r"resumed from .* at epoch 0, step [45]\b", log), log  # rank 0 saved 4 or 5
+    assert "finished: step 16" in log
+    assert ckpt.load_checkpoint(tmp_path / ckpt.LATEST)["state"]["step"] == 16
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_unreadable_file_is_skipped(tmp_path):
+    make_odd_images(tmp_path)
+    locked = tmp_path / "train" / "good" / "ok.jpg"
+    locked.chmod(0)
+    ds = build_image_folder(tmp_path, "train", build_pretrain_transform(32), max_bad_fraction=0.5)
+    [ds[i] for i in range(len(ds))]
+    assert str(locked) in ds.bad and "PermissionError" in ds.bad[str(locked)]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -34,8 +35,24 @@ def init_distributed(device: torch.device) -> DistInfo:
                     int(os.environ.get("LOCAL_RANK", 0)))
     if info.world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, store=_attempt_store(info), rank=info.rank,
+                                world_size=info.world_size)
     return info
+
+
+def _attempt_store(info: DistInfo) -> dist.Store:
+    """The rendezvous store, namespaced by torchrun's restart count.
+
+    After ``torchrun --max-restarts`` restarts a failed job, the agent's store still holds the
+    dead attempt's keys (worker addresses); without a fresh namespace the new workers would try
+    to connect to processes that no longer exist.
+    """
+    addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(addr, port, info.world_size, is_master=info.rank == 0 and not agent_hosts,
+                          timeout=timedelta(minutes=30))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"star_mamba/attempt{attempt}", store)
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
