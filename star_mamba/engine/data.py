@@ -4,11 +4,9 @@ from __future__ import annotations
 from torch.utils.data import Dataset, Subset
 
 from ..config import StarConfig
-from ..data import build_dataset
+from ..data import DATASETS, build_dataset
 from ..data.transforms import build_pretrain_transform
 from .config import DataConfig
-
-DATASETS = ("fashion_mnist", "imagefolder", "synthetic")
 
 
 def build_pretrain_dataset(data: DataConfig, model: StarConfig) -> Dataset:
