@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 from timm.layers import trunc_normal_
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from ..config import StarConfig
@@ -12,15 +13,17 @@ from ..sequence import direction_orders
 from .backbone import StarBackbone
 
 
-class StarClassifier(nn.Module):
+class StarClassifier(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
+                     tags=["image-classification", "mamba", "star"]):
     """Raster-order tokens (+ optional class token) -> multi-direction MambaMLP stack -> head.
 
     ``class_token``: ``none``, ``middle`` (ARM) or ``end`` (reported for STAR);
     ``global_pool``: ``avg`` over patch tokens or ``cls``.
     """
 
-    def __init__(self, cfg: StarConfig):
+    def __init__(self, cfg: StarConfig | dict):
         super().__init__()
+        cfg = cfg if isinstance(cfg, StarConfig) else StarConfig.from_dict(cfg)  # hub: a dict
         self.cfg = cfg
         self.num_classes = cfg.num_classes
         self.num_features = cfg.embed_dim

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 
 import torch
 from timm.layers import trunc_normal_
+from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from ..config import StarConfig
@@ -64,11 +65,13 @@ class StarDecoder(nn.Module):
         return self.pred(self.norm(x))
 
 
-class StarPretrain(nn.Module):
+class StarPretrain(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
+                   tags=["self-supervised", "mamba", "star"]):
     """STAR pretraining: next-segment prediction over K images packed with separators."""
 
-    def __init__(self, cfg: StarConfig):
+    def __init__(self, cfg: StarConfig | dict):
         super().__init__()
+        cfg = cfg if isinstance(cfg, StarConfig) else StarConfig.from_dict(cfg)  # hub: a dict
         cfg.validate_pretraining()
         self.cfg = cfg
         c2, g = cfg.tokens_per_segment, cfg.grid_size
