@@ -1,5 +1,6 @@
 """Every selective-scan backend agrees with the reference loop, forward and backward."""
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from star_mamba.ops import available_backends, selective_scan
 
 FAST = [b for b in available_backends("cpu") if b not in ("reference", "triton")]
 ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
+CORE = ARGS[:5]
 
 
 def make_inputs(dtype, stress=False, b=2, d=6, n=4, L=17, seed=0):
@@ -43,7 +45,8 @@ def run(backend, inputs, softplus, keep):
 @pytest.mark.parametrize("backend", FAST)
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 2e-5)])
 @pytest.mark.parametrize("stress", [False, True])
-@pytest.mark.parametrize("keep,softplus", [(ARGS, True), (("u", "delta", "A", "B", "C"), False)])
+@pytest.mark.parametrize("keep,softplus", [(ARGS, True), (CORE, False), (CORE + ("D",), False),
+                                           (CORE + ("z", "delta_bias"), True)])
 def test_backend_matches_reference(backend, dtype, tol, stress, keep, softplus):
     inputs = make_inputs(dtype, stress)
     y_ref, last_ref, g_ref = run("reference", inputs, softplus, keep)
@@ -94,11 +97,46 @@ def test_auto_on_cpu_is_a_fast_backend():
     assert "cuda" not in available_backends("cpu")
 
 
+@pytest.mark.parametrize("name,bad,expected", [
+    ("delta", (2, 6, 16), (2, 6, 17)), ("B", (2, 3, 17), (2, 4, 17)), ("C", (1, 4, 17), (2, 4, 17)),
+    ("z", (2, 5, 17), (2, 6, 17)), ("D", (6, 1), (6,)), ("delta_bias", (5,), (6,))])
+def test_shape_mismatch_names_argument_received_and_expected(name, bad, expected):
+    x = make_inputs(torch.float32)
+    x[name] = torch.zeros(bad)
+    with pytest.raises(ValueError, match=rf"^{name} must have shape {re.escape(str(expected))}, "
+                                         rf"got {re.escape(str(bad))}$"):
+        selective_scan(**x)
+
+
+@pytest.mark.parametrize("name", ["B", "C"])
+def test_grouped_b_c_are_rejected(name):
+    x = make_inputs(torch.float32)
+    x[name] = x[name][:, None]  # (batch, G=1, N, L)
+    with pytest.raises(ValueError, match=rf"{name} has the grouped shape \(2, 1, 4, 17\).*"
+                                         r"expected \(batch, N, L\) = \(2, 4, 17\)"):
+        selective_scan(**x)
+
+
+@pytest.mark.parametrize("backend", FAST + ["reference"])
+def test_last_state_is_a_plain_output(backend):
+    """The last state is an ordinary tensor: modifying it in place (say, as a cache) is allowed."""
+    x = make_inputs(torch.float32)
+    u = x["u"].clone().requires_grad_()
+    y, last = selective_scan(**{**x, "u": u}, delta_softplus=True, return_last_state=True,
+                             backend=backend)
+    torch.testing.assert_close(y, selective_scan(**x, delta_softplus=True, backend=backend))
+    last.mul_(2)
+    (y.sum() + last.sum()).backward()
+    assert torch.isfinite(u.grad).all()
+
+
 def test_bad_inputs_raise_clear_errors():
     x = make_inputs(torch.float32)
     with pytest.raises(ValueError, match=r"B must have shape \(2, 4, 17\), got \(2, 4, 16\)"):
         selective_scan(**{**x, "B": x["B"][..., :16]})
-    with pytest.raises(ValueError, match=r"A must be \(dim, N\)"):
+    with pytest.raises(ValueError, match=r"u must be \(batch, dim, L\), got shape \(2, 6\)"):
+        selective_scan(**{**x, "u": x["u"][..., 0]})
+    with pytest.raises(ValueError, match=r"A must be \(dim, N\) = \(6, N\), got shape \(3, 4\)"):
         selective_scan(**{**x, "A": x["A"][:3]})
     with pytest.raises(ValueError, match="unknown selective-scan backend 'triton2'"):
         selective_scan(**x, backend="triton2")
