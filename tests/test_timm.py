@@ -30,3 +30,70 @@ def test_timm_create_model_and_surface():
     assert m.backbone.blocks[0].mixer.in_proj.weight.grad is not None
     with pytest.raises(ValueError, match="no pretrained weights"):
         timm.create_model("star_base_patch16_224", pretrained=True)
+
+
+def _tiny(class_token="end", directions=2, seed=0):
+    torch.manual_seed(seed)
+    return timm.create_model("star_tiny_patch16_224", img_size=48, num_classes=5, depth=3,
+                             class_token=class_token, directions=directions).eval()
+
+
+@pytest.mark.parametrize("class_token", ["none", "middle", "end"])
+def test_forward_intermediates_are_the_block_outputs_on_the_patch_grid(class_token):
+    m = _tiny(class_token)
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        final, taps = m.forward_intermediates(x, indices=[0, 2], return_prefix_tokens=True)
+        orders = list(m.orders)
+        ref_final, ref_taps = m.backbone.forward_blocks(m._insert_cls(m.backbone.embed(x)),
+                                                        orders, taps=[1, 3])
+    torch.testing.assert_close(final, m.forward_features(x))
+    torch.testing.assert_close(final, ref_final)
+    keep = [i for i in range(ref_taps[0].shape[1]) if i != m.cls_index]
+    for (spatial, prefix), ref in zip(taps, ref_taps):
+        assert spatial.shape == (2, 192, 3, 3)
+        for r in range(3):
+            for c in range(3):  # raster position (r, c) is patch token r*3+c (class token skipped)
+                torch.testing.assert_close(spatial[:, :, r, c], ref[:, keep[r * 3 + c]])
+        if class_token == "none":
+            assert prefix is None
+        else:
+            torch.testing.assert_close(prefix[:, 0], ref[:, m.cls_index])
+
+
+def test_forward_intermediates_options():
+    m = _tiny("middle")
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        last2 = m.forward_intermediates(x, indices=2, intermediates_only=True, output_fmt="NLC")
+        picked = m.forward_intermediates(x, indices=[1, 2], intermediates_only=True,
+                                         output_fmt="NLC", stop_early=True)
+        normed = m.forward_intermediates(x, indices=[2], norm=True, intermediates_only=True,
+                                         output_fmt="NLC")
+        _, raw = m.backbone.forward_blocks(m._insert_cls(m.backbone.embed(x)), list(m.orders),
+                                           taps=[3])
+    assert [t.shape for t in last2] == [(1, 9, 192)] * 2
+    for a, b in zip(last2, picked):
+        torch.testing.assert_close(a, b)
+    patches = torch.cat([raw[0][:, :m.cls_index], raw[0][:, m.cls_index + 1:]], dim=1)
+    torch.testing.assert_close(normed[0], m.backbone.norm(patches))
+    with pytest.raises(ValueError, match="output_fmt"):
+        m.forward_intermediates(x, output_fmt="NHWC")
+
+
+def test_timm_features_only_returns_the_pruned_taps():
+    full = _tiny("none", seed=3)
+    torch.manual_seed(3)
+    feats = timm.create_model("star_tiny_patch16_224", img_size=48, num_classes=5, depth=3,
+                              class_token="none", directions=2, features_only=True,
+                              out_indices=(0, 1)).eval()
+    assert len(feats.model.backbone.blocks) == 2  # blocks after the last tap are pruned
+    assert feats.feature_info.channels() == [192, 192]
+    assert feats.feature_info.reduction() == [16, 16]
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        out = feats(x)
+        ref = full.forward_intermediates(x, indices=[0, 1], intermediates_only=True)
+    assert [o.shape for o in out] == [(2, 192, 3, 3)] * 2
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b)

@@ -1,10 +1,11 @@
 """Image classifier over the STAR backbone (fine-tuning and evaluation), with timm's surface."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from timm.layers import trunc_normal_
+from timm.models._features import feature_take_indices
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
@@ -36,6 +37,8 @@ class StarClassifier(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
         orders = direction_orders(self.backbone.grid, cfg.directions, self.cls_index)
         self.register_buffer("orders", torch.stack(orders), persistent=False)  # (dirs, L)
         self.head = nn.Linear(cfg.embed_dim, cfg.num_classes) if cfg.num_classes else nn.Identity()
+        self.feature_info = [dict(num_chs=cfg.embed_dim, reduction=cfg.patch_size,
+                                  module=f"backbone.blocks.{i}") for i in range(cfg.depth)]
         if self.cls_token is not None:
             trunc_normal_(self.cls_token, std=0.02)
         if isinstance(self.head, nn.Linear):
@@ -69,6 +72,57 @@ class StarClassifier(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
 
     def forward(self, images: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(images))
+
+    # ------------------------------------------------------------ dense-task feature taps
+    def forward_intermediates(
+            self, images: Tensor, indices: Optional[Union[int, list[int]]] = None,
+            return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+            output_fmt: str = "NCHW", intermediates_only: bool = False,
+    ) -> Union[list, tuple[Tensor, list]]:
+        """timm's feature taps: the outputs of the chosen blocks (0-based; an int n = the last n).
+
+        Each tap is (B, D, H/p, W/p) with ``output_fmt="NCHW"`` or (B, N, D) with ``"NLC"``,
+        patch tokens only, in raster order; with ``return_prefix_tokens`` a tap is
+        ``(spatial, class_token (B, 1, D))``. ``norm`` passes every tap through the final norm.
+        Returns the taps, or ``(final-normed tokens (B, L, D), taps)``.
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"invalid output_fmt={output_fmt!r}; allowed values are NCHW, NLC")
+        blocks = self.backbone.blocks
+        take, max_index = feature_take_indices(len(blocks), indices)
+        x = self._insert_cls(self.backbone.embed(images))  # (B, L, D)
+        orders = None if self.cfg.directions == 1 else list(self.orders)
+        taps = []
+        for i, block in enumerate(blocks[: max_index + 1] if stop_early else blocks):
+            x = block(x, orders)
+            if i in take:
+                taps.append(self.backbone.norm(x) if norm else x)
+        out = [self._split_tap(t, output_fmt, return_prefix_tokens) for t in taps]
+        if intermediates_only:
+            return out
+        return self.backbone.norm(x), out
+
+    def _split_tap(self, x: Tensor, output_fmt: str, with_prefix: bool):
+        """(B, L, D) -> patch tokens as NCHW/NLC (+ the class token)."""
+        prefix = None
+        if self.cls_index is not None:
+            i = self.cls_index
+            prefix, x = x[:, i:i + 1], torch.cat([x[:, :i], x[:, i + 1:]], dim=1)
+        if output_fmt == "NCHW":
+            h, w = self.backbone.grid
+            x = x.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()  # (B, D, H, W)
+        return (x, prefix) if with_prefix else x
+
+    def prune_intermediate_layers(self, indices: Union[int, list[int]] = 1,
+                                  prune_norm: bool = False, prune_head: bool = True) -> list[int]:
+        """Drop the blocks after the last tap (and the final norm / head); returns the taps."""
+        take, max_index = feature_take_indices(len(self.backbone.blocks), indices)
+        self.backbone.blocks = self.backbone.blocks[: max_index + 1]
+        if prune_norm:
+            self.backbone.norm = nn.Identity()
+        if prune_head:
+            self.reset_classifier(0)
+        return take
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
         self.num_classes = num_classes

@@ -1,11 +1,13 @@
 """Register the STAR classifiers with timm, so ``timm.create_model("star_base_patch16_224")``
 works after ``import star_mamba`` (no pretrained weights are downloadable: ``pretrained=True``
-raises)."""
+raises). ``features_only=True`` (with ``out_indices``) returns timm's feature getter over
+:meth:`StarClassifier.forward_intermediates`: a list of (B, D, H/16, W/16) maps."""
 from __future__ import annotations
 
 from typing import Any
 
 from timm.models import register_model
+from timm.models._features import FeatureGetterNet
 
 from .classifier import StarClassifier
 from .registry import MODEL_SIZES, create_model
@@ -20,7 +22,15 @@ def _entrypoint(size: str):
                              "with star_mamba.models.convert.load_pretrained instead")
         for key in _TIMM_ONLY:
             kwargs.pop(key, None)
-        return create_model(size, patch_size=16, img_size=kwargs.pop("img_size", 224), **kwargs)
+        features_only = kwargs.pop("features_only", False)
+        feature_kwargs = {k: kwargs.pop(k) for k in ("out_indices", "output_fmt", "feature_cls")
+                          if k in kwargs}
+        model = create_model(size, patch_size=16, img_size=kwargs.pop("img_size", 224), **kwargs)
+        if not features_only:
+            return model
+        feature_kwargs.pop("feature_cls", None)  # one kind here: taps via forward_intermediates
+        return FeatureGetterNet(model, out_indices=feature_kwargs.get("out_indices", 4),
+                                output_fmt=feature_kwargs.get("output_fmt", "NCHW"))
     create.__name__ = f"{size}_patch16_224"
     create.__doc__ = f"STAR {size} classifier, 16 px patches, 224 px (star_mamba.create_model)."
     return create
