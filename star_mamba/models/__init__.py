@@ -2,5 +2,6 @@ from .backbone import StarBackbone
 from .classifier import StarClassifier
 from .mamba import Mamba, MambaState
 from .pretrain import PretrainOutput, StarDecoder, StarPretrain
+from .stream import StarStream, StreamOutput
 from .registry import MODEL_SIZES, create_model, create_pretrain_model, list_models, model_config
 from . import timm_registry  # registers star_*_patch16_224 with timm
