@@ -6,6 +6,7 @@
   star-mamba eval --checkpoint CKPT [-c CONFIG] [--ema]            top-1 / top-5 of a classifier
   star-mamba export --checkpoint CKPT --out FILE.safetensors [--ema]
   star-mamba bench [--quick]                                       benchmarks
+  star-mamba ablate [--out DIR] [--axis NAME=V1,V2] [--full]       ablation grid (resumable)
   star-mamba models                                                model sizes
 """
 from __future__ import annotations
@@ -14,6 +15,8 @@ import argparse
 import json
 import sys
 from typing import Optional, Sequence
+
+from .ablate import Budget
 
 DEFAULT_CONFIGS = {"pretrain": "pretrain/fashion_mnist", "finetune": "finetune/fashion_mnist",
                    "linprobe": "linprobe/fashion_mnist", "eval": "finetune/fashion_mnist"}
@@ -46,6 +49,27 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--checkpoint", required=True)
     x.add_argument("--out", required=True, help="output .safetensors file")
     x.add_argument("--ema", action="store_true", help="export the EMA weights")
+    a = sub.add_parser("ablate", help="grid over separator kind/position, K and cluster size: "
+                                      "pretrain + probe per point, resumable, table + plot")
+    a.add_argument("--out", default="runs/ablate", help="grid directory (default: runs/ablate)")
+    a.add_argument("--axis", dest="axes", action="append", default=[], metavar="NAME=V1,V2",
+                   help="restrict an axis, e.g. --axis separator=none,identity --axis K=1,4 "
+                        "(repeatable; axes: separator, separator_position (pos), "
+                        "images_per_sequence (K), cluster_size (c))")
+    a.add_argument("--full", action="store_true",
+                   help="the full product of the axes instead of one factor at a time")
+    a.add_argument("--no-scratch", action="store_true", help="skip the no-pretraining row")
+    a.add_argument("--probe", choices=["linprobe", "finetune"], default="linprobe")
+    a.add_argument("--depth", type=int, default=Budget.depth)
+    a.add_argument("--pretrain-images", type=int, default=Budget.pretrain_images)
+    a.add_argument("--probe-images", type=int, default=Budget.probe_images)
+    a.add_argument("--eval-images", type=int, default=Budget.eval_images)
+    a.add_argument("--probe-blr", type=float, default=None,
+                   help="probe base lr (default 0.1 linear probe, 8e-3 fine-tune)")
+    a.add_argument("--seed", type=int, default=Budget.seed)
+    a.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="extra override for every pretraining and probe run")
+    a.add_argument("--dry-run", action="store_true", help="list the points and exit")
     sub.add_parser("models", help="list the model sizes")
     b = sub.add_parser("bench", help="scan backends, pretraining step and FLOP/s benchmarks")
     b.add_argument("--output-dir", default="benchmarks/results")
@@ -69,6 +93,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .bench import run_all, to_markdown
         print(to_markdown(run_all(args.output_dir, quick=args.quick)), end="")
         print(f"results written to {args.output_dir}/bench.json and bench.md")
+        return 0
+    if args.command == "ablate":
+        from .ablate import ablate, parse_axes
+        budget = Budget(args.depth, args.pretrain_images, args.probe, args.probe_images,
+                        args.eval_images, args.probe_blr, args.seed, tuple(args.overrides))
+        command = "star-mamba " + " ".join(argv if argv is not None else sys.argv[1:])
+        try:
+            ablate(args.out, budget, parse_axes(args.axes), args.full, not args.no_scratch,
+                   args.dry_run, command)
+        except (ValueError, FileNotFoundError) as e:
+            return _error(e)
         return 0
     if args.command == "export":
         from .engine.checkpoint import export_safetensors

@@ -1,0 +1,89 @@
+"""star-mamba ablate: the grid, its validation, a tiny end-to-end run and resuming it."""
+import json
+
+import pytest
+
+from star_mamba.ablate import AXES, BASE, Budget, Point, ablate, check_point, grid_points, parse_axes
+from star_mamba.cli import main
+
+
+def test_one_factor_grid_has_base_each_other_value_and_scratch():
+    points = grid_points()
+    assert points[0] == Point() and points[-1].scratch
+    assert len(points) == 1 + sum(len(v) - 1 for v in AXES.values()) + 1
+    assert len({p.name for p in points}) == len(points)
+    for p in points[1:-1]:
+        assert len(p.differs_from_base()) == 1
+
+
+def test_full_grid_merges_positions_without_separator():
+    points = grid_points(parse_axes(["sep=none,zeros", "K=1,2", "c=2"]), full=True, scratch=False)
+    # none x 4 positions collapses to one point per K; zeros keeps its 4 positions
+    assert len(points) == 2 * 1 + 2 * 4
+    assert {p.separator_position for p in points if p.separator == "none"} == {"SC"}
+
+
+def test_parse_axes_errors():
+    assert parse_axes(["c=1,4"])["cluster_size"] == (1, 4)
+    assert parse_axes(["images_per_sequence=8"])["images_per_sequence"] == (8,)
+    with pytest.raises(ValueError, match="allowed images_per_sequence values are 1, 2, 4, 8"):
+        parse_axes(["K=3"])
+    with pytest.raises(ValueError, match="takes int values"):
+        parse_axes(["K=four"])
+    with pytest.raises(ValueError, match="expected NAME=V1,V2"):
+        parse_axes(["colour=red"])
+    with pytest.raises(ValueError, match="allowed separator values"):
+        parse_axes(["sep=commas"])
+
+
+def test_check_point_rejects_impossible_settings():
+    assert check_point(Point(cluster_size=4), img_size=32, patch_size=4, batch_size=32) is None
+    assert "does not divide" in check_point(Point(cluster_size=4), 24, 4, 32)
+    assert "not a multiple of K=8" in check_point(Point(images_per_sequence=8), 32, 4, 36)
+    with pytest.raises(ValueError, match="probe"):
+        Budget(probe="knn").validate()
+
+
+TINY = Budget(depth=2, pretrain_images=64, probe_images=128, eval_images=64,
+              extra=("model.decoder_depth=2", "optim.batch_size=16", "run.save_every_steps=2"))
+
+
+def test_tiny_grid_runs_writes_the_report_and_resumes(tmp_path):
+    axes = parse_axes(["sep=identity,none", "pos=SC", "K=4", "c=2"])
+    rows = ablate(tmp_path, TINY, axes)
+    assert [r["name"] for r in rows] == ["sep-identity_pos-SC_K-4_c-2", "sep-none_pos-SC_K-4_c-2",
+                                         "scratch"]
+    for r in rows:
+        assert 0 <= r["top1"] <= 100
+        assert (r["pretrain_loss"] is None) == r["scratch"]
+    md = (tmp_path / "ablation.md").read_text()
+    assert "| separator | none |" in md and "no pretraining" in md and "depth 2" in md
+    assert (tmp_path / "ablation.png").stat().st_size > 5000
+    assert json.loads((tmp_path / "ablation.json").read_text()) == json.loads(json.dumps(rows))
+    assert "batch 16" in md
+
+    # interrupted after the second point's pretraining: its probe and result are gone
+    point = tmp_path / "runs" / "sep-none_pos-SC_K-4_c-2"
+    ckpt = point / "pretrain" / "checkpoint-latest.pth"
+    stamp = ckpt.stat().st_mtime_ns
+    (point / "result.json").unlink()
+    for f in (point / "probe").iterdir():
+        if f.is_file():
+            f.unlink()
+    again = ablate(tmp_path, TINY, axes)
+    assert ckpt.stat().st_mtime_ns == stamp  # the finished pretraining was not redone
+    assert [r["top1"] for r in again] == [r["top1"] for r in rows]  # deterministic on CPU
+    assert (point / "result.json").exists()
+
+    with pytest.raises(ValueError, match="another budget"):
+        ablate(tmp_path, Budget(depth=3), axes)
+
+
+def test_cli_dry_run_and_errors(capsys):
+    assert main(["ablate", "--dry-run", "--axis", "K=1,8", "--axis", "sep=identity",
+                 "--axis", "pos=SC", "--axis", "c=2", "--no-scratch"]) == 0
+    out = capsys.readouterr().out
+    assert "3 points" in out and "sep-identity_pos-SC_K-8_c-2" in out
+    assert main(["ablate", "--dry-run", "--axis", "c=3"]) == 2
+    assert "allowed cluster_size values" in capsys.readouterr().err
+    assert BASE["separator"] == "identity"
