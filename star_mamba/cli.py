@@ -7,6 +7,8 @@
   star-mamba export --checkpoint CKPT --out FILE.safetensors [--ema]
   star-mamba bench [--quick]                                       benchmarks
   star-mamba ablate [--out DIR] [--axis NAME=V1,V2] [--full]       ablation grid (resumable)
+  star-mamba viz --checkpoint CKPT [--out DIR]                     prediction grid + loss plot
+  star-mamba convert-arm SRC --out FILE.pth [--target T] [--strict] ARM checkpoint -> ours
   star-mamba models                                                model sizes
 """
 from __future__ import annotations
@@ -70,6 +72,30 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="extra override for every pretraining and probe run")
     a.add_argument("--dry-run", action="store_true", help="list the points and exit")
+    v = sub.add_parser("viz", help="from a pretraining checkpoint: predicted vs true clusters "
+                                   "across image boundaries, and the loss per sequence position")
+    v.add_argument("--checkpoint", required=True,
+                   help="STAR pretraining checkpoint (.pth / .safetensors) or its run directory")
+    _add_run_args(v, DEFAULT_CONFIGS["pretrain"])
+    v.add_argument("--out", default=None, help="output directory (default: <checkpoint dir>/viz)")
+    v.add_argument("--num-sequences", type=int, default=2, help="packed sequences in the grid")
+    v.add_argument("--max-batches", type=int, default=8, help="batches averaged in the loss plot")
+    v.add_argument("--split", default="test", help="data split to draw images from "
+                                                   "(default: test, images not trained on)")
+    v.add_argument("--first-clusters", type=int, default=1,
+                   help="clusters counted as 'first' in the printed summary (default 1)")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--device", default="cpu")
+    c = sub.add_parser("convert-arm", help="an official ARM checkpoint (pretraining or "
+                                           "fine-tuning) -> a star-mamba checkpoint")
+    c.add_argument("src", help="ARM .pth ({'model': state_dict, ...} or a bare state dict)")
+    c.add_argument("--out", required=True, help="output .pth (our checkpoint layout)")
+    c.add_argument("--target", choices=["classifier", "pretrain"], default=None,
+                   help="default: detected from the keys")
+    c.add_argument("--strict", action="store_true",
+                   help="fail when any ARM key is unmatched or any of our keys has no ARM weight")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="change a model config field after inference, e.g. global_pool=cls")
     sub.add_parser("models", help="list the model sizes")
     b = sub.add_parser("bench", help="scan backends, pretraining step and FLOP/s benchmarks")
     b.add_argument("--output-dir", default="benchmarks/results")
@@ -80,6 +106,51 @@ def build_parser() -> argparse.ArgumentParser:
 def _error(e: Exception) -> int:
     print(f"star-mamba: error: {e}", file=sys.stderr)
     return 2
+
+
+def _viz(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .engine.config import load_config
+    from .viz import visualize
+    out = args.out
+    if out is None:
+        ckpt = Path(args.checkpoint)
+        out = (ckpt if ckpt.is_dir() else ckpt.parent) / "viz"
+    try:
+        cfg = load_config(args.config, list(args.overrides), task="pretrain")
+        r = visualize(args.checkpoint, out, cfg, num_sequences=args.num_sequences,
+                      max_batches=args.max_batches, device=args.device, seed=args.seed,
+                      split=args.split, first_clusters=args.first_clusters)
+    except (ValueError, FileNotFoundError) as e:
+        return _error(e)
+    per_image = ", ".join(f"{v:.4f}" for v in r["mean_loss_per_image"])
+    print(f"{r['sequences']} sequences of K={r['images_per_sequence']} from {r['data']} "
+          f"({r['split']}): loss {r['loss']:.4f}; mean loss per image k=0..: {per_image}")
+    print(f"first {r['first_clusters']} cluster(s): image 0 {r['first_cluster_loss_image0']:.4f}, "
+          f"images 1.. {r['first_cluster_loss_later_images']:.4f}")
+    for key in ("predictions", "loss_plot", "loss_json"):
+        print(f"wrote {r[key]}")
+    return 0
+
+
+def _convert_arm(args: argparse.Namespace) -> int:
+    import yaml
+
+    from .models.convert_arm import convert_arm_checkpoint
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            return _error(ValueError(f"--set expects KEY=VALUE, got {item!r}"))
+        overrides[key.strip()] = yaml.safe_load(value)
+    try:
+        report = convert_arm_checkpoint(args.src, args.out, args.target, args.strict, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        return _error(e)
+    print(report.summary())
+    print(f"wrote {args.out}")
+    return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -105,6 +176,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         except (ValueError, FileNotFoundError) as e:
             return _error(e)
         return 0
+    if args.command == "viz":
+        return _viz(args)
+    if args.command == "convert-arm":
+        return _convert_arm(args)
     if args.command == "export":
         from .engine.checkpoint import export_safetensors
         try:
