@@ -1,0 +1,379 @@
+"""Look inside a STAR pretraining checkpoint: what it predicts, and where the loss is.
+
+Two figures (plus the numbers behind the second):
+
+- ``predictions.png``: for a few packed sequences, the K input images side by side, the model's
+  prediction of every image cluster (each prediction made from the segments before it) and the
+  true pixels of the targets;
+- ``loss_per_position.png`` / ``loss_per_position.json``: the prediction loss of cluster g of the
+  k-th image of a sequence, averaged over some batches. Images after the first can use what the
+  earlier images of their sequence showed, so their first clusters may be easier (whether they
+  are depends on the model and on how related the images packed together are).
+
+The pure helpers (:func:`raw_targets`, :func:`unnormalize_patches`, :func:`segments_to_images`,
+:func:`loss_per_position`) work on the tensors of :class:`~star_mamba.models.pretrain.PretrainOutput`
+and are tested on their own; :func:`visualize` strings them together.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import sequence as seq
+from .config import StarConfig
+
+__all__ = ["raw_targets", "unnormalize_patches", "segment_index_table", "segments_to_images",
+           "unpredicted_clusters", "loss_per_position", "load_pretrain_checkpoint", "visualize"]
+
+
+# ---------------------------------------------------------------------------- pure helpers
+
+def raw_targets(images: Tensor, cfg: StarConfig) -> Tensor:
+    """(B*K, C, H, W) -> the un-normalised pixels of segments 1..T-1, (B, T-1, c^2, p*p*C).
+
+    The same packing as ``StarPretrain.forward_target`` without the per-patch normalisation
+    (separators are their pixel patterns; ``embedding`` separators are zeros).
+    """
+    g = cfg.grid_size
+    order = seq.cluster_order((g, g), cfg.cluster_size).to(images.device)
+    patches = seq.patchify(images, cfg.patch_size)[:, order]  # (B*K, N, P) cluster order
+    patches = patches.reshape(patches.shape[0], cfg.clusters_per_image, cfg.tokens_per_segment, -1)
+    sep = (seq.separator_patches(cfg.separator, cfg.cluster_size, cfg.patch_dim).to(images)
+           if cfg.has_separator else None)
+    layout = seq.segment_layout(cfg.clusters_per_image, cfg.separator_position, cfg.has_separator)
+    return seq.pack_segments(patches, sep, cfg.images_per_sequence, layout)[:, 1:]
+
+
+def unnormalize_patches(pred: Tensor, target_raw: Tensor, eps: float = 1e-6) -> Tensor:
+    """Map predictions in per-patch normalised space back to pixels.
+
+    Exactly inverts :func:`star_mamba.sequence.normalize_patches` (biased variance, ``eps`` added
+    to the variance inside the square root): each patch of ``pred`` is scaled by the standard
+    deviation and shifted by the mean of the matching patch of ``target_raw`` (the true pixels),
+    as MAE does to show ``norm_pix_loss`` predictions. Shapes: (..., P) and (..., P).
+    """
+    if pred.shape != target_raw.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target_raw {tuple(target_raw.shape)} "
+                         "must have the same shape")
+    target_raw = target_raw.to(pred.dtype)
+    mean = target_raw.mean(dim=-1, keepdim=True)
+    var = target_raw.var(dim=-1, keepdim=True, unbiased=False)
+    return pred * (var + eps).sqrt() + mean
+
+
+def segment_index_table(cfg: StarConfig) -> Tensor:
+    """(K, G) int64: the packed-sequence segment index of image k's cluster g."""
+    layout = seq.segment_layout(cfg.clusters_per_image, cfg.separator_position, cfg.has_separator)
+    per_image = torch.tensor([layout.index(g) for g in range(cfg.clusters_per_image)])
+    k = torch.arange(cfg.images_per_sequence)[:, None]
+    return k * len(layout) + per_image[None, :]
+
+
+def unpredicted_clusters(cfg: StarConfig) -> Tensor:
+    """(K, G) bool: True for the image cluster that is segment 0 (never a target), if any."""
+    return segment_index_table(cfg) == 0
+
+
+def segments_to_images(segments: Tensor, cfg: StarConfig, fill: float = float("nan")) -> Tensor:
+    """Per-segment patches of segments 1..T-1 -> the images they cover, in raster order.
+
+    ``segments``: (T-1, c^2, p*p*C) for one sequence, or (B, T-1, c^2, p*p*C), as ``pred`` and
+    ``target`` of ``PretrainOutput``. Returns (K, C, H, W), or (B*K, C, H, W) with image k of
+    sequence b at ``b * K + k``. Separator segments are skipped; the pixels of an image cluster
+    that is segment 0 (never predicted: CS, CSC and no-separator layouts) are ``fill``.
+    """
+    single = segments.ndim == 3
+    if single:
+        segments = segments.unsqueeze(0)
+    b, t1, c2, pdim = segments.shape
+    if t1 != cfg.num_segments - 1 or c2 != cfg.tokens_per_segment or pdim != cfg.patch_dim:
+        raise ValueError(f"segments of shape {tuple(segments.shape)} do not match the config: "
+                         f"expected (B, {cfg.num_segments - 1}, {cfg.tokens_per_segment}, "
+                         f"{cfg.patch_dim})")
+    first = segments.new_full((b, 1, c2, pdim), fill)
+    full = torch.cat([first, segments], dim=1)  # (B, T, c^2, P)
+    index = segment_index_table(cfg).to(segments.device)  # (K, G)
+    k, g = index.shape
+    clusters = full[:, index.reshape(-1)]  # (B, K*G, c^2, P)
+    tokens = clusters.reshape(b * k, g * c2, pdim)  # (B*K, N, P) cluster order
+    gs = cfg.grid_size
+    inv = seq.inverse_order(seq.cluster_order((gs, gs), cfg.cluster_size)).to(segments.device)
+    images = seq.unpatchify(tokens[:, inv], cfg.patch_size, (gs, gs), cfg.in_chans)
+    return images
+
+
+def loss_per_position(pred: Tensor, target: Tensor, cfg: StarConfig) -> Tensor:
+    """Mean per-patch MSE of every image cluster, (K, G) float: row k = k-th image of the
+    sequence, column g = cluster g in cluster order, averaged over the batch and the cluster's
+    c^2 patches. ``pred`` / ``target``: (B, T-1, c^2, P). The cluster that is segment 0 (never
+    predicted) is NaN; separator targets are not included.
+    """
+    if pred.shape != target.shape or pred.ndim != 4:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must both "
+                         "be (B, T-1, c^2, P)")
+    per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1).mean(dim=(0, 2))  # (T-1,)
+    full = torch.cat([per_patch.new_full((1,), float("nan")), per_patch])  # (T,)
+    return full[segment_index_table(cfg).to(full.device)]
+
+
+# ---------------------------------------------------------------------------- loading
+
+def load_pretrain_checkpoint(checkpoint: str | Path, device: str | torch.device = "cpu"):
+    """A STAR pretraining checkpoint (``.pth`` from ``star-mamba pretrain``, ``.safetensors``, or
+    a run directory holding ``checkpoint-latest.pth``) -> ``StarPretrain`` in eval mode.
+
+    Loads with ``weights_only`` (no code runs). A missing file raises ``FileNotFoundError``; a
+    classifier checkpoint or one without a model config raises ``ValueError``.
+    """
+    from .engine.checkpoint import LATEST, load_checkpoint
+    from .models.convert import read_pretrained
+    from .models.pretrain import StarPretrain
+
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / LATEST
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} not found")
+    state, model_config = read_pretrained(load_checkpoint(path))
+    is_classifier = "head.weight" in state or any(k.startswith("backbone.") for k in state)
+    if is_classifier or not any(k.startswith("decoder.") for k in state):
+        kind = "a classifier (fine-tuning) checkpoint" if is_classifier else "not a STAR model"
+        raise ValueError(f"{path} is {kind}; viz needs a pretraining checkpoint written by "
+                         "`star-mamba pretrain` (it shows the pretraining decoder's predictions)")
+    if model_config is None:
+        raise ValueError(f"{path} stores no model config (model_config); cannot rebuild the model")
+    cfg = StarConfig.from_dict(model_config)
+    model = StarPretrain(cfg)
+    model.load_state_dict(state)
+    return model.to(device).eval(), path
+
+
+def _denormalizer(data_name: str, in_chans: int) -> Callable[[Tensor], Tensor]:
+    """Undo the data pipeline's input normalisation: (.., C, H, W) -> display values in [0, 1]."""
+    if data_name == "fashion_mnist":
+        from .data.fashion_mnist import MEAN, STD
+        return lambda x: (x * STD + MEAN).clamp(0, 1)
+    if data_name == "imagefolder":
+        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        mean = torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]
+        std = torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
+        return lambda x: (x * std + mean).clamp(0, 1)
+
+    def minmax(x: Tensor) -> Tensor:  # synthetic images are not normalised: a fixed range
+        return ((x + 2.5) / 5.0).clamp(0, 1)
+    return minmax
+
+
+def _batch_size(requested: int, k: int) -> int:
+    return max(k, requested - requested % k)
+
+
+# ---------------------------------------------------------------------------- figures
+
+def _plot_predictions(path: Path, rows: list[tuple[str, Tensor]], cfg: StarConfig,
+                      num_sequences: int, title: str) -> None:
+    """rows: (label, (S*K, C, H, W) display images in [0, 1], NaN where not predicted)."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    k = cfg.images_per_sequence
+    n_rows = len(rows) * num_sequences
+    fig = Figure(figsize=(1.6 * k + 1.2, 1.6 * n_rows + 0.8), dpi=110)
+    grid = fig.add_gridspec(n_rows, k, hspace=0.35, wspace=0.08)
+    missing = unpredicted_clusters(cfg)  # (K, G)
+    span = cfg.cluster_size * cfg.patch_size
+    gw = cfg.cluster_grid
+    for s in range(num_sequences):
+        for r, (label, images) in enumerate(rows):
+            row = s * len(rows) + r
+            for j in range(k):
+                ax = fig.add_subplot(grid[row, j])
+                img = images[s * k + j]  # (C, H, W)
+                nan = torch.isnan(img)
+                img = torch.where(nan, torch.full_like(img, 0.5), img)
+                if cfg.in_chans == 1:
+                    ax.imshow(img[0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+                else:
+                    ax.imshow(img[:3].permute(1, 2, 0).numpy(), interpolation="nearest")
+                if nan.any():
+                    for g in missing[j].nonzero().flatten().tolist():
+                        y, x = (g // gw) * span, (g % gw) * span
+                        ax.add_patch(Rectangle((x - 0.5, y - 0.5), span, span, fill=False,
+                                               edgecolor="red", linewidth=1.2, linestyle="--"))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if r == 0:
+                    ax.set_title(f"seq {s}, image {j}", fontsize=8)
+                if j == 0:
+                    ax.set_ylabel(label, fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, bbox_inches="tight")
+
+
+def _plot_loss(path: Path, table: Tensor, cfg: StarConfig, title: str) -> None:
+    from matplotlib.figure import Figure
+
+    k, g = table.shape
+    fig = Figure(figsize=(10, 4), dpi=110)
+    ax, bars = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[3, 1.2]))
+    xs = list(range(g))
+    for i in range(k):
+        ax.plot(xs, table[i].tolist(), marker="o", markersize=3, linewidth=1.2,
+                label=f"image {i}" + (" (first)" if i == 0 else ""))
+    for row_start in range(cfg.cluster_grid, g, cfg.cluster_grid):
+        ax.axvline(row_start - 0.5, color="0.85", linewidth=0.8, zorder=0)
+    ax.set_xlabel("cluster g within the image (cluster order; grey lines: new cluster row)")
+    ax.set_ylabel("MSE per patch" + (" (normalised targets)" if cfg.norm_target else ""))
+    ax.set_xticks(xs if g <= 32 else xs[::max(1, g // 16)])
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("loss by position in the packed sequence", fontsize=9)
+    means = torch.nanmean(table, dim=1).tolist()
+    first = table[:, : cfg.cluster_grid]
+    first_row = [float("nan") if torch.isnan(r).all() else torch.nanmean(r).item() for r in first]
+    width = 0.4
+    bars.bar([i - width / 2 for i in range(k)], means, width, label="all clusters")
+    bars.bar([i + width / 2 for i in range(k)], first_row, width, label="first cluster row")
+    bars.set_xticks(range(k))
+    bars.set_xlabel("image k in the sequence")
+    bars.set_title("mean per image", fontsize=9)
+    top = max([v for v in means + first_row if not math.isnan(v)], default=1.0)
+    bars.set_ylim(0, 1.35 * top)  # room for the legend above the bars
+    bars.legend(fontsize=8, loc="upper center", ncol=1)
+    bars.grid(True, axis="y", alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _nan_to_none(x: Any) -> Any:
+    if isinstance(x, list):
+        return [_nan_to_none(v) for v in x]
+    return None if isinstance(x, float) and math.isnan(x) else x
+
+
+def _nanmean(t: Tensor) -> float:
+    return float("nan") if torch.isnan(t).all() else torch.nanmean(t).item()
+
+
+# ---------------------------------------------------------------------------- entry point
+
+@torch.no_grad()
+def visualize(checkpoint: str | Path, out_dir: str | Path, config: Any = None,
+              num_sequences: int = 2, max_batches: int = 4, device: str | torch.device = "cpu",
+              seed: int = 0, split: Optional[str] = None, first_clusters: int = 1
+              ) -> dict[str, Any]:
+    """Write ``predictions.png``, ``loss_per_position.png`` and ``loss_per_position.json``.
+
+    ``checkpoint``: a STAR pretraining checkpoint (or a run directory). ``config``: a loaded
+    ``RunConfig``, a config path / built-in name, or None for the built-in
+    ``pretrain/fashion_mnist``; only its ``data`` section (and ``optim.batch_size``) is used, the
+    model comes from the checkpoint. ``split`` overrides ``data.split`` (e.g. ``test`` for
+    held-out Fashion-MNIST images). Images are drawn at random (``seed``), ``max_batches``
+    batches of ``optim.batch_size`` images for the loss table; the predictions show the first
+    ``num_sequences`` sequences of the first batch.
+
+    Returns the written paths and the numbers: ``loss`` (the model's loss on those batches),
+    ``loss_per_position`` (K x G, None where not predicted), ``first_cluster_loss_image0`` and
+    ``first_cluster_loss_later_images`` (mean loss of the first ``first_clusters`` clusters of
+    image 0 and of images 1..K-1; NaN if image 0's are never predicted or K = 1), and the same
+    for the first row of clusters.
+    """
+    from .engine.config import RunConfig, load_config
+    from .engine.data import build_pretrain_dataset
+
+    if num_sequences < 1 or max_batches < 1 or first_clusters < 1:
+        raise ValueError("num_sequences, max_batches and first_clusters must be >= 1")
+    model, path = load_pretrain_checkpoint(checkpoint, device)
+    cfg = model.cfg
+    run_cfg = config if isinstance(config, RunConfig) else load_config(
+        str(config) if config is not None else "pretrain/fashion_mnist")
+    data_cfg = run_cfg.data
+    if split is not None:
+        import dataclasses
+        data_cfg = dataclasses.replace(data_cfg, split=split)
+    dataset = build_pretrain_dataset(data_cfg, cfg)
+    k = cfg.images_per_sequence
+    batch = _batch_size(run_cfg.optim.batch_size, k)
+    batch = max(batch, num_sequences * k)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # random picks and any random augmentation of the dataset
+        n = min(len(dataset), batch * max_batches)
+        n -= n % k
+        if n < num_sequences * k:
+            raise ValueError(f"the dataset has {len(dataset)} images; at least "
+                             f"{num_sequences * k} are needed for {num_sequences} sequences of {k}")
+        picks = torch.randperm(len(dataset))[:n].tolist()
+        images = torch.stack([torch.as_tensor(dataset[i][0]) for i in picks]).float()
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    sums = torch.zeros(k, cfg.clusters_per_image, dtype=torch.float64)
+    count, loss_sum, sep_sum, sep_count = 0, 0.0, 0.0, 0
+    is_sep = seq.separator_segment_mask(cfg.clusters_per_image, cfg.separator_position,
+                                        cfg.has_separator, k)[1:]
+    first_out = None
+    for start in range(0, n, batch):
+        x = images[start:start + batch].to(device)
+        out = model(x)
+        b = x.shape[0] // k
+        sums += loss_per_position(out.pred, out.target, cfg).double().cpu() * b
+        count += b
+        loss_sum += out.loss.item() * b
+        if is_sep.any():
+            per_patch = (out.pred.float() - out.target.float()).pow(2).mean(-1)  # (B, T-1, c^2)
+            sep_sum += per_patch[:, is_sep.to(per_patch.device)].mean().item() * b
+            sep_count += b
+        if first_out is None:
+            first_out = (x[: num_sequences * k].cpu(), out.pred[:num_sequences].float().cpu())
+    table = (sums / count).float()  # (K, G), NaN stays NaN
+
+    # -- predictions figure
+    x, pred = first_out
+    target_raw = raw_targets(x, cfg)  # (S, T-1, c^2, P)
+    pred_pixels = unnormalize_patches(pred, target_raw) if cfg.norm_target else pred
+    show = _denormalizer(data_cfg.name, cfg.in_chans)
+    rows = [("input", show(x)),
+            ("predicted", show(segments_to_images(pred_pixels, cfg))),
+            ("truth (targets)", show(segments_to_images(target_raw, cfg)))]
+    pred_png = out_dir / "predictions.png"
+    how = "pixels from normalised predictions with each true patch's mean/std" if cfg.norm_target \
+        else "pixels"
+    dashed = " ; red dashes: segment 0, never predicted" if unpredicted_clusters(cfg).any() else ""
+    layout = (f"{cfg.separator} separators, {cfg.separator_position}" if cfg.has_separator
+              else "no separators")
+    _plot_predictions(pred_png, rows, cfg, num_sequences,
+                      f"{path.name}: K={k} images per sequence, {layout}, {cfg.cluster_size}x"
+                      f"{cfg.cluster_size} clusters\npredicted = {how}{dashed}")
+
+    # -- loss table, figure and numbers
+    g_first = min(first_clusters, cfg.clusters_per_image)
+    first0 = _nanmean(table[0, :g_first])
+    first_later = _nanmean(table[1:, :g_first]) if k > 1 else float("nan")
+    row0 = _nanmean(table[0, : cfg.cluster_grid])
+    row_later = _nanmean(table[1:, : cfg.cluster_grid]) if k > 1 else float("nan")
+    loss_png = out_dir / "loss_per_position.png"
+    _plot_loss(loss_png, table, cfg, f"{path.name} on {data_cfg.name} ({data_cfg.split}), "
+               f"{count} sequences of K={k}")
+    result: dict[str, Any] = dict(
+        checkpoint=str(path), data=data_cfg.name, split=data_cfg.split, sequences=count,
+        images_per_sequence=k, clusters_per_image=cfg.clusters_per_image,
+        cluster_grid=cfg.cluster_grid, separator=cfg.separator,
+        separator_position=cfg.separator_position if cfg.has_separator else None,
+        norm_target=cfg.norm_target, loss=loss_sum / count,
+        separator_target_loss=sep_sum / sep_count if sep_count else None,
+        first_clusters=g_first,
+        first_cluster_loss_image0=first0, first_cluster_loss_later_images=first_later,
+        first_row_loss_image0=row0, first_row_loss_later_images=row_later,
+        mean_loss_per_image=[_nanmean(r) for r in table],
+        loss_per_position=table.tolist())
+    json_path = out_dir / "loss_per_position.json"
+    with open(json_path, "w") as f:
+        json.dump({key: _nan_to_none(v) for key, v in result.items()}, f, indent=1)
+    result.update(predictions=str(pred_png), loss_plot=str(loss_png), loss_json=str(json_path))
+    return result
