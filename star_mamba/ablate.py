@@ -293,23 +293,25 @@ def plot(rows: list[dict], path: Path) -> None:
     scratch = [r["top1"] for r in rows if r["scratch"]]
     if not groups:
         return
-    fig, axs = plt.subplots(1, len(groups), figsize=(3.0 * len(groups) + 0.5, 3.2), dpi=120,
-                            sharey=True, squeeze=False)
+    widths = [max(len(g), 2) for _, g in groups]  # one unit per bar: labels never crowd
+    fig, axs = plt.subplots(1, len(groups), figsize=(0.8 * sum(widths) + 1.5, 3.4), dpi=120,
+                            sharey=True, squeeze=False, gridspec_kw=dict(width_ratios=widths))
     scores = [r["top1"] for _, g in groups for r in g] + scratch
     lo, hi = min(scores), max(scores)
     for ax, (axis, group) in zip(axs[0], groups):
         labels = [str(r[axis]) if axis in AXES else r["name"].replace("_", "\n") for r in group]
         colors = ["tab:orange" if axis not in AXES or r[axis] == BASE[axis] else "tab:blue"
                   for r in group]
-        ax.bar(range(len(group)), [r["top1"] for r in group], color=colors, alpha=0.85)
+        bars = ax.bar(range(len(group)), [r["top1"] for r in group], color=colors, alpha=0.85)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
         ax.set_xticks(range(len(group)), labels, fontsize=9 if axis in AXES else 7)
         ax.set_title(axis.replace("_", " "), fontsize=10)
         for s in scratch:
             ax.axhline(s, color="k", ls="--", lw=1, label="no pretraining")
-        ax.set_ylim(lo - max(1.0, 0.15 * (hi - lo)), hi + max(0.5, 0.1 * (hi - lo)))
+        ax.set_ylim(lo - max(1.0, 0.15 * (hi - lo)), hi + max(1.0, 0.12 * (hi - lo)))
     axs[0][0].set_ylabel("probe top-1 (%)")
     if scratch:
-        axs[0][0].legend(fontsize=7, loc="lower left")
+        axs[0][-1].legend(fontsize=7, loc="upper right")
     fig.suptitle("STAR ablations on Fashion-MNIST (orange: base setting)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
