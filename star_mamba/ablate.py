@@ -33,9 +33,9 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from .config import SEPARATORS, SEPARATOR_POSITIONS
 
@@ -189,8 +189,8 @@ def _tail_loss(metrics: Path, fraction: float = 0.1) -> Optional[float]:
     """Mean logged loss over the last ``fraction`` of the logged steps."""
     if not metrics.exists():
         return None
-    losses = [json.loads(line)["loss"] for line in metrics.read_text().splitlines()
-              if line.strip() and "loss" in json.loads(line)]
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in records if "loss" in r]
     if not losses:
         return None
     tail = losses[-max(1, math.ceil(len(losses) * fraction)):]
@@ -233,14 +233,6 @@ def run_point(point: Point, budget: Budget, root: Path) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- report
-def _label(row: dict, axis: Optional[str]) -> str:
-    if row["scratch"]:
-        return "no pretraining (random backbone)"
-    if axis is None:
-        return "base: " + ", ".join(f"{SHORT[a]}={row[a]}" for a in AXES)
-    return f"{SHORT[axis]}={row[axis]}"
-
-
 def group_rows(rows: list[dict]) -> list[tuple[str, list[dict]]]:
     """Rows grouped by the axis they vary (one-factor grid) or all together (full grid)."""
     groups: dict[str, list[dict]] = {}
@@ -358,13 +350,13 @@ def ablate(out: str | Path, budget: Budget = Budget(), axes: dict[str, tuple] = 
                              "use a new --out directory or the same budget")
         spec["points"] = list(dict.fromkeys(old["points"] + spec["points"]))
     _write_json(grid_file, spec)
-    rows = []
+    rows, report = [], ""
     for i, point in enumerate(points, 1):
         print(f"[{i}/{len(points)}] {point.name}", flush=True)
         row = run_point(point, budget, out)
         rows.append(row)
         print(f"[{i}/{len(points)}] {point.name}: top-1 {row['top1']:.2f}% "
               f"({row['seconds'] / 60:.1f} min)", flush=True)
-        write_report(rows, budget, out, command, base_cfg.optim.batch_size)
-    print(write_report(rows, budget, out, command, base_cfg.optim.batch_size), end="")
+        report = write_report(rows, budget, out, command, base_cfg.optim.batch_size)
+    print(report, end="")
     return rows

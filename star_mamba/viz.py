@@ -10,9 +10,10 @@ Two figures (plus the numbers behind the second):
   earlier images of their sequence showed, so their first clusters may be easier (whether they
   are depends on the model and on how related the images packed together are).
 
-The pure helpers (:func:`raw_targets`, :func:`unnormalize_patches`, :func:`segments_to_images`,
+The pure helpers (:func:`unnormalize_patches`, :func:`segments_to_images`,
 :func:`loss_per_position`) work on the tensors of :class:`~star_mamba.models.pretrain.PretrainOutput`
-and are tested on their own; :func:`visualize` strings them together.
+(and on ``StarPretrain.target_pixels``, the targets before normalisation) and are tested on their
+own; :func:`visualize` strings them together.
 """
 from __future__ import annotations
 
@@ -27,27 +28,11 @@ from torch import Tensor
 from . import sequence as seq
 from .config import StarConfig
 
-__all__ = ["raw_targets", "unnormalize_patches", "segment_index_table", "segments_to_images",
+__all__ = ["unnormalize_patches", "segment_index_table", "segments_to_images",
            "unpredicted_clusters", "loss_per_position", "load_pretrain_checkpoint", "visualize"]
 
 
 # ---------------------------------------------------------------------------- pure helpers
-
-def raw_targets(images: Tensor, cfg: StarConfig) -> Tensor:
-    """(B*K, C, H, W) -> the un-normalised pixels of segments 1..T-1, (B, T-1, c^2, p*p*C).
-
-    The same packing as ``StarPretrain.forward_target`` without the per-patch normalisation
-    (separators are their pixel patterns; ``embedding`` separators are zeros).
-    """
-    g = cfg.grid_size
-    order = seq.cluster_order((g, g), cfg.cluster_size).to(images.device)
-    patches = seq.patchify(images, cfg.patch_size)[:, order]  # (B*K, N, P) cluster order
-    patches = patches.reshape(patches.shape[0], cfg.clusters_per_image, cfg.tokens_per_segment, -1)
-    sep = (seq.separator_patches(cfg.separator, cfg.cluster_size, cfg.patch_dim).to(images)
-           if cfg.has_separator else None)
-    layout = seq.segment_layout(cfg.clusters_per_image, cfg.separator_position, cfg.has_separator)
-    return seq.pack_segments(patches, sep, cfg.images_per_sequence, layout)[:, 1:]
-
 
 def unnormalize_patches(pred: Tensor, target_raw: Tensor, eps: float = 1e-6) -> Tensor:
     """Map predictions in per-patch normalised space back to pixels.
@@ -330,12 +315,13 @@ def visualize(checkpoint: str | Path, out_dir: str | Path, config: Any = None,
             sep_sum += per_patch[:, is_sep.to(per_patch.device)].mean().item() * b
             sep_count += b
         if first_out is None:
-            first_out = (x[: num_sequences * k].cpu(), out.pred[:num_sequences].float().cpu())
+            shown = x[: num_sequences * k]
+            first_out = (shown.cpu(), out.pred[:num_sequences].float().cpu(),
+                         model.target_pixels(shown).float().cpu())  # (S, T-1, c^2, P)
     table = (sums / count).float()  # (K, G), NaN stays NaN
 
     # -- predictions figure
-    x, pred = first_out
-    target_raw = raw_targets(x, cfg)  # (S, T-1, c^2, P)
+    x, pred, target_raw = first_out
     pred_pixels = unnormalize_patches(pred, target_raw) if cfg.norm_target else pred
     show = _denormalizer(data_cfg.name, cfg.in_chans)
     rows = [("input", show(x)),

@@ -49,7 +49,7 @@ def test_segments_to_images_reconstructs_the_images(separator, position, K, clus
                      separator=separator, separator_position=position)
     cfg.validate_pretraining()
     images = torch.randn(2 * K, 1, 8, 8)
-    target = viz.raw_targets(images, cfg)  # (B, T-1, c^2, P)
+    target = StarPretrain(cfg).target_pixels(images)  # (B, T-1, c^2, P)
     assert target.shape == (2, cfg.num_segments - 1, cluster_size ** 2, 4)
     back = viz.segments_to_images(target, cfg)
     assert back.shape == images.shape
@@ -70,10 +70,10 @@ def test_segments_to_images_reconstructs_the_images(separator, position, K, clus
 
 
 @pytest.mark.parametrize("separator,position", LAYOUTS)
-def test_raw_targets_match_the_model_targets(separator, position):
+def test_target_pixels_match_the_model_targets(separator, position):
     model = tiny_model(images_per_sequence=2, separator=separator, separator_position=position)
     images = torch.randn(4, 1, 8, 8)
-    raw = viz.raw_targets(images, model.cfg)
+    raw = model.target_pixels(images)
     torch.testing.assert_close(seq.normalize_patches(raw), model.forward_target(images))
 
 

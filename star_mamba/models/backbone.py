@@ -58,14 +58,17 @@ class StarBackbone(nn.Module):
         return x.reshape(*patches.shape[:-1], -1)
 
     def forward_blocks(self, x: Tensor, orders: Optional[Sequence[Tensor]] = None,
-                       taps: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
+                       taps: Sequence[int] = (), stop_after: Optional[int] = None
+                       ) -> tuple[Tensor, list[Tensor]]:
         """Run the blocks on (B, L, D) tokens.
 
         Returns the final-normed output (B, L, D) and the raw outputs of the 1-based blocks in
-        ``taps`` (a list of (B, L, D), in the order given).
+        ``taps`` (a list of (B, L, D), in the order given). ``stop_after``: run only blocks
+        1..stop_after (the final norm then applies to block ``stop_after``'s output).
         """
         wanted = {t: None for t in taps}
-        for i, block in enumerate(self.blocks, start=1):
+        blocks = self.blocks if stop_after is None else self.blocks[:stop_after]
+        for i, block in enumerate(blocks, start=1):
             if self.grad_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, orders, use_reentrant=False)
             else:

@@ -63,12 +63,16 @@ class StarClassifier(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
         """(B, L, D) tokens -> logits (B, num_classes), or pooled features with ``pre_logits``."""
         if self.global_pool == "cls":
             x = x[:, self.cls_index]
-        elif self.cls_index is None:
-            x = x.mean(dim=1)
         else:  # average the patch tokens only
-            i = self.cls_index
-            x = torch.cat([x[:, :i], x[:, i + 1:]], dim=1).mean(dim=1)
+            x = self._split_cls(x)[1].mean(dim=1)
         return x if pre_logits else self.head(x)
+
+    def _split_cls(self, x: Tensor) -> tuple[Optional[Tensor], Tensor]:
+        """(B, L, D) -> (class token (B, 1, D) or None, patch tokens (B, N, D) in raster order)."""
+        if self.cls_index is None:
+            return None, x
+        i = self.cls_index
+        return x[:, i:i + 1], torch.cat([x[:, :i], x[:, i + 1:]], dim=1)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(images))
@@ -88,26 +92,19 @@ class StarClassifier(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"invalid output_fmt={output_fmt!r}; allowed values are NCHW, NLC")
-        blocks = self.backbone.blocks
-        take, max_index = feature_take_indices(len(blocks), indices)
+        take, max_index = feature_take_indices(len(self.backbone.blocks), indices)
         x = self._insert_cls(self.backbone.embed(images))  # (B, L, D)
         orders = None if self.cfg.directions == 1 else list(self.orders)
-        taps = []
-        for i, block in enumerate(blocks[: max_index + 1] if stop_early else blocks):
-            x = block(x, orders)
-            if i in take:
-                taps.append(self.backbone.norm(x) if norm else x)
-        out = [self._split_tap(t, output_fmt, return_prefix_tokens) for t in taps]
-        if intermediates_only:
-            return out
-        return self.backbone.norm(x), out
+        final, taps = self.backbone.forward_blocks(  # taps in block order, 1-based
+            x, orders, taps=[i + 1 for i in sorted(set(take))],
+            stop_after=max_index + 1 if stop_early else None)
+        out = [self._split_tap(self.backbone.norm(t) if norm else t, output_fmt,
+                               return_prefix_tokens) for t in taps]
+        return out if intermediates_only else (final, out)
 
     def _split_tap(self, x: Tensor, output_fmt: str, with_prefix: bool):
         """(B, L, D) -> patch tokens as NCHW/NLC (+ the class token)."""
-        prefix = None
-        if self.cls_index is not None:
-            i = self.cls_index
-            prefix, x = x[:, i:i + 1], torch.cat([x[:, :i], x[:, i + 1:]], dim=1)
+        prefix, x = self._split_cls(x)
         if output_fmt == "NCHW":
             h, w = self.backbone.grid
             x = x.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()  # (B, D, H, W)

@@ -149,10 +149,16 @@ class StarPretrain(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
         pred = self.decoder(taps, query_pos.flatten(1, 2), self.mask)  # (B, (T-1)*c^2, P)
         return pred.reshape(pred.shape[0], cfg.num_segments - 1, cfg.tokens_per_segment, -1)
 
-    def forward_target(self, images: Tensor) -> Tensor:
-        """(B*K, C, H, W) -> target pixels of segments 1..T-1, (B, T-1, c^2, p*p*C)."""
+    def target_pixels(self, images: Tensor) -> Tensor:
+        """(B*K, C, H, W) -> raw pixels of segments 1..T-1, (B, T-1, c^2, p*p*C) (separators are
+        their pixel patterns; ``embedding`` separators are zeros)."""
         patches = self._by_cluster(seq.patchify(images, self.cfg.patch_size))  # (B*K, G, c^2, P)
-        target = self._pack(patches, self.sep_pixels)[:, 1:]  # (B, T-1, c^2, P)
+        return self._pack(patches, self.sep_pixels)[:, 1:]
+
+    def forward_target(self, images: Tensor) -> Tensor:
+        """(B*K, C, H, W) -> targets of segments 1..T-1, (B, T-1, c^2, p*p*C), normalised per
+        patch when ``norm_target``."""
+        target = self.target_pixels(images)
         return seq.normalize_patches(target) if self.cfg.norm_target else target
 
     def forward_loss(self, pred: Tensor, target: Tensor) -> Tensor:

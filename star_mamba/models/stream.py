@@ -59,7 +59,6 @@ class StarStream:
         # by_cluster[j], i.e. raster patch order[by_cluster[j]]
         raster_of = model.order.cpu()[by_cluster]  # (N,) raster index of each kept token
         self._gather = keep[seq.inverse_order(raster_of)].to(self.device)  # raster -> token
-        self.images_seen = 0
         self.reset()
 
     def reset(self) -> None:

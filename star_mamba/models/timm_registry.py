@@ -23,14 +23,13 @@ def _entrypoint(size: str):
         for key in _TIMM_ONLY:
             kwargs.pop(key, None)
         features_only = kwargs.pop("features_only", False)
-        feature_kwargs = {k: kwargs.pop(k) for k in ("out_indices", "output_fmt", "feature_cls")
-                          if k in kwargs}
+        out_indices = kwargs.pop("out_indices", 4)
+        output_fmt = kwargs.pop("output_fmt", "NCHW")
+        kwargs.pop("feature_cls", None)  # one kind here: taps via forward_intermediates
         model = create_model(size, patch_size=16, img_size=kwargs.pop("img_size", 224), **kwargs)
         if not features_only:
             return model
-        feature_kwargs.pop("feature_cls", None)  # one kind here: taps via forward_intermediates
-        return FeatureGetterNet(model, out_indices=feature_kwargs.get("out_indices", 4),
-                                output_fmt=feature_kwargs.get("output_fmt", "NCHW"))
+        return FeatureGetterNet(model, out_indices=out_indices, output_fmt=output_fmt)
     create.__name__ = f"{size}_patch16_224"
     create.__doc__ = f"STAR {size} classifier, 16 px patches, 224 px (star_mamba.create_model)."
     return create
