@@ -23,7 +23,7 @@ from star_mamba.models.convert import load_pretrained
 from star_mamba.models.convert_arm import (arm_to_star, convert_arm_checkpoint, infer_config,
                                            unwrap_arm_checkpoint)
 from star_mamba.models.pretrain import StarPretrain
-from star_mamba.ops.selective_scan import scan_reference
+from star_mamba.ops.scan_reference import scan_reference
 
 TWINS4 = ("", "_b", "_c", "_c_b")
 TOL = dict(rtol=1e-4, atol=2e-5)  # our float32 model vs ARM's math in float64

@@ -2,6 +2,7 @@
 import importlib.util
 import re
 import subprocess
+import warnings
 import sys
 from pathlib import Path
 
@@ -148,8 +149,10 @@ TRITON_CHECK = r"""
 import os, sys
 os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, os.getcwd())
+import warnings
 import torch
 from tests.test_selective_scan import make_inputs, run, ARGS
+warnings.simplefilter("error")  # a fallback to the torch scan would warn: the kernel itself must run
 for stress in (False, True):
     x = make_inputs(torch.float32, stress, b=2, d=40, n=4, L=9)  # 40 channels: 2 blocks, one partial
     y_ref, last_ref, g_ref = run("reference", x, True, ARGS)
@@ -179,3 +182,79 @@ def test_nan_in_the_input_reaches_the_output(backend):
     x["u"][0, 1, 3] = float("nan")
     y = selective_scan(**x, delta_softplus=True, backend=backend)
     assert torch.isnan(y[0, 1, 3:]).all() and torch.isfinite(y[1]).all()
+
+
+TRITON_MEMORY_CHECK = r"""
+import os, sys, warnings
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, os.getcwd())
+import torch
+from star_mamba.ops import scan, scan_triton
+from tests.test_selective_scan import make_inputs
+warnings.simplefilter("error")
+x = make_inputs(torch.float32, b=1, d=16, n=16, L=2 * scan_triton.CHUNK + 3)
+b, d, L = x["u"].shape
+n = x["A"].shape[1]
+input_bytes = sum(t.numel() * t.element_size() for t in x.values() if t is not None)
+for backend in ("triton", "torch"):
+    leaves = {k: v.clone().requires_grad_() for k, v in x.items() if v is not None}
+    saved = []
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = scan.selective_scan(**leaves, delta_softplus=True, backend=backend)
+    # distinct storages: autograd saves some tensors more than once
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+    biggest = max(t.numel() for t in saved)
+    print(backend, "saved/input bytes", round(sum(storages.values()) / input_bytes, 2),
+          "largest saved", biggest, "b*d*L*N", b * d * L * n)
+    if backend == "triton":
+        assert sum(storages.values()) <= 3 * input_bytes, storages
+        assert biggest < b * d * L * n
+        y.sum().backward()  # the saved tensors are enough for the backward
+# the torch fallback's states give the same checkpoints as the Triton forward
+u, delta = x["u"].contiguous(), torch.nn.functional.softplus(x["delta"] + x["delta_bias"][:, None])
+args = (u, delta.contiguous(), x["A"], x["B"], x["C"])
+_, _, ckpt = scan_triton.forward(*args)
+_, _, hs = scan.load_kernel("torch").forward(*args)
+torch.testing.assert_close(scan._triton_checkpoints(hs, scan_triton.CHUNK), ckpt, rtol=1e-5, atol=1e-6)
+print("memory ok")
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_keeps_no_per_step_state_for_backward():
+    """Through the dispatcher and its custom op, the Triton backend saves a small multiple of the
+    inputs for the backward (one state per chunk), where the torch kernel keeps every state."""
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", TRITON_MEMORY_CHECK], cwd=root,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "memory ok" in out.stdout
+    torch_line = next(line for line in out.stdout.splitlines() if line.startswith("torch"))
+    assert float(torch_line.split()[3]) > 4  # the check above can fail: torch keeps every state
+
+
+@pytest.mark.skipif("numba" not in FAST, reason="numba is not available")
+@pytest.mark.parametrize("stage", ["forward", "backward"])
+def test_failing_kernel_falls_back_to_torch_with_one_warning(monkeypatch, stage):
+    from star_mamba.ops import scan
+    kernel = scan.load_kernel("numba")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated launch failure")
+
+    monkeypatch.setattr(kernel, stage, broken)
+    monkeypatch.setattr(scan, "_FALLEN_BACK", {})
+    x = make_inputs(torch.float64)
+    y_ref, last_ref, g_ref = run("reference", x, True, ARGS)
+    with pytest.warns(UserWarning, match=f"numba selective scan failed in its {stage}.*simulated"):
+        y, last, g = run("numba", x, True, ARGS)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(last, last_ref)
+    for k in g_ref:
+        torch.testing.assert_close(g[k], g_ref[k], msg=k)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once: later calls are quiet
+        run("numba", x, True, ARGS)

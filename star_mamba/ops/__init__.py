@@ -1,4 +1,5 @@
-"""Kernels behind one call each: ``selective_scan`` (reference, torch, cuda)."""
-from .selective_scan import BACKENDS, available_backends, selective_scan
+"""Kernels behind one call each: ``selective_scan`` (reference, torch, numba, triton, cuda)."""
+from .scan import BACKENDS, available_backends, default_backend, resolve_backend, selective_scan
 
-__all__ = ["selective_scan", "available_backends", "BACKENDS"]
+__all__ = ["selective_scan", "available_backends", "default_backend", "resolve_backend",
+           "BACKENDS"]

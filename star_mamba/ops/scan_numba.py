@@ -7,7 +7,8 @@ into a per-task (L, N) buffer (it fits in cache), then runs the adjoint recurren
 B and C gradients are sums over channels, so each task writes its own partial sum and the
 partials are reduced afterwards (no races, deterministic results).
 
-Imported lazily by ``selective_scan``; numba is an optional dependency (``star-mamba[fast]``).
+Imported lazily by the dispatcher (``star_mamba.ops.scan``), which owns autograd and falls back
+to the torch scan, with one warning, where numba cannot load.
 """
 from __future__ import annotations
 
@@ -92,37 +93,40 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
-class NumbaScanFn(torch.autograd.Function):
-    """Core recurrence y_t = <C_t, h_t> (no D, z, bias or softplus) on CPU tensors."""
+def saved_shape(batch: int, dim: int, length: int, d_state: int) -> tuple[int, ...]:
+    """The backward recomputes the states: nothing is kept beyond the inputs."""
+    return (0,)
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C):
-        numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
-        Bt, Ct = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()  # (b, L, N)
-        y = torch.empty_like(u)
-        last = u.new_empty(u.shape[0], u.shape[1], A.shape[1])
-        _forward_kernel(_numpy(u), _numpy(delta), _numpy(A), Bt.numpy(), Ct.numpy(), y.numpy(),
-                        last.numpy())
-        ctx.save_for_backward(u, delta, A, Bt, Ct)
-        return y, last
 
-    @staticmethod
-    def backward(ctx, dy, dlast):
-        u, delta, A, Bt, Ct = ctx.saved_tensors
-        nb, nd, L = u.shape
-        N = A.shape[1]
-        block = max(1, nd // max(1, 2 * numba.get_num_threads() // max(nb, 1)))
-        block = min(block, 64)
-        nblocks = (nd + block - 1) // block
-        dy = dy.contiguous() if dy is not None else torch.zeros_like(u)
-        dlast = dlast.contiguous() if dlast is not None else u.new_zeros(nb, nd, N)
-        du, ddelta = torch.empty_like(u), torch.empty_like(u)
-        dA_part = u.new_zeros(nb, nd, N)
-        dB_part = u.new_zeros(nblocks, nb, L, N)
-        dC_part = u.new_zeros(nblocks, nb, L, N)
-        _backward_kernel(_numpy(u), _numpy(delta), _numpy(A), Bt.numpy(), Ct.numpy(), dy.numpy(),
-                         dlast.numpy(), du.numpy(), ddelta.numpy(), dA_part.numpy(),
-                         dB_part.numpy(), dC_part.numpy(), block)
-        dB = dB_part.sum(0).transpose(1, 2)  # (b, N, L)
-        dC = dC_part.sum(0).transpose(1, 2)
-        return du, ddelta, dA_part.sum(0), dB, dC
+def forward(u, delta, A, B, C):
+    """u, delta (b, d, L); A (d, N); B, C (b, N, L), CPU float32/64 ->
+    y (b, d, L), last state (b, d, N), an empty tensor (nothing saved)."""
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    Bt, Ct = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()  # (b, L, N)
+    y = torch.empty_like(u)
+    last = u.new_empty(u.shape[0], u.shape[1], A.shape[1])
+    _forward_kernel(_numpy(u), _numpy(delta), _numpy(A), Bt.numpy(), Ct.numpy(), y.numpy(),
+                    last.numpy())
+    return y, last, u.new_empty(0)
+
+
+def backward(u, delta, A, B, C, saved, dy, dlast):
+    """Gradients of (y, last) -> (du, ddelta, dA, dB, dC), shaped as the inputs."""
+    nb, nd, L = u.shape
+    N = A.shape[1]
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    Bt, Ct = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()  # (b, L, N)
+    # enough blocks of channels to keep every thread busy, each small enough for the cache
+    block = max(1, nd // max(1, 2 * numba.get_num_threads() // max(nb, 1)))
+    block = min(block, 64)
+    nblocks = (nd + block - 1) // block
+    du, ddelta = torch.empty_like(u), torch.empty_like(u)
+    dA_part = u.new_zeros(nb, nd, N)
+    dB_part = u.new_zeros(nblocks, nb, L, N)
+    dC_part = u.new_zeros(nblocks, nb, L, N)
+    _backward_kernel(_numpy(u), _numpy(delta), _numpy(A), Bt.numpy(), Ct.numpy(), _numpy(dy),
+                     _numpy(dlast), du.numpy(), ddelta.numpy(), dA_part.numpy(),
+                     dB_part.numpy(), dC_part.numpy(), block)
+    dB = dB_part.sum(0).transpose(1, 2).contiguous()  # (b, N, L)
+    dC = dC_part.sum(0).transpose(1, 2).contiguous()
+    return du, ddelta, dA_part.sum(0), dB, dC
