@@ -141,6 +141,11 @@ class StarConfig:
                 if isinstance(tap, bool) or not isinstance(tap, int) or not 1 <= tap <= self.depth:
                     _fail("decoder_taps", self.decoder_taps,
                           f"each tap is an encoder depth in 1..{self.depth}")
+            if max(self.decoder_taps) != self.depth:
+                _fail("decoder_taps", self.decoder_taps,
+                      f"the deepest tap must be the last encoder block ({self.depth}): blocks "
+                      "after it would get no gradient in pretraining (and stall DDP); lower "
+                      "model.depth instead")
         if self.separator == "embedding" and self.separator_loss and not self.norm_target:
             _fail("separator_loss", self.separator_loss,
                   "an 'embedding' separator has no pixels to predict without norm_target "

@@ -11,7 +11,7 @@ tested on its own (round trips, counts, causality).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -143,12 +143,13 @@ def segment_layout(clusters_per_image: int, separator_position: str, has_separat
 
 
 def pack_segments(image_segments: Tensor, separator: Optional[Tensor], images_per_sequence: int,
-                  layout: list[int]) -> Tensor:
+                  layout: Sequence[int] | Tensor) -> Tensor:
     """Interleave per-image segments with separators and join K images into one sequence.
 
     image_segments: (B*K, G, *S), the G clusters of each image in cluster-priority order;
     separator: (*S) or None (then ``layout`` must not reference index G);
-    layout: from :func:`segment_layout`. Returns (B, K * len(layout), *S): image k of sequence
+    layout: from :func:`segment_layout`, as a list or as an index tensor on the segments'
+    device (models keep it as a buffer, so no host-to-device copy per call). Returns (B, K * len(layout), *S): image k of sequence
     b is ``image_segments[b * K + k]``.
     """
     bk, g = image_segments.shape[:2]
@@ -158,9 +159,9 @@ def pack_segments(image_segments: Tensor, separator: Optional[Tensor], images_pe
     if separator is not None:
         sep = separator.to(image_segments.dtype).expand(bk, 1, *image_segments.shape[2:])
         image_segments = torch.cat([image_segments, sep], dim=1)  # (B*K, G+1, *S)
-    index = torch.tensor(layout, device=image_segments.device)
+    index = layout if isinstance(layout, Tensor) else torch.tensor(layout, device=image_segments.device)
     seq = image_segments.index_select(1, index)  # (B*K, S_img, *S)
-    return seq.reshape(bk // k, k * len(layout), *seq.shape[2:])  # (B, T, *S)
+    return seq.reshape(bk // k, k * seq.shape[1], *seq.shape[2:])  # (B, T, *S)
 
 
 def separator_segment_mask(clusters_per_image: int, separator_position: str,

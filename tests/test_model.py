@@ -181,6 +181,7 @@ def test_classifier_defaults_and_output():
     (dict(decoder_heads=5), "decoder_heads"),
     (dict(decoder_taps=(1, 9)), "decoder_taps"),
     (dict(decoder_taps=(1,)), "decoder_taps"),
+    (dict(decoder_taps=(1, 1)), "decoder_taps"),
     (dict(patch_size=0), "patch_size"),
     (dict(images_per_sequence=1, separator="none", cluster_size=4), "images_per_sequence"),
     (dict(separator="embedding", norm_target=False), "separator_loss"),
@@ -188,6 +189,15 @@ def test_classifier_defaults_and_output():
 def test_bad_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"{field}="):
         tiny_pretrain(**overrides)
+
+
+def test_taps_must_reach_the_last_block():
+    """Blocks after the deepest tap would get no gradient (DDP stalls on unused parameters)."""
+    with pytest.raises(ValueError, match=r"deepest tap must be the last encoder block \(2\)"):
+        tiny_pretrain(decoder_taps=(1, 1))
+    model = tiny_pretrain(decoder_taps=(1, 2))
+    model(torch.randn(8, 1, 8, 8)).loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_bad_names_and_inputs():

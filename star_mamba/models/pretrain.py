@@ -79,6 +79,7 @@ class StarPretrain(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
         self.decoder = StarDecoder(cfg)
         self.layout = seq.segment_layout(cfg.clusters_per_image, cfg.separator_position,
                                          cfg.has_separator)
+        self.register_buffer("layout_index", torch.tensor(self.layout), persistent=False)
         order = seq.cluster_order((g, g), cfg.cluster_size)
         self.register_buffer("order", order, persistent=False)  # (N,)
         sep_pixels = (seq.separator_patches(cfg.separator, cfg.cluster_size, cfg.patch_dim)
@@ -107,7 +108,8 @@ class StarPretrain(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
     # ----------------------------------------------------------------- pipeline pieces
     def _pack(self, per_image: Tensor, separator: Optional[Tensor]) -> Tensor:
         """(B*K, G, c^2, X) clusters + (c^2, X) separator (None without one) -> (B, T, c^2, X)."""
-        return seq.pack_segments(per_image, separator, self.cfg.images_per_sequence, self.layout)
+        return seq.pack_segments(per_image, separator, self.cfg.images_per_sequence,
+                                 self.layout_index)
 
     def _by_cluster(self, x: Tensor) -> Tensor:
         """(B*K, N, X) raster -> (B*K, G, c^2, X) cluster-priority order."""

@@ -1,0 +1,49 @@
+"""torch.compile traces both models in one graph (the scan is a custom op) and matches eager."""
+import copy
+
+import pytest
+import torch
+
+import star_mamba
+from star_mamba.ops import available_backends
+
+TINY = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2)
+PRETRAIN = dict(cluster_size=2, decoder_dim=32, decoder_depth=2, decoder_heads=2,
+                images_per_sequence=2)
+KERNELS = [b for b in available_backends("cpu") if b in ("torch", "numba")]
+
+
+def _models(backend):
+    torch.manual_seed(0)
+    pre = star_mamba.create_pretrain_model("star_tiny", scan_backend=backend, **TINY, **PRETRAIN)
+    cls = star_mamba.create_model("star_tiny", scan_backend=backend, **TINY, num_classes=5,
+                                  drop_path_rate=0.0)
+    return [("pretrain", pre, torch.randn(4, 1, 16, 16)), ("classifier", cls, torch.randn(2, 1, 16, 16))]
+
+
+def _loss(out):
+    return out.loss if hasattr(out, "loss") else out.square().mean()
+
+
+@pytest.mark.parametrize("backend", KERNELS)
+def test_no_graph_break(backend):
+    for name, model, images in _models(backend):
+        explanation = torch._dynamo.explain(model)(images)
+        assert explanation.graph_break_count == 0, (name, explanation.break_reasons)
+        assert explanation.graph_count == 1, name
+
+
+def test_compiled_equals_eager_forward_and_backward():
+    """Inductor's code for the whole model (fullgraph) against eager, loss and every gradient."""
+    torch._dynamo.reset()
+    for name, model, images in _models(KERNELS[-1]):
+        compiled = torch.compile(copy.deepcopy(model), fullgraph=True)
+        eager_loss = _loss(model(images))
+        eager_loss.backward()
+        compiled_loss = _loss(compiled(images))
+        compiled_loss.backward()
+        torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-5, atol=1e-6, msg=name)
+        grads = dict(compiled.named_parameters())
+        for pname, p in model.named_parameters():
+            torch.testing.assert_close(grads[f"_orig_mod.{pname}"].grad, p.grad, rtol=1e-4,
+                                       atol=1e-6, msg=f"{name}: {pname}")
