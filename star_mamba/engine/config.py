@@ -64,6 +64,8 @@ class RunOptions:
     tensorboard: bool = True
     progress: bool = True
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
+    compile: bool = False  # torch.compile the model for training and evaluation
+    compile_mode: Optional[str] = None  # torch.compile mode (e.g. max-autotune); null = default
 
 
 @dataclass

@@ -31,8 +31,7 @@ def init_distributed(device: torch.device) -> DistInfo:
     """
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistInfo()
-    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
-                    int(os.environ.get("LOCAL_RANK", 0)))
+    info = DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), env_local_rank())
     if info.world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, store=_attempt_store(info), rank=info.rank,
@@ -55,17 +54,34 @@ def _attempt_store(info: DistInfo) -> dist.Store:
     return dist.PrefixStore(f"star_mamba/attempt{attempt}", store)
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+def env_local_rank() -> int:
+    """This process's index on its node (torchrun's ``LOCAL_RANK``; 0 outside torchrun)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def resolve_device(name: str, local_rank: int = 0, cuda_count: int = 0) -> torch.device:
+    """The device ``run.device`` names, for the process with this ``local_rank`` on a node with
+    ``cuda_count`` GPUs (a pure function: nothing is selected or initialised).
+
+    ``auto`` is ``cuda`` when there is a GPU, else ``cpu``; ``cuda`` without an index is this
+    process's GPU ``cuda:<local_rank>``; ``cuda:N`` is taken as given.
+    """
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"run.device={name!r} but no CUDA device is available")
-        if device.index is None:
-            device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    return device
+        name = "cuda" if cuda_count > 0 else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"invalid run.device={name!r}; allowed: 'auto', 'cpu', 'cuda', "
+                         "'cuda:N'") from e
+    if device.type != "cuda":
+        return device
+    if cuda_count == 0:
+        raise ValueError(f"run.device={name!r} but no CUDA device is available")
+    index = local_rank if device.index is None else device.index
+    if index >= cuda_count:
+        raise ValueError(f"run.device={name!r} resolves to cuda:{index} (LOCAL_RANK={local_rank}) "
+                         f"but this node has {cuda_count} CUDA device(s)")
+    return torch.device("cuda", index)
 
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:

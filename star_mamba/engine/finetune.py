@@ -29,7 +29,7 @@ from ..models.registry import CLASSIFIER_DEFAULTS, model_config
 from .checkpoint import load_checkpoint
 from .config import FinetuneData, RunConfig
 from .dist import DistInfo, all_reduce_mean
-from .trainer import Job, check_run_config, fit, seed_everything, start_run
+from .trainer import Job, check_run_config, fit, maybe_compile, seed_everything, start_run
 
 log = logging.getLogger("star_mamba")
 
@@ -105,9 +105,9 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
         logits = logits.float()
         top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (B, 5)
         hit = top5 == targets[:, None]
-        totals += torch.tensor([len(targets), hit[:, 0].sum().item(), hit.any(1).sum().item(),
-                                F.cross_entropy(logits, targets, reduction="sum").item()],
-                               dtype=torch.float64, device=device)
+        totals += torch.stack([torch.full((), len(targets), device=device), hit[:, 0].sum(),
+                               hit.any(1).sum(),
+                               F.cross_entropy(logits, targets, reduction="sum")]).double()
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     totals = all_reduce_mean(totals) * world
     n = max(totals[0].item(), 1)
@@ -154,6 +154,7 @@ def finetune(cfg: RunConfig) -> dict[str, Any]:
     if r.linprobe:
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("head.")
+    model.to(ctx.device)  # before the EMA copies it: the EMA lives where the model does
 
     mixup = (Mixup(mixup_alpha=o.mixup, cutmix_alpha=o.cutmix, prob=o.mixup_prob,
                    switch_prob=o.mixup_switch_prob, label_smoothing=o.smoothing,
@@ -166,14 +167,17 @@ def finetune(cfg: RunConfig) -> dict[str, Any]:
             images, targets = mixup(images, targets)
         return criterion(m(images).float(), targets)
 
-    ema = ModelEmaV3(model, decay=r.ema_decay) if r.ema_decay and not r.linprobe else None
+    ema = (ModelEmaV3(model, decay=r.ema_decay, device=ctx.device)
+           if r.ema_decay and not r.linprobe else None)
     loader = eval_loader(eval_set, o.batch_size, ctx.info, cfg.data.num_workers)
+    eval_model = maybe_compile(model, r)
+    eval_ema = maybe_compile(ema.module, r) if ema is not None else None
 
     def run_eval(epoch: int) -> dict[str, float]:
-        metrics = evaluate(model, loader, ctx.device, ctx.amp_dtype)
-        if ema is not None:
+        metrics = evaluate(eval_model, loader, ctx.device, ctx.amp_dtype)
+        if eval_ema is not None:
             metrics.update({f"ema_{k}": v for k, v in
-                            evaluate(ema.module, loader, ctx.device, ctx.amp_dtype).items()})
+                            evaluate(eval_ema, loader, ctx.device, ctx.amp_dtype).items()})
         metrics["score"] = max(metrics["top1"], metrics.get("ema_top1", 0.0))
         return metrics
 
@@ -209,7 +213,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: RunConfig, use_ema: bool = 
         weights = {k[len("module."):]: v for k, v in saved["extras"]["ema"].items()}
     model.load_state_dict(weights)
     ctx = start_run(cfg)
-    model.to(ctx.device)
+    model = maybe_compile(model.to(ctx.device), cfg.run)
     result = evaluate(model, eval_loader(eval_set, cfg.optim.batch_size, ctx.info,
                                          cfg.data.num_workers), ctx.device, ctx.amp_dtype)
     log.info(f"{checkpoint}{' (EMA)' if use_ema else ''}: top-1 {result['top1']:.2f}, "

@@ -1,10 +1,48 @@
-"""A deterministic, resumable sampler that shards each global batch across ranks in blocks."""
+"""Data order and randomness: a deterministic, resumable sampler that shards each global batch
+across ranks in blocks, and the seeds of every random draw, derived from (run seed, epoch,
+position in the global data order) so that they do not depend on the number of processes.
+
+A *block* is one rank's micro-batch: global batch i (``world_size * batch_size`` images) is cut
+into ``world_size`` contiguous blocks, block ``i * world_size + r`` going to rank r. One process
+with batch b and ``accum_iter = 2A`` and two processes with batch b and ``accum_iter = A`` see the
+same blocks, in the same optimizer steps, with the same seeds.
+"""
 from __future__ import annotations
 
-from typing import Iterator
+import random
+from typing import Any, Iterator
 
+import numpy as np
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import Dataset, Sampler
+
+# Domain tags keep the two families of seeds apart: block k and sample k get unrelated seeds.
+_BLOCK_STREAM, _SAMPLE_STREAM = 0, 1
+_SEED_BITS = 63  # torch, python and numpy (as two 32-bit words) all take a 63-bit seed
+
+
+def mix_seed(*key: int) -> int:
+    """A 63-bit seed hashed from non-negative integers with numpy's SeedSequence (so (1, 2) and
+    (2, 1), or seed + index collisions, give unrelated seeds)."""
+    state = np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0]
+    return int(state) >> (64 - _SEED_BITS)
+
+
+def block_seed(seed: int, epoch: int, block: int) -> int:
+    """The seed of the model-side draws (drop path, mixup/cutmix) of one block (micro-batch)."""
+    return mix_seed(seed, epoch, _BLOCK_STREAM, block)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of the augmentation of dataset image ``index`` in ``epoch``."""
+    return mix_seed(seed, epoch, _SAMPLE_STREAM, index)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python's, numpy's and torch's (CPU and every GPU) global generators."""
+    random.seed(seed)
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])  # numpy's legacy seed: 32-bit words
+    torch.manual_seed(seed)
 
 
 class BlockShardSampler(Sampler[int]):
@@ -42,14 +80,48 @@ class BlockShardSampler(Sampler[int]):
             return torch.randperm(self.num_samples, generator=g)
         return torch.arange(self.num_samples)
 
+    def global_block(self, batch: int) -> int:
+        """The index in the global data order of this rank's block of global batch ``batch``."""
+        return batch * self.world_size + self.rank
+
     def batch_indices(self, batch: int) -> list[int]:
         """Dataset indices of this rank's ``batch``-th batch of the current epoch."""
-        start = batch * self.batch_size * self.world_size + self.rank * self.batch_size
+        start = self.global_block(batch) * self.batch_size
         return self._order()[start:start + self.batch_size].tolist()
 
     def __iter__(self) -> Iterator[int]:
         order = self._order()
-        b, G = self.batch_size, self.batch_size * self.world_size
         for i in range(self.start_batch, self.batches_per_epoch):
-            start = i * G + self.rank * b
-            yield from order[start:start + b].tolist()
+            start = self.global_block(i) * self.batch_size
+            yield from order[start:start + self.batch_size].tolist()
+
+
+class EpochIndexSampler(BlockShardSampler):
+    """:class:`BlockShardSampler` yielding ``(epoch, index)`` pairs, the keys of
+    :class:`SeededDataset` (DataLoader workers cannot see the sampler's epoch otherwise)."""
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:  # type: ignore[override]
+        epoch = self.epoch
+        return ((epoch, index) for index in super().__iter__())
+
+
+class SeededDataset(Dataset):
+    """``dataset[index]`` with its augmentation drawn from ``sample_seed(seed, epoch, index)``:
+    the same image gets the same augmentation in ``epoch`` whichever worker, rank or world
+    size loads it, and resuming mid-epoch replays it exactly.
+
+    Keys are ``(epoch, index)`` pairs (:class:`EpochIndexSampler`). The global generators are
+    reseeded and not restored: in DataLoader workers they belong to nobody else, and in the
+    main process (``num_workers=0``) training reseeds them per micro-batch anyway.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        seed_everything(sample_seed(self.seed, epoch, index))
+        return self.dataset[index]

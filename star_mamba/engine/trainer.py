@@ -28,11 +28,13 @@ from tqdm import tqdm
 
 from ..config import StarConfig
 from . import checkpoint as ckpt
-from .config import RunConfig, save_config
-from .dist import DistInfo, all_reduce_mean, barrier, cleanup, init_distributed, resolve_device
+from .config import RunConfig, RunOptions, save_config
+from .dist import (DistInfo, all_reduce_mean, barrier, cleanup, env_local_rank, init_distributed,
+                   resolve_device)
 from .lr_sched import lr_at, set_lr
 from .metrics import MetricWriter, plot_loss_curve
-from .sampler import BlockShardSampler
+from .sampler import (BlockShardSampler, EpochIndexSampler, SeededDataset, block_seed,
+                      seed_everything)
 
 log = logging.getLogger("star_mamba")
 
@@ -58,12 +60,6 @@ def setup_logging(output_dir: Optional[Path], is_main: bool) -> None:
     for h in handlers:
         h.setFormatter(fmt)
         log.addHandler(h)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def rng_state() -> dict[str, Any]:
@@ -112,6 +108,8 @@ def check_run_config(cfg: RunConfig) -> None:
                          "must be >= 0")
     if o.clip_grad is not None and o.clip_grad <= 0:
         raise ValueError(f"invalid config: optim.clip_grad={o.clip_grad!r}; expected > 0 or null")
+    if r.seed < 0:
+        raise ValueError(f"invalid config: run.seed={r.seed!r}; expected an integer >= 0")
     if r.save_every <= 0 or r.save_every_steps <= 0 or r.log_every <= 0:
         raise ValueError("invalid config: run.save_every, run.save_every_steps and run.log_every "
                          "must be positive")
@@ -126,25 +124,27 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer, scale
 
     ``loss_fn(model, images, targets)`` gives the loss of one micro-batch (pretraining: the
     model's own loss; fine-tuning: mixup + cross-entropy); ``on_step()`` runs after each
-    optimizer step (checkpoints, EMA).
+    optimizer step (checkpoints, EMA). The random draws of each micro-batch (drop path, mixup)
+    are seeded from its global block (see ``sampler.py``). The host waits for the device once
+    per optimizer step (the finiteness check) and for the loss only on logging steps.
     """
     o, r = cfg.optim, cfg.run
+    sampler: BlockShardSampler = loader.sampler
     model.train()
     accum = o.accum_iter
-    losses: list[float] = []
-    window: list[float] = []
+    logged_sum = torch.zeros((), device=device)  # micro-batch losses since the last log line
+    logged_steps, epoch_sum, epoch_steps = 0, 0.0, 0
     t_last, images_since = time.perf_counter(), 0
     bar = tqdm(total=steps_per_epoch * accum, initial=state.batch_in_epoch, leave=False,
                disable=not (r.progress and info.is_main), desc=f"epoch {state.epoch}",
                dynamic_ncols=True, file=sys.stdout)
-    window_ok = True  # every micro-batch of the current accumulation window had a finite loss
     for images, targets in loader:
         micro = state.batch_in_epoch % accum
         if micro == 0:
-            window_ok = True
             lr = lr_at(state.epoch + state.batch_in_epoch / (steps_per_epoch * accum), base_lr,
                        o.min_lr, o.warmup_epochs, o.epochs)
             set_lr(optimizer, lr)
+        seed_everything(block_seed(r.seed, state.epoch, sampler.global_block(state.batch_in_epoch)))
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         last_micro = micro == accum - 1
@@ -153,66 +153,77 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer, scale
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                                 enabled=amp_dtype is not None):
                 loss = loss_fn(model, images, targets)
-            finite = torch.isfinite(loss.detach()).float()
-            if info.enabled:  # every rank must agree to skip, or DDP would deadlock
-                finite = all_reduce_mean(finite)
-            window_ok = window_ok and finite.item() == 1.0
-            if window_ok:
-                scaler.scale(loss / accum).backward()
+            # Backward even when the loss is not finite: whether it is is only read once per
+            # step, and the step is then skipped with the weights untouched.
+            scaler.scale(loss / accum).backward()
+        # NaN and inf survive summation, so the window's sum is finite iff every loss was.
+        loss_d = loss.detach().float()
+        window_sum = loss_d if micro == 0 else window_sum + loss_d
         state.batch_in_epoch += 1
         images_since += images.shape[0] * info.world_size
         bar.update(1)
         if not last_micro:
             continue
-        if window_ok:
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                model.parameters(), o.clip_grad if o.clip_grad is not None else float("inf"))
-            if not torch.isfinite(grad_norm) and not scaler.is_enabled():  # fp16: scaler skips
-                window_ok = False
-        if not window_ok:
-            optimizer.zero_grad(set_to_none=True)
-            state.nonfinite_in_row += 1
-            first = state.batch_in_epoch - accum
-            indices = [i for b in range(first, state.batch_in_epoch)
-                       for i in loader.sampler.batch_indices(b)]
-            log.warning(f"non-finite loss or gradient before step {state.step} (epoch "
-                        f"{state.epoch}, batches {first}..{state.batch_in_epoch - 1}, dataset "
-                        f"indices {indices}); step skipped, weights untouched "
-                        f"({state.nonfinite_in_row} in a row)")
-            if state.nonfinite_in_row >= r.max_nonfinite:
-                raise FloatingPointError(
-                    f"{state.nonfinite_in_row} non-finite losses in a row (run.max_nonfinite="
-                    f"{r.max_nonfinite}); stopping. The last good checkpoint is untouched; try a "
-                    "lower optim.blr, a smaller optim.clip_grad or run.amp=off")
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), o.clip_grad if o.clip_grad is not None else float("inf"))
+        ok = torch.isfinite(window_sum)
+        if not scaler.is_enabled():  # fp16: the scaler itself skips steps with inf gradients
+            ok &= torch.isfinite(grad_norm)
+        # One host sync per step; all ranks agree (gradients are synced, losses are not).
+        if all_reduce_mean(ok.float()).item() < 1.0:
+            _skip_step(optimizer, scaler, state, sampler, accum, r.max_nonfinite)
             continue
         state.nonfinite_in_row = 0
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         state.step += 1
-        loss_value = all_reduce_mean(loss.detach().float()).item()
-        losses.append(loss_value)
-        window.append(loss_value)
-        lr_now = optimizer.param_groups[0]["lr"]
-        if state.step % r.log_every == 0 or state.batch_in_epoch == steps_per_epoch * accum:
+        logged_sum += window_sum
+        logged_steps += 1
+        end_of_epoch = state.batch_in_epoch == steps_per_epoch * accum
+        stopping = r.max_steps is not None and state.step >= r.max_steps
+        if state.step % r.log_every == 0 or end_of_epoch or stopping:
+            loss_value = all_reduce_mean(logged_sum).item() / (logged_steps * accum)
+            epoch_sum += loss_value * logged_steps
+            epoch_steps += logged_steps
             now = time.perf_counter()
             ips = images_since / max(now - t_last, 1e-9)
             t_last, images_since = now, 0
-            loss_value = float(np.mean(window))  # mean over the steps since the last line
-            window.clear()
+            lr_now = optimizer.param_groups[0]["lr"]
             writer.write(state.step, dict(epoch=state.epoch, loss=loss_value, lr=lr_now,
                                           images_per_s=round(ips, 2)))
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr_now:.2e}", img_s=f"{ips:.1f}")
             if not (r.progress and info.is_main):
                 log.info(f"epoch {state.epoch} step {state.step} loss {loss_value:.4f} "
                          f"lr {lr_now:.2e} {ips:.1f} img/s")
+            logged_sum.zero_()
+            logged_steps = 0
         if on_step is not None:
             on_step()
-        if r.max_steps is not None and state.step >= r.max_steps:
+        if stopping:
             break
     bar.close()
-    return float(np.mean(losses)) if losses else None
+    return epoch_sum / epoch_steps if epoch_steps else None
+
+
+def _skip_step(optimizer, scaler, state: TrainState, sampler: BlockShardSampler, accum: int,
+               max_nonfinite: int) -> None:
+    """Drop the gradients of a window with a non-finite loss or gradient, log it, and stop after
+    ``max_nonfinite`` such windows in a row."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.update()  # fp16: unscale_ ran, so the scaler must close the step (and back off)
+    state.nonfinite_in_row += 1
+    first = state.batch_in_epoch - accum
+    indices = [i for b in range(first, state.batch_in_epoch) for i in sampler.batch_indices(b)]
+    log.warning(f"non-finite loss or gradient before step {state.step} (epoch {state.epoch}, "
+                f"batches {first}..{state.batch_in_epoch - 1}, dataset indices {indices}); "
+                f"step skipped, weights untouched ({state.nonfinite_in_row} in a row)")
+    if state.nonfinite_in_row >= max_nonfinite:
+        raise FloatingPointError(
+            f"{state.nonfinite_in_row} non-finite losses in a row (run.max_nonfinite="
+            f"{max_nonfinite}); stopping. The last good checkpoint is untouched; try a lower "
+            "optim.blr, a smaller optim.clip_grad or run.amp=off")
 
 
 @dataclass
@@ -241,10 +252,10 @@ class Job:
 def start_run(cfg: RunConfig) -> RunContext:
     """Devices, process group, threads, output directory, resolved config and logging."""
     r = cfg.run
-    device = resolve_device(r.device)
+    device = resolve_device(r.device, env_local_rank(), torch.cuda.device_count())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the process group: NCCL binds to it
     info = init_distributed(device)
-    if info.enabled and device.type == "cuda":
-        device = resolve_device(r.device, info.local_rank)
     if r.threads:
         torch.set_num_threads(r.threads)
     amp_dtype = autocast_dtype(r.amp, device)
@@ -255,6 +266,26 @@ def start_run(cfg: RunConfig) -> RunContext:
     barrier()
     setup_logging(output_dir, info.is_main)
     return RunContext(device, info, amp_dtype, output_dir)
+
+
+def maybe_compile(model: torch.nn.Module, run: RunOptions) -> torch.nn.Module:
+    """``torch.compile(model)`` if ``run.compile``. The compiled wrapper shares ``model``'s
+    parameters; state dicts are read from ``model`` itself (no ``_orig_mod.`` prefixes)."""
+    return torch.compile(model, mode=run.compile_mode) if run.compile else model
+
+
+def wrap_for_training(model: torch.nn.Module, run: RunOptions, device: torch.device,
+                      info: DistInfo) -> torch.nn.Module:
+    """``model`` (already on ``device``), compiled if asked, then in DDP when there are several
+    processes and something to train."""
+    model = maybe_compile(model, run)
+    if not (info.enabled and any(p.requires_grad for p in model.parameters())):
+        return model
+    # The models' buffers are constants (position tables, masks, loss weights; no running
+    # statistics), so they need no broadcast before each forward. Every parameter gets a
+    # gradient, so no search for unused ones either.
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
 def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
@@ -284,17 +315,17 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
             obj.load_state_dict(saved["extras"][name])
         state = TrainState(**saved["state"])
         best = saved.get("best", best)
-        if "rng" in saved:
+        if "rng" in saved:  # training reseeds per micro-batch; this covers any other draw
             set_rng_state(saved["rng"])
         log.info(f"resumed from {resume_path} at epoch {state.epoch}, step {state.step}")
 
-    trainable = any(p.requires_grad for p in model.parameters())
-    ddp = (DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-           if info.enabled and trainable else model)
-    sampler = BlockShardSampler(len(job.dataset), o.batch_size, info.rank, info.world_size, r.seed)
-    loader = DataLoader(job.dataset, batch_size=o.batch_size, sampler=sampler,
-                        num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
-                        drop_last=True, worker_init_fn=_seed_worker,
+    trained = wrap_for_training(model, cfg.run, device, info)
+    sampler = EpochIndexSampler(len(job.dataset), o.batch_size, info.rank, info.world_size, r.seed)
+    workers = cfg.data.num_workers
+    loader = DataLoader(SeededDataset(job.dataset, r.seed), batch_size=o.batch_size,
+                        sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                        drop_last=True, persistent_workers=workers > 0,
+                        # the workers' base seed comes from here, not from the global RNG
                         generator=torch.Generator().manual_seed(r.seed))
     steps_per_epoch = sampler.batches_per_epoch // o.accum_iter
     if steps_per_epoch == 0:
@@ -303,7 +334,8 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
     log.info(f"{job.title}: {cfg.model['name']} ({n_params / 1e6:.2f}M params, "
              f"{n_train / 1e6:.2f}M trained){job.describe}, {len(job.dataset)} images, "
              f"{info.world_size} process(es) on {device}, effective batch {eff_batch}, "
-             f"lr {base_lr:.3e}, {steps_per_epoch} steps/epoch, amp {amp_dtype}")
+             f"lr {base_lr:.3e}, {steps_per_epoch} steps/epoch, amp {amp_dtype}"
+             f"{', torch.compile' if r.compile else ''}")
 
     writer = MetricWriter(output_dir, enabled=info.is_main, tensorboard=r.tensorboard)
 
@@ -330,7 +362,7 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
     try:
         while state.epoch < o.epochs and (r.max_steps is None or state.step < r.max_steps):
             sampler.set_epoch(state.epoch, state.batch_in_epoch)
-            epoch_loss = train_one_epoch(ddp, loader, optimizer, scaler, state, cfg, device,
+            epoch_loss = train_one_epoch(trained, loader, optimizer, scaler, state, cfg, device,
                                          amp_dtype, base_lr, steps_per_epoch, writer, info,
                                          job.loss_fn, on_step)
             if state.batch_in_epoch < steps_per_epoch * o.accum_iter:  # stopped by max_steps
@@ -373,9 +405,3 @@ def _maybe_inject_fault(step: int, info: DistInfo) -> None:
     at, _, rank = spec.partition(":")
     if step == int(at) and info.rank == (int(rank) if rank else info.world_size - 1):
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
