@@ -120,3 +120,17 @@ def test_synthetic_images_are_deterministic_per_seed():
     assert not torch.equal(a[5][0], c[5][0])
     assert a[0][0].shape == (3, 16, 16)
     assert len({a[i][1] for i in range(8)}) > 1
+
+
+@pytest.mark.parametrize("op,magnitude", [("PosterizeIncreasing", 10), ("Posterize", 0)])
+def test_randaugment_posterize_to_zero_bits_gives_black_image(op, magnitude):
+    """ARM's RandAugment (rand-m9-mstd0.5-inc1) asks for 0-bit posterize at magnitude 10, which
+    Pillow >= 13 refuses; it must give the black image older Pillow gave, not crash a worker."""
+    import numpy as np
+    from PIL import Image
+    from timm.data.auto_augment import AugmentOp
+    import star_mamba.data  # noqa: F401  (installs the fix)
+    image = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
+    out = AugmentOp(op, prob=1.0, magnitude=magnitude)(image)
+    assert out.size == image.size and out.mode == "RGB"
+    assert np.asarray(out).max() == 0

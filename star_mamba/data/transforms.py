@@ -1,7 +1,8 @@
 """Image transforms of the ARM/STAR recipes (torchvision), with timm's ImageNet statistics."""
 from __future__ import annotations
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, auto_augment
 from torchvision import transforms as T
 
 
@@ -25,3 +26,18 @@ def build_eval_transform(img_size: int = 224, crop_pct: float = 0.875,
         T.ToTensor(),
         T.Normalize(mean, std),
     ])
+
+
+
+def _posterize(img, bits_to_keep, **kwargs):
+    """timm's posterize, keeping 0 bits as a black image, as Pillow < 13 did: Pillow 13 refuses
+    0 bits, which RandAugment asks for at magnitude 10 with ``inc1`` (ARM's recipe) and near 0
+    without it."""
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+for _name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+    if auto_augment.NAME_TO_OP.get(_name) is auto_augment.posterize:
+        auto_augment.NAME_TO_OP[_name] = _posterize
