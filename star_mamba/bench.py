@@ -4,7 +4,9 @@
     forward and forward+backward, at STAR-tiny and STAR-base widths for K = 1, 4, 8 at 192 px;
 (b) a full STAR pretraining step for K = 1, 2, 4, 8: images/s, cost per image relative to K = 1,
     peak memory;
-(c) the achieved FLOP/s of that step against this machine's own GEMM FLOP/s.
+(c) the achieved FLOP/s of that step against this machine's own GEMM FLOP/s;
+(d) the default Fashion-MNIST pretraining step per CPU scan backend, eager and under
+    ``torch.compile(model)`` side by side (compile time reported apart).
 Results go to a JSON file and a markdown table. Timings are medians of repeated runs after a
 warm-up; they are benchmarks, never tests.
 """
@@ -20,7 +22,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .ops.selective_scan import available_backends, selective_scan
+from .ops import available_backends, selective_scan
 
 
 def _median_ms(fn: Callable[[], None], repeats: int, warmup: int = 1) -> float:
@@ -173,8 +175,17 @@ def bench_step(model_name: str = "star_tiny", images=(1, 2, 4, 8), sequences: in
     return rows
 
 
-def bench_default_run(repeats: int = 5) -> list[dict]:
-    """The default Fashion-MNIST pretraining step with each CPU scan backend (same inputs)."""
+def bench_default_run(repeats: int = 5, compile: bool = True,
+                      compile_backend: Optional[str] = None) -> list[dict]:
+    """The default Fashion-MNIST pretraining step (forward+backward) with each CPU scan backend
+    (same inputs), eager and compiled with ``torch.compile(model)`` side by side.
+
+    The compiled model is a copy with the same weights; ``compile_s`` is the first compiled
+    step's time less a compiled step's median. A compile failure is recorded in the row
+    (``compile_error``) and the eager numbers are kept.
+    """
+    import copy
+
     from .engine.config import load_config
     from .models.registry import PRETRAIN_DEFAULTS, model_config
     from .models.pretrain import StarPretrain
@@ -187,16 +198,49 @@ def bench_default_run(repeats: int = 5) -> list[dict]:
         model = StarPretrain(mcfg)
         images = torch.randn(cfg.optim.batch_size, mcfg.in_chans, mcfg.img_size, mcfg.img_size)
 
-        def step():
-            model(images).loss.backward()
-            model.zero_grad(set_to_none=True)
+        def step(m=model):
+            m(images).loss.backward()
+            m.zero_grad(set_to_none=True)
 
         ms = _median_ms(step, repeats)
-        rows.append(dict(backend=backend, step_ms=round(ms, 1),
-                         images_per_s=round(cfg.optim.batch_size / (ms / 1000), 2)))
+        row = dict(backend=backend, step_ms=round(ms, 1),
+                   images_per_s=round(cfg.optim.batch_size / (ms / 1000), 2))
+        rows.append(row)
+        if compile:
+            row.update(_compiled_step(copy.deepcopy(model), step, repeats, compile_backend))
+            if "compiled_step_ms" in row:
+                row["compiled_images_per_s"] = round(
+                    cfg.optim.batch_size / (row["compiled_step_ms"] / 1000), 2)
+                row["compile_speedup"] = round(ms / row["compiled_step_ms"], 2)
     for row in rows:
         row["speedup_vs_torch"] = round(rows[0]["step_ms"] / row["step_ms"], 2)
     return rows
+
+
+def _compiled_step(model, step: Callable, repeats: int, backend: Optional[str]) -> dict:
+    """Time ``step`` on ``torch.compile(model)``: compile time apart, or the error."""
+    try:
+        torch._dynamo.reset()
+    except Exception:
+        pass
+    out: dict = dict(compile_backend=backend or "inductor")
+    try:
+        compiled = torch.compile(model, **({} if backend is None else dict(backend=backend)))
+        t = time.perf_counter()
+        step(compiled)
+        first_s = time.perf_counter() - t
+        ms = _median_ms(lambda: step(compiled), repeats)
+    except Exception as e:  # e.g. a graph dynamo cannot trace: recorded, never fatal
+        text = str(e).strip().splitlines()
+        out["compile_error"] = f"{type(e).__name__}: {text[0][:300] if text else ''}"
+        return out
+    finally:
+        try:
+            torch._dynamo.reset()
+        except Exception:
+            pass
+    out.update(compiled_step_ms=round(ms, 1), compile_s=round(max(first_s - ms / 1000, 0.0), 1))
+    return out
 
 
 def machine() -> dict:
@@ -225,15 +269,27 @@ def to_markdown(results: dict) -> str:
                    f"{r['images_per_s']} | {r['ms_per_image']} | {r['cost_per_image_vs_k1']}x | "
                    f"{r['achieved_gflops']} | {r.get('fraction_of_gemm', '-')} | "
                    f"{r['peak_rss_mb']} | {r['decoder_mask_mb']} |")
-    out += ["", "### Default Fashion-MNIST pretraining step (star_tiny, 32 images, K = 4)", "",
-            "| scan backend | step ms | images/s | speed-up vs torch |", "| --- | --- | --- | --- |"]
+    out += ["", "### Default Fashion-MNIST pretraining step (star_tiny, 32 images, K = 4, "
+            "forward+backward): eager vs torch.compile", "",
+            "| scan backend | eager ms | eager images/s | speed-up vs torch | compiled ms "
+            "| compiled images/s | compiled vs eager | compile s |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["default_run"]:
-        out.append(f"| {r['backend']} | {r['step_ms']} | {r['images_per_s']} | {r['speedup_vs_torch']}x |")
+        if "compile_error" in r:
+            compiled = f"failed: {r['compile_error'].replace('|', '/')} | - | - | -"
+        elif "compiled_step_ms" in r:
+            compiled = (f"{r['compiled_step_ms']} | {r['compiled_images_per_s']} | "
+                        f"{r['compile_speedup']}x | {r['compile_s']}")
+        else:
+            compiled = "- | - | - | -"
+        out.append(f"| {r['backend']} | {r['step_ms']} | {r['images_per_s']} | "
+                   f"{r['speedup_vs_torch']}x | {compiled} |")
     return "\n".join(out) + "\n"
 
 
-def run_all(output_dir: str | Path = "benchmarks/results", quick: bool = False) -> dict:
-    """Run (a), (b) and (c) and write ``bench.json`` and ``bench.md`` into ``output_dir``."""
+def run_all(output_dir: str | Path = "benchmarks/results", quick: bool = False,
+            compile_backend: Optional[str] = None) -> dict:
+    """Run (a) to (d) and write ``bench.json`` and ``bench.md`` into ``output_dir``."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     gemm = gemm_flops()
@@ -241,7 +297,8 @@ def run_all(output_dir: str | Path = "benchmarks/results", quick: bool = False) 
     step_kw = dict(images=(1, 4), sequences=1, repeats=1) if quick else {}
     results = dict(machine=machine(), gemm_gflops=round(gemm / 1e9, 1),
                    scan=bench_scan(**scan_kw), step=bench_step(gemm=gemm, **step_kw),
-                   default_run=bench_default_run(repeats=2 if quick else 5))
+                   default_run=bench_default_run(repeats=2 if quick else 5,
+                                                 compile_backend=compile_backend))
     (output_dir / "bench.json").write_text(json.dumps(results, indent=1))
     (output_dir / "bench.md").write_text(to_markdown(results))
     return results

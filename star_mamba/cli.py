@@ -6,6 +6,7 @@
   star-mamba eval --checkpoint CKPT [-c CONFIG] [--ema]            top-1 / top-5 of a classifier
   star-mamba export --checkpoint CKPT --out FILE.safetensors [--ema]
   star-mamba bench [--quick]                                       benchmarks
+  star-mamba bench --gpu [--output-dir D] [--dry-run]              GPU acceptance run
   star-mamba ablate [--out DIR] [--axis NAME=V1,V2] [--full]       ablation grid (resumable)
   star-mamba viz --checkpoint CKPT [--out DIR]                     prediction grid + loss plot
   star-mamba convert-arm SRC --out FILE.pth [--target T] [--strict] ARM checkpoint -> ours
@@ -97,9 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="change a model config field after inference, e.g. global_pool=cls")
     sub.add_parser("models", help="list the model sizes")
-    b = sub.add_parser("bench", help="scan backends, pretraining step and FLOP/s benchmarks")
-    b.add_argument("--output-dir", default="benchmarks/results")
+    b = sub.add_parser("bench", help="scan backends, pretraining step and FLOP/s benchmarks; "
+                                     "--gpu: the GPU acceptance run")
+    b.add_argument("--output-dir", default=None,
+                   help="default: benchmarks/results (benchmarks/results/gpu with --gpu)")
     b.add_argument("--quick", action="store_true", help="fewer shapes and repeats (a smoke run)")
+    b.add_argument("--gpu", action="store_true",
+                   help="GPU acceptance run: device, CUDA tests, scan accuracy and speed, STAR-B "
+                        "step (max batch, MFU), eager vs compile, 30-step loss check -> "
+                        "gpu_acceptance.json / .md")
+    b.add_argument("--dry-run", action="store_true",
+                   help="with --gpu: the same run on CPU at tiny sizes (a smoke test)")
+    b.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend for the compile comparisons (default: inductor; "
+                        "aot_eager in a --gpu --dry-run)")
     return parser
 
 
@@ -161,9 +173,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"{name:12s} embed_dim={size['embed_dim']:5d} depth={size['depth']}")
         return 0
     if args.command == "bench":
+        if args.gpu:
+            from .bench_gpu import run_acceptance
+            out = args.output_dir or "benchmarks/results/gpu"
+            try:
+                r = run_acceptance(out, dry_run=args.dry_run, compile_backend=args.compile_backend)
+            except (RuntimeError, ValueError) as e:
+                return _error(e)
+            bad = [n for n, e in r["sections"].items() if e["status"] == "error" or e["passed"] is False]
+            print(f"{r['meta']['wall_s']} s; sections failed or in error: {', '.join(bad) or 'none'}")
+            print(f"results written to {out}/gpu_acceptance.json and gpu_acceptance.md")
+            return 1 if bad else 0
+        if args.dry_run:
+            return _error(ValueError("--dry-run belongs to --gpu"))
         from .bench import run_all, to_markdown
-        print(to_markdown(run_all(args.output_dir, quick=args.quick)), end="")
-        print(f"results written to {args.output_dir}/bench.json and bench.md")
+        out = args.output_dir or "benchmarks/results"
+        print(to_markdown(run_all(out, quick=args.quick, compile_backend=args.compile_backend)),
+              end="")
+        print(f"results written to {out}/bench.json and bench.md")
         return 0
     if args.command == "ablate":
         from .ablate import ablate, parse_axes

@@ -1,0 +1,192 @@
+"""CUDA checks, for a machine with a GPU: ``pytest -m gpu tests/test_gpu.py -q``.
+
+Every test here is marked ``gpu`` and skipped without CUDA; ``star-mamba bench --gpu`` runs this
+file as its section 2. What they check:
+
+* every scan backend on the device (torch, triton, and cuda where mamba-ssm imports) against
+  the reference loop, in float32 and bf16: y, the last state and every gradient;
+* a pretraining step and a classifier step of a small model in bf16 autocast: finite
+  gradients, loss within a few percent of float32;
+* ``torch.compile(fullgraph=True)`` forward+backward equal to eager.
+
+A kernel that fails at run time silently falls back to the torch kernel (with a warning); the
+tests fail in that case, so a broken Triton kernel cannot pass as the torch one.
+"""
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import star_mamba
+from star_mamba.ops import available_backends, selective_scan
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+DEV = "cuda"
+SCAN_BACKENDS = ("torch", "triton", "cuda")
+TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # max |err| / max |reference|
+SMALL = dict(img_size=32, patch_size=8, in_chans=3, cluster_size=2, embed_dim=64, depth=2,
+             decoder_dim=64, decoder_depth=2, decoder_heads=2)
+
+
+def fallbacks() -> dict:
+    """Kernels that failed at run time and now run as the torch kernel."""
+    try:
+        return dict(getattr(importlib.import_module("star_mamba.ops.scan"), "_FALLEN_BACK", {}))
+    except ImportError:
+        return {}
+
+
+def require(backend: str) -> None:
+    if backend == "cuda" and backend not in available_backends(DEV):
+        pytest.skip("mamba-ssm (backend 'cuda') is not installed with its CUDA extension")
+    assert backend in available_backends(DEV), f"backend {backend!r} unavailable on CUDA"
+    assert backend not in fallbacks(), f"{backend} fell back to torch: {fallbacks()[backend]}"
+
+
+def scan_inputs(b, d, n, L, dtype, seed=0):
+    """Mamba-initialised inputs; u, delta, B, C, z in ``dtype`` (as under autocast), A, D and
+    delta_bias in float32 (as the model keeps them)."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, device=DEV)  # noqa: E731
+    dt = torch.exp(torch.rand(d, generator=g, device=DEV) * (math.log(0.1) - math.log(1e-3))
+                   + math.log(1e-3))
+    return dict(u=r(b, d, L).to(dtype), delta=(0.1 * r(b, d, L)).to(dtype),
+                A=-torch.arange(1, n + 1, dtype=torch.float32, device=DEV).repeat(d, 1),
+                B=r(b, n, L).to(dtype), C=r(b, n, L).to(dtype), D=r(d), z=r(b, d, L).to(dtype),
+                delta_bias=dt + torch.log(-torch.expm1(-dt)))
+
+
+def scan_with_grads(backend, inputs):
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+    y, last = selective_scan(**leaves, delta_softplus=True, return_last_state=True,
+                             backend=backend)
+    w = torch.linspace(-1, 1, y.shape[-1], device=DEV)
+    loss = (y.float() * w).sum() + (last.float() ** 2).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    return {"y": y, "last_state": last, **{f"grad_{k}": v for k, v in zip(leaves, grads)}}
+
+
+def assert_close_normwise(got, ref, tol, name):
+    got, ref = got.double(), ref.double()
+    assert got.shape == ref.shape, name
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
+    assert err <= tol * max(scale, 1e-6), f"{name}: max error {err:.3g} vs max |ref| {scale:.3g}"
+
+
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", [(2, 40, 16, 130), (1, 72, 12, 257)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_scan_backend_matches_reference(backend, dtype, shape):
+    """(b, dim, N, L): dims and lengths not multiples of the Triton blocks (32 channels, 64
+    steps); N = 12 is not a power of two."""
+    require(backend)
+    inputs = scan_inputs(*shape, dtype)
+    ref = scan_with_grads("reference", inputs)
+    got = scan_with_grads(backend, inputs)
+    assert got["y"].dtype == dtype and got["y"].shape == inputs["u"].shape
+    for name in ref:
+        assert_close_normwise(got[name], ref[name], TOL[dtype], f"{backend}/{name}")
+    assert backend not in fallbacks(), f"{backend} fell back to torch: {fallbacks()[backend]}"
+
+
+def _grads(model):
+    return {n: p.grad.detach().float().clone() for n, p in model.named_parameters()
+            if p.grad is not None}
+
+
+def _fp32_and_bf16(model, loss_fn):
+    """Loss and gradients of the same model and batch in float32 and under bf16 autocast."""
+    model.zero_grad(set_to_none=True)
+    loss32 = loss_fn(model)
+    loss32.backward()
+    g32 = _grads(model)
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        loss16 = loss_fn(model)
+    loss16.backward()
+    g16 = _grads(model)
+    return loss32.item(), loss16.float().item(), g32, g16
+
+
+def _check_bf16(loss32, loss16, g32, g16):
+    assert math.isfinite(loss32) and math.isfinite(loss16)
+    assert abs(loss16 - loss32) <= 0.03 * abs(loss32), (loss32, loss16)
+    assert set(g16) == set(g32) and g16
+    for name, g in g16.items():
+        assert torch.isfinite(g).all(), f"non-finite gradient in {name}"
+    flat32 = torch.cat([g.flatten() for g in g32.values()])
+    flat16 = torch.cat([g16[n].flatten() for n in g32])
+    cos = F.cosine_similarity(flat32, flat16, dim=0).item()
+    assert cos > 0.95, f"bf16 gradients point elsewhere than float32 ones (cosine {cos:.3f})"
+
+
+def _auto_or(backend):
+    if backend != "auto":
+        require(backend)
+    return backend
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_pretrain_step_bf16_matches_fp32(backend):
+    torch.manual_seed(0)
+    model = star_mamba.create_pretrain_model("star_tiny", images_per_sequence=2,
+                                             scan_backend=_auto_or(backend), **SMALL).to(DEV)
+    images = torch.randn(8, 3, 32, 32, device=DEV)
+    _check_bf16(*_fp32_and_bf16(model, lambda m: m(images).loss))
+    assert backend not in fallbacks()
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+def test_classifier_step_bf16_matches_fp32(backend):
+    torch.manual_seed(0)
+    model = star_mamba.create_model("star_tiny", num_classes=10, scan_backend=_auto_or(backend),
+                                    **{k: v for k, v in SMALL.items() if not k.startswith("decoder")
+                                       and k != "cluster_size"}).to(DEV)
+    images = torch.randn(8, 3, 32, 32, device=DEV)
+    labels = torch.arange(8, device=DEV) % 10
+    _check_bf16(*_fp32_and_bf16(model, lambda m: F.cross_entropy(m(images), labels)))
+    assert backend not in fallbacks()
+
+
+def _compile_kernel() -> str:
+    """The scan the compiled model uses: a custom-op kernel (mamba-ssm's 'cuda' is a graph
+    break by design)."""
+    return "triton" if "triton" in available_backends(DEV) else "torch"
+
+
+@pytest.mark.parametrize("kind", ["pretrain", "classifier"])
+def test_compile_fullgraph_matches_eager(kind):
+    torch.manual_seed(0)
+    backend = _compile_kernel()
+    if kind == "pretrain":
+        model = star_mamba.create_pretrain_model("star_tiny", images_per_sequence=2,
+                                                 scan_backend=backend, **SMALL).to(DEV)
+        loss_fn = lambda m, x: m(x).loss  # noqa: E731
+    else:
+        model = star_mamba.create_model(
+            "star_tiny", num_classes=10, scan_backend=backend,
+            **{k: v for k, v in SMALL.items() if not k.startswith("decoder")
+               and k != "cluster_size"}).to(DEV)
+        loss_fn = lambda m, x: m(x).float().pow(2).mean()  # noqa: E731
+    images = torch.randn(8, 3, 32, 32, device=DEV)
+    loss = loss_fn(model, images)
+    loss.backward()
+    eager = _grads(model)
+    model.zero_grad(set_to_none=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    loss_c = loss_fn(compiled, images)
+    loss_c.backward()
+    got = _grads(model)
+    torch._dynamo.reset()
+    torch.testing.assert_close(loss_c, loss, rtol=1e-4, atol=1e-5)
+    assert set(got) == set(eager)
+    for name in eager:
+        assert_close_normwise(got[name], eager[name], 1e-3, name)
+    assert backend not in fallbacks()
