@@ -19,7 +19,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from .ablate import Budget
+from .tools.ablate import Budget
 
 DEFAULT_CONFIGS = {"pretrain": "pretrain/fashion_mnist", "finetune": "finetune/fashion_mnist",
                    "linprobe": "linprobe/fashion_mnist", "eval": "finetune/fashion_mnist"}
@@ -124,7 +124,7 @@ def _viz(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .engine.config import load_config
-    from .viz import visualize
+    from .tools.viz import visualize
     out = args.out
     if out is None:
         ckpt = Path(args.checkpoint)
@@ -149,7 +149,7 @@ def _viz(args: argparse.Namespace) -> int:
 def _convert_arm(args: argparse.Namespace) -> int:
     import yaml
 
-    from .models.convert_arm import convert_arm_checkpoint
+    from .tools.convert_arm import convert_arm_checkpoint
     overrides = {}
     for item in args.overrides:
         key, sep, value = item.partition("=")
@@ -174,7 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     if args.command == "bench":
         if args.gpu:
-            from .bench_gpu import run_acceptance
+            from .tools.bench_gpu import run_acceptance
             out = args.output_dir or "benchmarks/results/gpu"
             try:
                 r = run_acceptance(out, dry_run=args.dry_run, compile_backend=args.compile_backend)
@@ -186,14 +186,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1 if bad else 0
         if args.dry_run:
             return _error(ValueError("--dry-run belongs to --gpu"))
-        from .bench import run_all, to_markdown
+        from .tools.bench import run_all, to_markdown
         out = args.output_dir or "benchmarks/results"
         print(to_markdown(run_all(out, quick=args.quick, compile_backend=args.compile_backend)),
               end="")
         print(f"results written to {out}/bench.json and bench.md")
         return 0
     if args.command == "ablate":
-        from .ablate import ablate, parse_axes
+        from .tools.ablate import ablate, parse_axes
         budget = Budget(args.depth, args.pretrain_images, args.probe, args.probe_images,
                         args.eval_images, args.probe_blr, args.seed, tuple(args.overrides))
         command = "star-mamba " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -208,7 +208,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command == "convert-arm":
         return _convert_arm(args)
     if args.command == "export":
-        from .engine.checkpoint import export_safetensors
+        from .checkpoint import export_safetensors
         try:
             print(export_safetensors(args.checkpoint, args.out, use_ema=args.ema))
         except (ValueError, FileNotFoundError) as e:

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from star_mamba.ablate import AXES, BASE, Budget, Point, ablate, check_point, grid_points, parse_axes
+from star_mamba.tools.ablate import AXES, BASE, Budget, Point, ablate, check_point, grid_points, parse_axes
 from star_mamba.cli import main
 
 

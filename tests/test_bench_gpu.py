@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from star_mamba import bench_gpu
-from star_mamba.bench_gpu import SECTIONS, TITLES
+from star_mamba.tools import bench_gpu
+from star_mamba.tools.bench_gpu import SECTIONS, TITLES
 from star_mamba.ops import available_backends
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -212,7 +212,7 @@ def test_gpu_run_without_cuda_is_refused(tmp_path, capsys):
 
 def test_default_run_compile_failure_is_recorded():
     """bench.py's eager-vs-compile helper: an unusable compile backend is a recorded error."""
-    from star_mamba.bench import _compiled_step
+    from star_mamba.tools.bench import _compiled_step
     model = torch.nn.Linear(4, 4)
     x = torch.randn(2, 4)
     out = _compiled_step(model, lambda m: m(x).sum().backward(), 1, "no_such_backend")

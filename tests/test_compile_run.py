@@ -1,6 +1,6 @@
 """run.compile: tiny pretraining and fine-tuning runs under torch.compile finish, and their
 checkpoints hold the plain module's keys (no ``_orig_mod.`` prefixes), as uncompiled runs do."""
-from star_mamba.engine import checkpoint as ckpt
+from star_mamba import checkpoint as ckpt
 from star_mamba.engine.config import load_config
 from star_mamba.engine.finetune import evaluate_checkpoint, finetune
 from star_mamba.engine.pretrain import pretrain

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from star_mamba.config import StarConfig
-from star_mamba.engine.checkpoint import load_checkpoint
+from star_mamba.checkpoint import load_checkpoint
 from star_mamba.models.classifier import StarClassifier
 from star_mamba.models.convert import load_pretrained
-from star_mamba.models.convert_arm import (arm_to_star, convert_arm_checkpoint, infer_config,
+from star_mamba.tools.convert_arm import (arm_to_star, convert_arm_checkpoint, infer_config,
                                            unwrap_arm_checkpoint)
 from star_mamba.models.pretrain import StarPretrain
 from star_mamba.ops.scan_reference import scan_reference

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from star_mamba.engine import checkpoint as ckpt
+from star_mamba import checkpoint as ckpt
 from star_mamba.engine import finetune as finetune_module
 from star_mamba.engine import trainer
 from star_mamba.engine.config import load_config

@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from star_mamba.engine import checkpoint as ckpt
+from star_mamba import checkpoint as ckpt
 from star_mamba.engine.config import load_config, resolve_config_path
 from star_mamba.engine.lr_sched import lr_at
 from star_mamba.engine.sampler import BlockShardSampler

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from star_mamba.cli import main
-from star_mamba.engine.checkpoint import load_checkpoint
+from star_mamba.checkpoint import load_checkpoint
 from star_mamba.engine.config import load_config
 from star_mamba.engine.pretrain import pretrain
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from star_mamba.data.folder import build_image_folder
 from star_mamba.data.transforms import build_pretrain_transform
-from star_mamba.engine import checkpoint as ckpt
+from star_mamba import checkpoint as ckpt
 from star_mamba.engine.config import load_config
 from star_mamba.engine.pretrain import pretrain
 

@@ -1,4 +1,4 @@
-"""star_mamba.viz: the inverse helpers, the per-position loss and the figures of a checkpoint."""
+"""star_mamba.tools.viz: the inverse helpers, the per-position loss and the figures of a checkpoint."""
 import json
 import math
 
@@ -10,7 +10,7 @@ from star_mamba import sequence as seq
 from star_mamba import viz
 from star_mamba.config import SEPARATOR_POSITIONS, StarConfig
 from star_mamba.data.fashion_mnist import find_fashion_mnist
-from star_mamba.engine.checkpoint import atomic_save, export_safetensors
+from star_mamba.checkpoint import atomic_save, export_safetensors
 from star_mamba.engine.config import load_config
 from star_mamba.models.classifier import StarClassifier
 from star_mamba.models.pretrain import StarPretrain

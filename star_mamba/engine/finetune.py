@@ -26,7 +26,7 @@ from ..data.transforms import build_eval_transform
 from ..models.classifier import StarClassifier
 from ..models.convert import load_pretrained
 from ..models.registry import CLASSIFIER_DEFAULTS, model_config
-from .checkpoint import load_checkpoint
+from ..checkpoint import load_checkpoint
 from .config import FinetuneData, RunConfig
 from .dist import DistInfo, all_reduce_mean
 from .trainer import Job, check_run_config, fit, maybe_compile, seed_everything, start_run

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..config import StarConfig
-from . import checkpoint as ckpt
+from .. import checkpoint as ckpt
 from .config import RunConfig, RunOptions, save_config
 from .dist import (DistInfo, all_reduce_mean, barrier, cleanup, env_local_rank, init_distributed,
                    resolve_device)

@@ -52,7 +52,7 @@ def interpolate_pos_embed(table: Tensor, old_grid: tuple[int, int],
 def read_pretrained(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Tensor], Optional[dict]]:
     """A checkpoint path or dict -> (state dict, model config dict or None)."""
     if not isinstance(source, Mapping):
-        from ..engine.checkpoint import load_checkpoint
+        from ..checkpoint import load_checkpoint
         source = load_checkpoint(Path(source))
     if "model" in source and isinstance(source["model"], Mapping):
         return dict(source["model"]), source.get("model_config")

@@ -123,7 +123,7 @@ from torch import Tensor
 
 from .. import sequence as seq
 from ..config import StarConfig
-from .pos_embed import sincos_2d
+from ..models.pos_embed import sincos_2d
 
 TARGETS = ("classifier", "pretrain")
 TWINS = {"": 0, "_b": 1, "_c": 2, "_c_b": 3}  # ARM suffix -> our branch (direction_orders index)
@@ -356,8 +356,8 @@ def infer_config(state_dict: Mapping[str, Tensor], target: Optional[str] = None)
 
 def _expected(cfg: StarConfig, target: str) -> dict[str, torch.Size]:
     """Our state-dict keys and shapes for ``cfg``, built on the meta device (no memory)."""
-    from .classifier import StarClassifier
-    from .pretrain import StarPretrain
+    from ..models.classifier import StarClassifier
+    from ..models.pretrain import StarPretrain
     with torch.device("meta"):
         model = StarClassifier(cfg) if target == "classifier" else StarPretrain(cfg)
     return {k: v.shape for k, v in model.state_dict().items()}
@@ -567,8 +567,8 @@ def _pretrain_key(key, value, cfg, n_taps, perm, put, report) -> None:
 
 def build_model(config: Mapping[str, Any], target: str) -> torch.nn.Module:
     """Our model for a converted config (``report.config``)."""
-    from .classifier import StarClassifier
-    from .pretrain import StarPretrain
+    from ..models.classifier import StarClassifier
+    from ..models.pretrain import StarPretrain
     cfg = StarConfig.from_dict(config)
     return StarClassifier(cfg) if target == "classifier" else StarPretrain(cfg)
 
@@ -598,7 +598,7 @@ def convert_arm_checkpoint(src_path: str | Path, out_path: str | Path,
     ``strict=True`` refuses (``ValueError``) when any ARM key is unmatched or any of our keys is
     missing; otherwise missing keys keep our initialisation and are reported.
     """
-    from ..engine.checkpoint import atomic_save
+    from ..checkpoint import atomic_save
     raw = load_arm_file(src_path)
     state, report = arm_to_star(unwrap_arm_checkpoint(raw), target, overrides)
     if strict and not report.complete:

@@ -25,8 +25,8 @@ from typing import Any, Callable, Optional
 import torch
 from torch import Tensor
 
-from . import sequence as seq
-from .config import StarConfig
+from .. import sequence as seq
+from ..config import StarConfig
 
 __all__ = ["unnormalize_patches", "segment_index_table", "segments_to_images",
            "unpredicted_clusters", "loss_per_position", "load_pretrain_checkpoint", "visualize"]
@@ -115,9 +115,9 @@ def load_pretrain_checkpoint(checkpoint: str | Path, device: str | torch.device 
     Loads with ``weights_only`` (no code runs). A missing file raises ``FileNotFoundError``; a
     classifier checkpoint or one without a model config raises ``ValueError``.
     """
-    from .engine.checkpoint import LATEST, load_checkpoint
-    from .models.convert import read_pretrained
-    from .models.pretrain import StarPretrain
+    from ..checkpoint import LATEST, load_checkpoint
+    from ..models.convert import read_pretrained
+    from ..models.pretrain import StarPretrain
 
     path = Path(checkpoint)
     if path.is_dir():
@@ -141,7 +141,7 @@ def load_pretrain_checkpoint(checkpoint: str | Path, device: str | torch.device 
 def _denormalizer(data_name: str, in_chans: int) -> Callable[[Tensor], Tensor]:
     """Undo the data pipeline's input normalisation: (.., C, H, W) -> display values in [0, 1]."""
     if data_name == "fashion_mnist":
-        from .data.fashion_mnist import MEAN, STD
+        from ..data.fashion_mnist import MEAN, STD
         return lambda x: (x * STD + MEAN).clamp(0, 1)
     if data_name == "imagefolder":
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -269,8 +269,8 @@ def visualize(checkpoint: str | Path, out_dir: str | Path, config: Any = None,
     image 0 and of images 1..K-1; NaN if image 0's are never predicted or K = 1), and the same
     for the first row of clusters.
     """
-    from .engine.config import RunConfig, load_config
-    from .engine.data import build_pretrain_dataset
+    from ..engine.config import RunConfig, load_config
+    from ..engine.data import build_pretrain_dataset
 
     if num_sequences < 1 or max_batches < 1 or first_clusters < 1:
         raise ValueError("num_sequences, max_batches and first_clusters must be >= 1")

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .config import SEPARATORS, SEPARATOR_POSITIONS
+from ..config import SEPARATORS, SEPARATOR_POSITIONS
 
 log = logging.getLogger("star_mamba")
 
@@ -205,9 +205,9 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def run_point(point: Point, budget: Budget, root: Path) -> dict[str, Any]:
     """Pretrain (unless scratch) then probe; resumes; returns the point's result row."""
-    from .engine.config import load_config
-    from .engine.finetune import finetune
-    from .engine.pretrain import pretrain
+    from ..engine.config import load_config
+    from ..engine.finetune import finetune
+    from ..engine.pretrain import pretrain
 
     point_dir = root / "runs" / point.name
     done = point_dir / "result.json"
@@ -324,7 +324,7 @@ def ablate(out: str | Path, budget: Budget = Budget(), axes: dict[str, tuple] = 
            full: bool = False, scratch: bool = True, dry_run: bool = False,
            command: str = "star-mamba ablate") -> list[dict]:
     """Run (or resume) the grid into ``out``; returns the result rows of the finished points."""
-    from .engine.config import load_config
+    from ..engine.config import load_config
 
     budget.validate()
     out = Path(out)

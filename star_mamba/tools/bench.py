@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .ops import available_backends, selective_scan
+from ..ops import available_backends, selective_scan
 
 
 def _median_ms(fn: Callable[[], None], repeats: int, warmup: int = 1) -> float:
@@ -145,7 +145,7 @@ def bench_step(model_name: str = "star_tiny", images=(1, 2, 4, 8), sequences: in
     """One pretraining step (forward+backward) per K, same number of sequences each time."""
     import resource
 
-    from .models.registry import create_pretrain_model
+    from ..models.registry import create_pretrain_model
     rows = []
     for k in images:
         torch.manual_seed(0)
@@ -186,9 +186,9 @@ def bench_default_run(repeats: int = 5, compile: bool = True,
     """
     import copy
 
-    from .engine.config import load_config
-    from .models.registry import PRETRAIN_DEFAULTS, model_config
-    from .models.pretrain import StarPretrain
+    from ..engine.config import load_config
+    from ..models.registry import PRETRAIN_DEFAULTS, model_config
+    from ..models.pretrain import StarPretrain
     cfg = load_config("pretrain/fashion_mnist")
     rows = []
     for backend in [b for b in ("torch", "numba") if b in available_backends("cpu")]:

@@ -215,7 +215,7 @@ def peak_bf16_flops(name: str) -> tuple[Optional[float], str]:
 
 
 def _build_model(plan: Plan, device: torch.device, seed: int = 0):
-    from .models.registry import create_pretrain_model
+    from ..models.registry import create_pretrain_model
     torch.manual_seed(seed)
     return create_pretrain_model(plan.model_name, **plan.model_overrides).to(device)
 
@@ -246,7 +246,7 @@ def _train_step(model, optimizer, images: torch.Tensor, device: torch.device,
 
 
 def _model_info(model, plan: Plan, device: torch.device) -> dict:
-    from .ops import default_backend
+    from ..ops import default_backend
     cfg = model.cfg
     backend = cfg.scan_backend if cfg.scan_backend != "auto" else default_backend(device)
     return dict(name=plan.model_name, overrides=plan.model_overrides,
@@ -269,7 +269,7 @@ def gemm_rate(device: torch.device, n: int, dtype: torch.dtype = torch.bfloat16,
 
 
 def section_device(plan: Plan, device: torch.device, ctx: dict, out: dict) -> Optional[bool]:
-    from .ops import available_backends, default_backend
+    from ..ops import available_backends, default_backend
     out.update(torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version())
     try:
         import triton
@@ -370,7 +370,7 @@ def _scan_inputs(batch: int, dim: int, length: int, d_state: int, dtype: torch.d
 
 
 def _scan_with_grads(backend: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from .ops import selective_scan
+    from ..ops import selective_scan
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
     y, last = selective_scan(**leaves, delta_softplus=True, return_last_state=True,
                              backend=backend)
@@ -390,7 +390,7 @@ def _errors(a: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
 
 
 def section_scan_accuracy(plan: Plan, device: torch.device, ctx: dict, out: dict) -> bool:
-    from .ops import available_backends
+    from ..ops import available_backends
     b, d, n, L = plan.accuracy_shape
     backends = [x for x in available_backends(device) if x != "reference"]
     out.update(shape=dict(batch=b, dim=d, d_state=n, length=L), backends=backends,
@@ -445,13 +445,13 @@ def section_scan_accuracy(plan: Plan, device: torch.device, ctx: dict, out: dict
 def scan_length(k: int, **geometry) -> tuple[int, int]:
     """(tokens the encoder scans, StarConfig.seq_len) for K images: the encoder reads every
     segment but the last, (T-1) c^2 = K (G+1) c^2 - c^2 with separators."""
-    from .config import StarConfig
+    from ..config import StarConfig
     cfg = StarConfig(images_per_sequence=k, **geometry)
     return (cfg.num_segments - 1) * cfg.tokens_per_segment, cfg.seq_len
 
 
 def section_scan_speed(plan: Plan, device: torch.device, ctx: dict, out: dict) -> Optional[bool]:
-    from .ops import available_backends
+    from ..ops import available_backends
     backends = available_backends(device)
     out.update(backends=backends, geometry=plan.scan_geometry, d_state=16,
                batch_rule=f"{plan.scan_batch_images} images per device: {plan.scan_batch_images}/K "
@@ -501,7 +501,7 @@ def section_scan_speed(plan: Plan, device: torch.device, ctx: dict, out: dict) -
 
 
 def _time_scan(name: str, inputs: dict, device: torch.device, repeats: int) -> dict:
-    from .ops import selective_scan
+    from ..ops import selective_scan
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
 
     def forward():
@@ -677,7 +677,7 @@ def compare_compile(eager, compiled_src, images: torch.Tensor, device: torch.dev
 # ----------------------------------------------------------------------------- 7. convergence
 
 def section_convergence(plan: Plan, device: torch.device, ctx: dict, out: dict) -> bool:
-    from .data.synthetic import SyntheticImages
+    from ..data.synthetic import SyntheticImages
     model = _build_model(plan, device, seed=0)
     optimizer = _optimizer(model, plan.train_lr)
     cfg = model.cfg
@@ -769,7 +769,7 @@ def _run_isolated(name: str, plan: Plan, ctx: dict, timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="star_mamba_gpu_") as tmp:
         spec, result = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec.write_text(json.dumps(_clean(dict(name=name, plan=dataclasses.asdict(plan), ctx=ctx))))
-        entry = run_child([sys.executable, "-m", "star_mamba.bench_gpu", str(spec), str(result)],
+        entry = run_child([sys.executable, "-m", "star_mamba.tools.bench_gpu", str(spec), str(result)],
                           result, timeout)
     ctx.update(entry.pop("ctx", None) or {})
     entry["process_seconds"] = round(time.perf_counter() - t, 2)  # with start-up and imports
