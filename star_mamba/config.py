@@ -3,15 +3,28 @@
 Every number the model uses (image size, patch, cluster, images per sequence, separator kind and
 position, decoder width and taps, ...) lives here. Derived quantities (grid sizes, sequence
 lengths, tapped layers) are properties, so they can never disagree with the fields they come from.
-An impossible configuration raises ``ValueError`` naming the field, the value and what is allowed.
+An impossible configuration raises :class:`~star_mamba.errors.ConfigError` (a ``ValueError``)
+naming the field, the value and what is allowed.
+
+Where model defaults live: the field defaults below, then the size's ``embed_dim`` and ``depth``
+(``models.registry.MODEL_SIZES``), then the run's YAML file and ``--set`` (``configs/``). The
+Python factory ``create_model`` adds ARM's fine-tuning recipe (``CLASSIFIER_DEFAULTS``).
+
+:func:`typed_values` is the one place where config values are checked and converted: the fields
+of ``StarConfig`` here and every section of a run config (``engine/config.py``) go through it.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
-from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+from .errors import ConfigError
 
 SEPARATORS = ("identity", "zeros", "ones", "embedding", "none")
 """Separator kinds. ``none`` packs images back to back with no separator (ARM when K = 1)."""
@@ -25,7 +38,7 @@ DIRECTIONS = (1, 2, 4)
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"invalid config: {name}={value!r}; {allowed}")
+    raise ConfigError(f"invalid config: model.{name}={value!r}; {allowed}")
 
 
 def _choice(name: str, value: Any, allowed: Sequence[Any]) -> None:
@@ -62,7 +75,8 @@ class StarConfig:
     drop_path_rate: float = 0.0
     norm_eps: float = 1e-6
     directions: int = 1  # 1 causal (pretraining); 2 forward + reverse; 4 also over the transposed grid
-    scan_backend: str = "auto"
+    # how the scan runs, not what the model is: a checkpoint resumes under another backend
+    scan_backend: str = field(default="auto", metadata={"runtime": True})
     # -- STAR sequence (pretraining)
     cluster_size: int = 4  # c: a cluster is c x c adjacent patches
     images_per_sequence: int = 4  # K
@@ -81,6 +95,7 @@ class StarConfig:
     class_token: str = "end"
     global_pool: str = "avg"
     learnable_pos_embed: bool = False  # fixed sin-cos in pretraining; learnable when fine-tuning
+    final_norm: bool = True  # False after prune_intermediate_layers(prune_norm=True)
 
     def __post_init__(self) -> None:
         if self.decoder_taps is not None:
@@ -91,8 +106,11 @@ class StarConfig:
     def validate(self) -> None:
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "d_state",
                      "d_conv", "expand", "cluster_size", "images_per_sequence", "decoder_dim",
-                     "decoder_depth", "decoder_heads", "num_classes"):
+                     "decoder_depth", "decoder_heads"):
             _positive(name, getattr(self, name))
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) \
+                or self.num_classes < 0:
+            _fail("num_classes", self.num_classes, "expected an integer >= 0 (0: no head)")
         if self.dt_rank is not None:
             _positive("dt_rank", self.dt_rank)
         for name in ("mlp_ratio", "decoder_mlp_ratio"):
@@ -230,9 +248,8 @@ class StarConfig:
 
     # ------------------------------------------------------------------ construction helpers
     def replace(self, **overrides: Any) -> "StarConfig":
-        """A copy with some fields changed; unknown names raise ``ValueError`` with a hint."""
-        check_fields(overrides)
-        return dataclasses.replace(self, **overrides)
+        """A copy with some fields changed, typed and checked like :meth:`from_dict`."""
+        return dataclasses.replace(self, **typed_values(overrides, field_types(StarConfig), "model"))
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -242,20 +259,118 @@ class StarConfig:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "StarConfig":
-        check_fields(values)
-        return cls(**values)
+        """From a YAML ``model`` section, a checkpoint's ``model_config`` or a hub config.json:
+        unknown names fail with a "did you mean" hint, values are converted to the field types
+        ('1e-1' -> 0.1, a list -> a tuple); a field left out keeps its default."""
+        return cls(**typed_values(values, field_types(cls), "model"))
+
+
+RUNTIME_FIELDS = frozenset(f.name for f in dataclasses.fields(StarConfig) if f.metadata.get("runtime"))
+"""Fields that say how the model runs, not what it is (the weights do not depend on them)."""
 
 
 def field_names() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(StarConfig))
 
 
-def check_fields(values: Mapping[str, Any]) -> None:
-    """Reject unknown option names with a "did you mean" hint instead of swallowing them."""
-    names = field_names()
-    for key in values:
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown config field {key!r}{hint} "
-                             f"(valid fields: {', '.join(names)})")
+# ---------------------------------------------------------------------- typed config values
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest of ``choices``, or ``""``."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+@functools.lru_cache(maxsize=None)
+def field_types(cls: type) -> dict[str, Any]:
+    """A dataclass's field names and their (resolved) type annotations, in field order."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def typed_values(values: Mapping[str, Any], types_: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """Check one config section against ``types_`` (name -> annotation) and convert each value.
+
+    Unknown names raise :class:`ConfigError` with a "did you mean" hint; values are converted to
+    their annotation (see :func:`coerce`). ``section`` (``model``, ``optim``, ...) names the
+    section in the messages. Every config section of the package goes through here.
+    """
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"invalid config: section {section!r} must be a mapping of key: value, "
+                          f"got {values!r}")
+    out = {}
+    for key, value in values.items():
+        if key not in types_:
+            hint = did_you_mean(key, types_) or f" (valid keys: {', '.join(types_)})"
+            raise ConfigError(f"unknown config key {section}.{key}{hint}")
+        out[key] = coerce(value, types_[key], f"{section}.{key}")
+    return out
+
+
+def coerce(value: Any, annotation: Any, name: str) -> Any:
+    """``value`` converted to ``annotation`` (bool, int, float, str, tuples, Optional, Any), or
+    :class:`ConfigError` naming ``name``. Numbers may come as strings (YAML 1.1 reads ``1e-4``
+    without a dot as a string); an integral float is an int; lists become tuples."""
+    where = f"invalid config: {name}={value!r}"
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{where}: a value is required")
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:
+            return coerce(value, options[0], name)
+        for option in options:
+            try:
+                return coerce(value, option, name)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected one of {', '.join(map(_type_name, options))}")
+    if value is None:
+        raise ConfigError(f"{where}: a value is required")
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false")
+        return value
+    if annotation in (int, float):
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number")
+        if annotation is int:
+            if not math.isfinite(value) or value != int(value):
+                raise ConfigError(f"{where}: expected an integer")
+            return int(value)
+        return float(value)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, e.g. [{', '.join(['1'] * max(len(args), 2))}]"
+                              if args and args[-1] is not Ellipsis else f"{where}: expected a list")
+        if args and args[-1] is Ellipsis:
+            element_types = [args[0]] * len(value)
+        else:
+            if args and len(value) != len(args):
+                raise ConfigError(f"{where}: expected a list of {len(args)} values")
+            element_types = list(args) or [Any] * len(value)
+        return tuple(coerce(v, t, f"{name}[{i}]") for i, (v, t) in enumerate(zip(value, element_types)))
+    if origin is dict or annotation is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping")
+        return dict(value)
+    if annotation is str:
+        if isinstance(value, bool):  # YAML 1.1 reads off/on/yes/no as booleans
+            return "on" if value else "off"
+        if isinstance(value, (list, tuple, Mapping)):
+            raise ConfigError(f"{where}: expected a single value")
+        return str(value)
+    return value
+
+
+def _type_name(annotation: Any) -> str:
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation)

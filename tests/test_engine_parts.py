@@ -1,4 +1,4 @@
-"""Engine utilities: run config parsing, lr schedule, sampler sharding, checkpoint safety."""
+"""Engine utilities: lr schedule, sampler sharding, checkpoint safety."""
 import math
 import pickle
 
@@ -6,38 +6,8 @@ import pytest
 import torch
 
 from star_mamba import checkpoint as ckpt
-from star_mamba.engine.config import load_config, resolve_config_path
 from star_mamba.engine.lr_sched import lr_at
 from star_mamba.engine.sampler import BlockShardSampler
-
-
-def test_builtin_configs_load_and_overrides_apply():
-    cfg = load_config("pretrain/fashion_mnist", ["optim.blr=1e-4", "model.depth=3",
-                                                 "optim.betas=[0.8, 0.9]"])
-    assert cfg.optim.blr == 1e-4 and cfg.model["depth"] == 3 and cfg.optim.betas == (0.8, 0.9)
-    assert cfg.data.name == "fashion_mnist"
-    base = load_config("pretrain/star_base_in1k")
-    assert base.model["name"] == "star_base" and base.optim.epochs == 1600
-    assert resolve_config_path("pretrain/star_base_in1k.yaml").is_file()
-
-
-@pytest.mark.parametrize("override,message", [
-    ("optim.blrr=1", "did you mean 'blr'"),
-    ("model.clustr_size=2", "did you mean 'cluster_size'"),
-    ("optm.blr=1", "did you mean 'optim'"),
-    ("model.name=star_bas", "did you mean 'star_base'"),
-    ("optim.blr=abc", "optim.blr='abc': expected a number"),
-    ("run.tensorboard=3", "expected true or false"),
-    ("blr=1", "section.key=value"),
-])
-def test_bad_overrides_are_named(override, message):
-    with pytest.raises(ValueError, match=message):
-        load_config("pretrain/fashion_mnist", [override])
-
-
-def test_unknown_config_file():
-    with pytest.raises(FileNotFoundError, match="built-in"):
-        load_config("pretrain/nope")
 
 
 def test_lr_schedule_warmup_then_half_cosine():
@@ -102,12 +72,44 @@ def test_resume_of_another_model_is_refused(tmp_path):
         ckpt.find_resume(tmp_path, str(tmp_path / "missing.pth"))
 
 
-def test_override_values_are_typed():
-    cfg = load_config("pretrain/fashion_mnist", ["optim.lr=1e-4", "run.max_steps=7", "run.max_steps=8",
-                                                 "data.root=null", "optim.epochs=3.0"])
-    assert cfg.optim.lr == 1e-4 and isinstance(cfg.optim.lr, float)
-    assert cfg.run.max_steps == 8 and cfg.data.root is None and cfg.optim.epochs == 3
-    with pytest.raises(ValueError, match="optim.epochs=2.5: expected an integer"):
-        load_config("pretrain/fashion_mnist", ["optim.epochs=2.5"])
-    with pytest.raises(ValueError, match="optim.batch_size=None: a value is required"):
-        load_config("pretrain/fashion_mnist", ["optim.batch_size=null"])
+def test_auto_resume_takes_the_newest_checkpoint_that_loads(tmp_path, star_log):
+    """latest empty, checkpoint-0003 cut in half, 0002 good: auto-resume warns about the two,
+    naming each and why, takes 0002 and leaves the damaged files as they are. Exported weights
+    are no training checkpoint; with nothing loadable left, auto-resume is an error."""
+    from .conftest import truncate
+
+    def save(name, step):
+        ckpt.atomic_save(dict(model={"w": torch.full((64,), float(step))}, optimizer={},
+                              state={"step": step}, model_config={}), tmp_path / name)
+
+    for step in (1, 2, 3):
+        save(f"checkpoint-{step:04d}.pth", step)
+    (tmp_path / ckpt.LATEST).write_bytes(b"")
+    cut = truncate(tmp_path / "checkpoint-0003.pth")
+    path, saved = ckpt.load_resume(tmp_path, "auto")
+    assert path == tmp_path / "checkpoint-0002.pth" and saved["state"]["step"] == 2
+    warnings = [r.getMessage() for r in star_log.records]
+    assert f"cannot load checkpoint {tmp_path / ckpt.LATEST}: the file is empty" in warnings[0]
+    assert str(tmp_path / "checkpoint-0003.pth") in warnings[1] and "central directory" in warnings[1]
+    assert "resuming from" in warnings[2] and str(path) in warnings[2]
+    assert (tmp_path / ckpt.LATEST).read_bytes() == b""
+    assert (tmp_path / "checkpoint-0003.pth").read_bytes() == cut
+    with pytest.raises(ValueError, match="not a training checkpoint"):
+        ckpt.load_resume(tmp_path, str(ckpt.export_safetensors(path, tmp_path / "w.safetensors")))
+    for step in (1, 2):
+        truncate(tmp_path / f"checkpoint-{step:04d}.pth")
+    with pytest.raises(ValueError, match=r"no checkpoint in .* can be resumed .*checkpoint-0001.pth"):
+        ckpt.load_resume(tmp_path, "auto")
+    assert ckpt.load_resume(tmp_path, "never") is None
+
+
+def test_resumed_metrics_drop_redone_steps_and_a_torn_row(tmp_path):
+    from star_mamba.engine.metrics import MetricWriter, read_metrics
+    writer = MetricWriter(tmp_path, tensorboard=False)
+    for step in range(1, 6):
+        writer.write(step, dict(loss=step / 10))
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lo')  # SIGKILL mid-write
+    writer.drop_after(3)
+    assert read_metrics(tmp_path / "metrics.jsonl") == [
+        {"step": s, "loss": s / 10} for s in (1, 2, 3)]

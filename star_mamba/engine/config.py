@@ -1,42 +1,103 @@
 """Run configuration: YAML files plus ``--set section.key=value`` overrides.
 
-A run config has four sections. ``model`` holds a model ``name`` and any :class:`StarConfig`
-field; ``data``, ``optim`` and ``run`` are the dataclasses below. Unknown keys are errors with a
-"did you mean" hint; the resolved config is written next to every run's outputs.
+A run config has four sections: ``model`` (a size ``name`` plus any :class:`StarConfig` field),
+``data``, ``optim`` and ``run`` (the dataclasses below; each lists every field any task reads,
+with a comment on which task reads it). Every section is checked by the same helper,
+:func:`star_mamba.config.typed_values`: unknown keys fail with a "did you mean" hint and values
+are converted to the field's type ('1e-1' -> 0.1 for a float, a list for a tuple, null for an
+Optional) before anything runs. The resolved config is written next to every run's outputs.
+
+Where defaults live:
+
+* ``model``: StarConfig's field defaults (``star_mamba/config.py``), then the size's embed_dim and
+  depth (``models.registry.MODEL_SIZES``), then the YAML file and ``--set``. ``num_classes`` left
+  unset follows the dataset when fine-tuning.
+* ``data`` / ``optim`` / ``run``: the dataclass defaults below (STAR pretraining's values for the
+  fields every task reads, ARM fine-tuning's for the fields only fine-tuning reads), then the YAML
+  file and ``--set``. Each task's recipe is its YAML file under ``configs/`` (``pretrain/``,
+  ``finetune/``, ``linprobe/``): a new config should start from a copy of one.
 """
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import yaml
 
-from ..config import field_names as model_field_names
-from ..models.registry import MODEL_SIZES
+from ..config import StarConfig, did_you_mean, field_types, typed_values
+from ..errors import ConfigError
+from ..models.registry import model_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+TASKS = ("pretrain", "finetune")
+"""``finetune`` covers fine-tuning, linear probing (``run.linprobe``) and evaluation."""
+
+
+@dataclass
+class ModelSection:
+    """``model``: a size ``name`` and the :class:`StarConfig` fields the config sets (typed).
+
+    A field left out comes from the size (embed_dim, depth), then from what the task knows
+    (fine-tuning: num_classes from the dataset), then from StarConfig's default.
+    """
+
+    name: str = "star_tiny"
+    fields: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> "ModelSection":
+        typed = typed_values(values, {"name": str, **field_types(StarConfig)}, "model")
+        section = cls(typed.pop("name", "star_tiny"), typed)
+        section.star_config()  # an impossible model fails here, before anything runs
+        return section
+
+    def star_config(self, **fallback: Any) -> StarConfig:
+        """The model config: size, then ``fallback`` (what the task knows), then the fields set."""
+        return model_config(self.name, **{**fallback, **self.fields})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, **{k: list(v) if isinstance(v, tuple) else v
+                                      for k, v in self.fields.items()}}
 
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"  # fashion_mnist | imagefolder | synthetic
+    """``data``. All tasks read the first group; the marked fields only one kind of task."""
+
+    name: str = "fashion_mnist"  # fashion_mnist | imagefolder | synthetic (pretraining only)
     root: Optional[str] = None  # dataset directory; None searches the usual places
-    split: str = "train"
+    split: str = "train"  # the training split
     num_workers: int = 2
-    augment: bool = False  # light flips/shifts for the built-in data (ImageFolder always augments)
     download: bool = False  # fetch Fashion-MNIST with torchvision if it is nowhere on disk
-    max_images: Optional[int] = None  # use only the first N images (quick runs)
-    synthetic_images: int = 2048  # size of the synthetic dataset
+    max_images: Optional[int] = None  # use only the first N training images (quick runs)
     max_bad_fraction: float = 0.01  # ImageFolder: stop if more than this share is unreadable
+    # -- pretraining only
+    augment: bool = False  # light flips/shifts for the built-in data (ImageFolder always augments)
+    synthetic_images: int = 2048  # size of the synthetic dataset
+    # -- fine-tuning, linear probe and eval only
+    eval_split: Optional[str] = None  # null: 'val' for imagefolder, 'test' for fashion_mnist
+    max_eval_images: Optional[int] = None
+    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; null = off
+    reprob: float = 0.25  # random erasing probability
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale
+    crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, then centre crop
+
+    @property
+    def resolved_eval_split(self) -> str:
+        """``eval_split``, or the split the dataset keeps for evaluation when it is unset."""
+        if self.eval_split is not None:
+            return self.eval_split
+        return "val" if self.name == "imagefolder" else "test"
 
 
 @dataclass
 class OptimConfig:
-    batch_size: int = 64  # images per process per step (B*K), must be divisible by K
+    """``optim``. Defaults: STAR pretraining's; the fine-tuning YAML files set their own."""
+
+    batch_size: int = 64  # images per process per step (pretraining: B*K, divisible by K)
     accum_iter: int = 1
     blr: float = 1.5e-4  # base lr: lr = blr * effective batch / 256
     lr: Optional[float] = None  # absolute lr; overrides blr
@@ -46,11 +107,21 @@ class OptimConfig:
     epochs: int = 10
     warmup_epochs: float = 1.0
     clip_grad: Optional[float] = 3.0
+    layer_decay: Optional[float] = None  # layer-wise lr decay (ARM fine-tuning: 0.65); null = off
+    # -- fine-tuning only
+    smoothing: float = 0.1  # label smoothing
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
 
 
 @dataclass
 class RunOptions:
-    output_dir: str = "runs/pretrain"
+    """``run``: where, how and how long. Runtime fields (device, amp, threads, compile, ...) may
+    change between a run and its resume."""
+
+    output_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | off | bf16 | fp16
@@ -66,154 +137,58 @@ class RunOptions:
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
     compile: bool = False  # torch.compile the model for training and evaluation
     compile_mode: Optional[str] = None  # torch.compile mode (e.g. max-autotune); null = default
-
-
-@dataclass
-class FinetuneData(DataConfig):
-    eval_split: str = "test"  # test (Fashion-MNIST) or val (ImageFolder)
-    max_eval_images: Optional[int] = None
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; null = off
-    reprob: float = 0.25  # random erasing probability
-    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale
-    crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, then centre crop
-
-
-@dataclass
-class FinetuneOptim(OptimConfig):
-    blr: float = 5e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    epochs: int = 100
-    warmup_epochs: float = 5.0
-    clip_grad: Optional[float] = None
-    layer_decay: Optional[float] = 0.65  # layer-wise lr decay; null = off
-    smoothing: float = 0.1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-
-
-@dataclass
-class FinetuneRun(RunOptions):
-    output_dir: str = "runs/finetune"
+    # -- fine-tuning and linear probe only
     pretrained: Optional[str] = None  # STAR pretraining checkpoint to start from; null = scratch
     linprobe: bool = False  # freeze the backbone, train only the linear head
     ema_decay: Optional[float] = 0.99992  # null = no EMA
     eval_every: int = 1  # epochs between evaluations
 
 
-TASKS = {
-    "pretrain": {"data": DataConfig, "optim": OptimConfig, "run": RunOptions},
-    "finetune": {"data": FinetuneData, "optim": FinetuneOptim, "run": FinetuneRun},
-}
+SECTIONS = {"data": DataConfig, "optim": OptimConfig, "run": RunOptions}
 
 
 @dataclass
 class RunConfig:
-    model: dict[str, Any] = field(default_factory=lambda: {"name": "star_tiny"})
+    model: ModelSection = field(default_factory=ModelSection)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunOptions = field(default_factory=RunOptions)
     task: str = "pretrain"
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        for section in out.values():
-            if isinstance(section, dict):
-                for key, value in section.items():
-                    if isinstance(value, tuple):
-                        section[key] = list(value)
+        out: dict[str, Any] = {"model": self.model.to_dict()}
+        for name in SECTIONS:
+            out[name] = {k: list(v) if isinstance(v, tuple) else v
+                         for k, v in dataclasses.asdict(getattr(self, name)).items()}
+        out["task"] = self.task
         return out
 
-    def model_overrides(self) -> dict[str, Any]:
-        return {k: v for k, v in self.model.items() if k != "name"}
 
-
-
-
-def _unknown(key: str, valid: list[str], where: str) -> ValueError:
-    close = difflib.get_close_matches(key, valid, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else ""
-    return ValueError(f"unknown config key {where}{key!r}{hint} (valid: {', '.join(valid)})")
-
-
-def _coerce(section: str, key: str, value: Any, annotation: Any) -> Any:
-    """Check and convert one value against its field's type, so that '--set optim.blr=abc'
-    fails here rather than mid-run."""
-    args = typing.get_args(annotation)
-    optional = type(None) in args
-    base = next((a for a in args if a is not type(None)), annotation) if optional else annotation
-    base = typing.get_origin(base) or base
-    where = f"config {section}.{key}={value!r}"
-    if value is None:
-        if not optional:
-            raise ValueError(f"{where}: a value is required")
-        return None
-    if base is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true or false")
-    elif base in (int, float):
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: expected a number")
-        if base is int:
-            if value != int(value):
-                raise ValueError(f"{where}: expected an integer")
-            value = int(value)
-        else:
-            value = float(value)
-    elif base is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where}: expected a list")
-        value = tuple(float(v) for v in value)
-    elif base is str and not isinstance(value, str):
-        if isinstance(value, bool):  # YAML 1.1 reads off/on/yes/no as booleans
-            value = "on" if value else "off"
-        value = str(value)
-    return value
-
-
-def from_dict(values: dict[str, Any], task: Optional[str] = None) -> RunConfig:
+def from_dict(values: Mapping[str, Any], task: Optional[str] = None) -> RunConfig:
     """Build a RunConfig from nested dicts, rejecting unknown sections and keys.
 
-    ``task`` (``pretrain`` or ``finetune``) picks the section classes; a config file may name
-    its own task, which must then agree.
+    ``task`` (``pretrain`` or ``finetune``) is what the caller runs; a config file may name its
+    own task, which must then agree.
     """
+    if values is not None and not isinstance(values, Mapping):
+        raise ConfigError(f"invalid config: expected a mapping of sections, got {values!r}")
     values = dict(values or {})
     named = values.pop("task", None)
     if named is not None and task is not None and named != task:
-        raise ValueError(f"this config is for task {named!r}, not {task!r}")
+        raise ConfigError(f"this config is for task {named!r}, not {task!r}: use "
+                          f"`star-mamba {named}` or a {task} config (configs/{task}/)")
     task = task or named or "pretrain"
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
-    sections = TASKS[task]
-    cfg = RunConfig(data=sections["data"](), optim=sections["optim"](), run=sections["run"](),
-                    task=task)
+        raise ConfigError(f"invalid config: task={task!r}; allowed: {', '.join(TASKS)}")
     for section in values:
-        if section not in ("model", *sections):
-            raise _unknown(section, ["model", *sections], "section ")
-    model = dict(values.get("model") or {})
-    valid_model = ["name", *model_field_names()]
-    for key in model:
-        if key not in valid_model:
-            raise _unknown(key, valid_model, "model.")
-    model.setdefault("name", "star_tiny")
-    if model["name"] not in MODEL_SIZES:
-        raise _unknown(model["name"], list(MODEL_SIZES), "model.name=")
-    cfg.model = model
-    for section, cls in sections.items():
-        given = dict(values.get(section) or {})
-        obj = getattr(cfg, section)
-        hints = typing.get_type_hints(cls)
-        for key, value in given.items():
-            if key not in hints:
-                raise _unknown(key, list(hints), f"{section}.")
-            setattr(obj, key, _coerce(section, key, value, hints[key]))
-    return cfg
+        if section not in ("model", *SECTIONS):
+            raise ConfigError(f"unknown config section {section!r}"
+                              f"{did_you_mean(section, ['model', *SECTIONS])} "
+                              f"(sections: model, {', '.join(SECTIONS)}, task)")
+    sections = {name: cls(**typed_values(values.get(name) or {}, field_types(cls), name))
+                for name, cls in SECTIONS.items()}
+    return RunConfig(model=ModelSection.from_values(values.get("model") or {}), task=task,
+                     **sections)
 
 
 def resolve_config_path(name_or_path: str) -> Path:
@@ -230,29 +205,43 @@ def resolve_config_path(name_or_path: str) -> Path:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    if "=" not in item:
-        raise ValueError(f"override {item!r} must look like section.key=value")
-    key, raw = item.split("=", 1)
+    """``"section.key=value"`` -> ``([section, key], value)``, the value read as YAML."""
+    key, sep, raw = item.partition("=")
     parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
-        raise ValueError(f"override {item!r} must look like section.key=value, e.g. optim.blr=1e-4")
-    return parts, yaml.safe_load(raw) if raw.strip() else None
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. "
+                          "optim.blr=1e-4 or model.global_pool=cls")
+    try:
+        return parts, yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: cannot read the value as YAML "
+                          f"({' '.join(str(e).split())})") from None
 
 
-def load_config(path: Optional[str], overrides: list[str] = (),
-                task: Optional[str] = None) -> RunConfig:
-    """Read a YAML config (or a built-in name) and apply ``section.key=value`` overrides."""
+def load_config(path: Optional[str], overrides: Sequence[str] = (), task: Optional[str] = None,
+                base: Optional[Mapping[str, Any]] = None) -> RunConfig:
+    """Read a YAML config (or a built-in name), or start from ``base`` (a saved run config, as
+    in a checkpoint's ``run_config``), and apply ``section.key=value`` overrides."""
     values: dict[str, Any] = {}
     if path is not None:
-        with open(resolve_config_path(path)) as f:
-            values = yaml.safe_load(f) or {}
+        resolved = resolve_config_path(path)
+        try:
+            with open(resolved) as f:
+                values = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config {resolved} is not valid YAML: "
+                              f"{' '.join(str(e).split())}") from None
         if not isinstance(values, dict):
-            raise ValueError(f"config {path!r} must be a mapping of sections")
+            raise ConfigError(f"config {resolved} must be a mapping of sections "
+                              "(model, data, optim, run)")
+    elif base is not None:
+        values = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base.items()}
     for item in overrides:
         (section, key), value = parse_override(item)
-        values.setdefault(section, {})
-        if values[section] is None:
+        if values.get(section) is None:
             values[section] = {}
+        if not isinstance(values[section], dict):
+            raise ConfigError(f"override {item!r}: {section!r} is not a section of the config")
         values[section][key] = value
     return from_dict(values, task)
 

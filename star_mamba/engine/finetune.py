@@ -4,13 +4,13 @@
 (positions interpolated, mixers widened), RandAugment, random erasing, mixup/cutmix, label
 smoothing, drop path, layer-wise lr decay, EMA evaluated beside the raw weights, best-checkpoint
 keeping. ``run.linprobe`` freezes everything but the linear head. ``evaluate_checkpoint``: top-1
-and top-5 of a saved classifier.
+and top-5 of a saved classifier, on the data of the run that made it unless told otherwise.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,9 +25,10 @@ from ..data import fashion_mnist as fm
 from ..data.transforms import build_eval_transform
 from ..models.classifier import StarClassifier
 from ..models.convert import load_pretrained
-from ..models.registry import CLASSIFIER_DEFAULTS, model_config
 from ..checkpoint import load_checkpoint
-from .config import FinetuneData, RunConfig
+from ..config import RUNTIME_FIELDS
+from ..errors import CheckpointError, ConfigError
+from .config import DataConfig, RunConfig, load_config
 from .dist import DistInfo, all_reduce_mean
 from .trainer import Job, check_run_config, fit, maybe_compile, seed_everything, start_run
 
@@ -46,7 +47,7 @@ class _ToChannels:
         return x[: self.in_chans]
 
 
-def build_train_transform(data: FinetuneData, model: StarConfig, mean, std):
+def build_train_transform(data: DataConfig, model: StarConfig, mean, std):
     """timm's training pipeline on RGB PIL images (grey images are converted, then reduced)."""
     import torchvision.transforms as T
     t = create_transform(model.img_size, is_training=True, scale=tuple(data.scale),
@@ -56,33 +57,34 @@ def build_train_transform(data: FinetuneData, model: StarConfig, mean, std):
     return T.Compose([T.Lambda(lambda im: im.convert("RGB")), t, _ToChannels(model.in_chans)])
 
 
-def build_datasets(data: FinetuneData, model: StarConfig, train: bool = True
+def build_datasets(data: DataConfig, model: StarConfig, train: bool = True
                    ) -> tuple[Optional[Dataset], Dataset, int]:
     """(train set or None, eval set, number of classes)."""
     if data.name == "fashion_mnist":
         tf = build_train_transform(data, model, (fm.MEAN,), (fm.STD,)) if train else None
         train_set = (FashionMNIST(data.root, data.split, model.img_size, model.in_chans,
                                   download=data.download, pil_transform=tf) if train else None)
-        eval_set = FashionMNIST(data.root, data.eval_split, model.img_size, model.in_chans,
-                                download=data.download)
+        eval_set = FashionMNIST(data.root, data.resolved_eval_split, model.img_size,
+                                model.in_chans, download=data.download)
         num_classes = len(fm.CLASSES)
     elif data.name == "imagefolder":
         if data.root is None:
-            raise ValueError("invalid config: data.root is required for data.name='imagefolder'")
+            raise ConfigError("invalid config: data.root is required for data.name='imagefolder' "
+                              "(a directory holding train/ and val/ class folders)")
         if model.in_chans != 3:
-            raise ValueError(f"invalid config: model.in_chans={model.in_chans} but ImageFolder "
-                             "images are RGB (3 channels)")
+            raise ConfigError(f"invalid config: model.in_chans={model.in_chans} but ImageFolder "
+                              "images are RGB (3 channels)")
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         train_set = (build_image_folder(data.root, data.split, build_train_transform(
             data, model, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD), data.max_bad_fraction)
             if train else None)
-        eval_set = build_image_folder(data.root, data.eval_split,
+        eval_set = build_image_folder(data.root, data.resolved_eval_split,
                                       build_eval_transform(model.img_size, data.crop_pct),
                                       data.max_bad_fraction)
         num_classes = len(eval_set.classes)
     else:
-        raise ValueError(f"invalid config: data.name={data.name!r} for fine-tuning; allowed: "
-                         "'fashion_mnist', 'imagefolder'")
+        raise ConfigError(f"invalid config: data.name={data.name!r} for fine-tuning and eval; "
+                          "allowed: 'fashion_mnist', 'imagefolder'")
     if train_set is not None and data.max_images is not None:
         train_set = Subset(train_set, range(min(data.max_images, len(train_set))))
     if data.max_eval_images is not None:
@@ -123,13 +125,20 @@ def eval_loader(dataset: Dataset, batch_size: int, info: DistInfo, num_workers: 
 
 # ------------------------------------------------------------------------------ fine-tuning
 
+def describe_eval_data(data: DataConfig) -> str:
+    """Which images evaluation reads, for messages."""
+    where = f", data.root={data.root}" if data.root is not None else ""
+    return f"data.name={data.name}{where}, split {data.resolved_eval_split!r}"
+
+
 def classifier_config(cfg: RunConfig, num_classes: int) -> StarConfig:
-    overrides = cfg.model_overrides()
-    overrides.setdefault("num_classes", num_classes)
-    model_cfg = model_config(cfg.model["name"], CLASSIFIER_DEFAULTS, **overrides)
-    if model_cfg.num_classes < num_classes:
-        raise ValueError(f"invalid config: model.num_classes={model_cfg.num_classes} but the "
-                         f"dataset has {num_classes} classes")
+    """The run's model config; ``num_classes``, when the config leaves it unset, is the
+    dataset's, and when it sets it, it must be the dataset's."""
+    model_cfg = cfg.model.star_config(num_classes=num_classes)
+    if model_cfg.num_classes != num_classes:
+        raise ConfigError(f"invalid config: model.num_classes={model_cfg.num_classes} but the "
+                          f"dataset ({describe_eval_data(cfg.data)}) has {num_classes} classes; "
+                          "leave model.num_classes unset to follow the dataset")
     return model_cfg
 
 
@@ -192,27 +201,54 @@ def finetune(cfg: RunConfig) -> dict[str, Any]:
 
 def _peek_model(cfg: RunConfig) -> StarConfig:
     """The classifier config before the dataset's class count is known (for transforms)."""
-    return model_config(cfg.model["name"], CLASSIFIER_DEFAULTS,
-                        **{**cfg.model_overrides(), "num_classes": cfg.model.get("num_classes", 1000)})
+    return cfg.model.star_config()
 
 
-def evaluate_checkpoint(checkpoint: str | Path, cfg: RunConfig, use_ema: bool = False
-                        ) -> dict[str, float]:
-    """Top-1/top-5 of a fine-tuning checkpoint on ``cfg.data``'s evaluation split."""
+DEFAULT_EVAL_CONFIG = "finetune/fashion_mnist"
+"""The data config for a checkpoint that holds no run config (e.g. one from convert-arm)."""
+
+
+def evaluate_checkpoint(checkpoint: str | Path, cfg: Optional[RunConfig] = None,
+                        use_ema: bool = False, overrides: Sequence[str] = ()) -> dict[str, float]:
+    """Top-1/top-5 of a fine-tuning checkpoint on its run's evaluation split.
+
+    The model is the checkpoint's own (``model_config``; runtime fields such as
+    ``model.scan_backend`` may come from the config). The data: ``cfg`` if given, else the run
+    config saved in the checkpoint (``run_config``; :data:`DEFAULT_EVAL_CONFIG` for a checkpoint
+    without one) with ``overrides`` (``section.key=value``) applied. A head whose class count is
+    not the dataset's is refused.
+    """
     saved = load_checkpoint(Path(checkpoint))
-    if "model_config" not in saved or "head.weight" not in saved.get("model", {}):
-        raise ValueError(f"{checkpoint} is not a classifier checkpoint written by star-mamba "
-                         "finetune (pretraining checkpoints have no classifier head)")
-    model_cfg = StarConfig.from_dict(saved["model_config"])
-    _, eval_set, _ = build_datasets(cfg.data, model_cfg, train=False)
+    if not isinstance(saved, dict) or "model_config" not in saved \
+            or "head.weight" not in saved.get("model", {}):
+        raise CheckpointError(f"{checkpoint} is not a classifier checkpoint written by star-mamba "
+                              "finetune (pretraining checkpoints have no classifier head)")
+    if cfg is None:
+        run_config = saved.get("run_config")
+        cfg = load_config(None if run_config else DEFAULT_EVAL_CONFIG, overrides, task="finetune",
+                          base=run_config)
+    runtime = {k: v for k, v in cfg.model.fields.items() if k in RUNTIME_FIELDS}
+    model_cfg = StarConfig.from_dict({**saved["model_config"], **runtime})
+    _, eval_set, num_classes = build_datasets(cfg.data, model_cfg, train=False)
+    if model_cfg.num_classes != num_classes:
+        raise ConfigError(f"{checkpoint} is a {model_cfg.num_classes}-class classifier but the "
+                          f"evaluation data ({describe_eval_data(cfg.data)}) has {num_classes} "
+                          "classes; evaluate it on the data it was trained for (without -c, "
+                          "eval reads the data config saved in the checkpoint)")
     model = StarClassifier(model_cfg)
     weights = saved["model"]
     if use_ema:
         if "ema" not in saved.get("extras", {}):
-            raise ValueError(f"{checkpoint} holds no EMA weights")
+            raise CheckpointError(f"{checkpoint} holds no EMA weights (runs with "
+                                  "run.ema_decay=null or run.linprobe keep none); evaluate "
+                                  "without --ema")
         weights = {k[len("module."):]: v for k, v in saved["extras"]["ema"].items()}
-    model.load_state_dict(weights)
-    ctx = start_run(cfg)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+        raise CheckpointError(f"the weights in {checkpoint} do not fit its model config: "
+                              f"{' '.join(str(e).split())}") from e
+    ctx = start_run(cfg, record=False)
     model = maybe_compile(model.to(ctx.device), cfg.run)
     result = evaluate(model, eval_loader(eval_set, cfg.optim.batch_size, ctx.info,
                                          cfg.data.num_workers), ctx.device, ctx.amp_dtype)

@@ -6,7 +6,6 @@ from typing import Any
 import torch
 
 from ..models.pretrain import StarPretrain
-from ..models.registry import PRETRAIN_DEFAULTS, model_config
 from .config import RunConfig
 from .data import build_pretrain_dataset
 from .trainer import Job, check_run_config, fit, seed_everything, start_run
@@ -19,7 +18,7 @@ def pretrain_loss(model: torch.nn.Module, images: torch.Tensor, targets: torch.T
 def pretrain(cfg: RunConfig) -> dict[str, Any]:
     """Run (or resume) a STAR pretraining run; returns a summary of the finished run."""
     check_run_config(cfg)
-    model_cfg = model_config(cfg.model["name"], PRETRAIN_DEFAULTS, **cfg.model_overrides())
+    model_cfg = cfg.model.star_config()
     model_cfg.validate_pretraining()
     k = model_cfg.images_per_sequence
     if cfg.optim.batch_size % k:

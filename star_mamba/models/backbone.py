@@ -35,7 +35,7 @@ class StarBackbone(nn.Module):
                           cfg.resolved_dt_rank, cfg.directions, dpr[i], cfg.norm_eps,
                           cfg.scan_backend)
             for i in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
         self.grad_checkpointing = False
         self.apply(_init_weights)
         w = self.patch_embed.proj.weight

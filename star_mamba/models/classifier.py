@@ -112,20 +112,36 @@ class StarClassifier(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
 
     def prune_intermediate_layers(self, indices: Union[int, list[int]] = 1,
                                   prune_norm: bool = False, prune_head: bool = True) -> list[int]:
-        """Drop the blocks after the last tap (and the final norm / head); returns the taps."""
+        """Drop the blocks after the last tap (and the final norm / head); returns the taps.
+
+        ``cfg`` follows (``depth``, ``final_norm``, ``num_classes``), so ``save_pretrained`` then
+        ``from_pretrained`` rebuilds the pruned model."""
         take, max_index = feature_take_indices(len(self.backbone.blocks), indices)
         self.backbone.blocks = self.backbone.blocks[: max_index + 1]
+        self.feature_info = self.feature_info[: max_index + 1]
+        changes: dict = dict(depth=max_index + 1)
         if prune_norm:
             self.backbone.norm = nn.Identity()
+            changes["final_norm"] = False
+        self._set_cfg(self.cfg.replace(**changes))
         if prune_head:
             self.reset_classifier(0)
         return take
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        """A new head (0: none) and optionally another pooling; ``cfg`` follows."""
+        cfg = self.cfg.replace(num_classes=num_classes,
+                               **({} if global_pool is None else dict(global_pool=global_pool)))
+        self._set_cfg(cfg)
+        self.num_classes = cfg.num_classes
+        self.global_pool = cfg.global_pool
+        self.head = nn.Linear(self.num_features, cfg.num_classes) if cfg.num_classes else nn.Identity()
+
+    def _set_cfg(self, cfg: StarConfig) -> None:
+        """Keep ``cfg`` (and the config ``save_pretrained`` writes) in step with the modules."""
+        self.cfg = cfg
+        self.backbone.cfg = cfg
+        self._hub_mixin_config = {**(self._hub_mixin_config or {}), "cfg": cfg.to_dict()}
 
     def get_classifier(self) -> nn.Module:
         return self.head
