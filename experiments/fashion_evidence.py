@@ -15,12 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 from pathlib import Path
 
-from star_mamba.engine.config import load_config
-from star_mamba.engine.finetune import finetune
-from star_mamba.engine.pretrain import pretrain
+from star_mamba.tools.runner import Pretraining, Probe, pretrain_then_probe
 
 # A small budget that fits about an hour on 2 CPU cores: star_tiny at half depth (6 blocks),
 # 2-direction classifier, 19,200 pretraining images, 8,000 fine-tuning images (one pass, lr 2e-3,
@@ -39,20 +36,15 @@ FINETUNE = ["model.directions=2", "model.drop_path_rate=0.0", "data.max_images=8
 
 
 def run_arm(arm: str, seed: int, runs: Path) -> dict:
-    pretrained = None
-    if arm != "scratch":
-        pre_dir = runs / f"pretrain_{arm}"
-        cfg = load_config("pretrain/fashion_mnist", [*MODEL, *PRETRAIN, *ARMS[arm],
-                                                     f"run.output_dir={pre_dir}"])
-        pretrain(cfg)  # resumes or returns at once when already finished
-        pretrained = pre_dir / "checkpoint-latest.pth"
-    cfg = load_config("finetune/fashion_mnist", [
-        *MODEL, *FINETUNE, f"run.seed={seed}", f"run.output_dir={runs / f'finetune_{arm}_seed{seed}'}",
-        f"run.pretrained={pretrained if pretrained else 'null'}"], task="finetune")
-    start = time.perf_counter()
-    summary = finetune(cfg)
-    return dict(arm=arm, seed=seed, top1=summary["best"]["score"],
-                seconds=round(time.perf_counter() - start, 1))
+    """Fine-tune ``arm``'s start with ``seed``; the pretraining of an arm is shared by its seeds.
+    ``seconds`` is the fine-tuning's wall clock."""
+    pretraining = (None if arm == "scratch" else
+                   Pretraining((*MODEL, *PRETRAIN, *ARMS[arm]), "pretrain/fashion_mnist",
+                               run_dir=runs / f"pretrain_{arm}"))
+    probe = Probe("finetune", "finetune/fashion_mnist", (*MODEL, *FINETUNE, f"run.seed={seed}"))
+    run_dir = runs / f"finetune_{arm}_seed{seed}"  # the fine-tuning's run dir holds result.json
+    result = pretrain_then_probe(run_dir, probe, pretraining, probe_dir=run_dir)
+    return dict(arm=arm, seed=seed, top1=result["top1"], seconds=result["probe_seconds"])
 
 
 def write_report(rows: list[dict], out: Path, command: str) -> None:

@@ -87,3 +87,37 @@ def test_cli_dry_run_and_errors(capsys):
     assert main(["ablate", "--dry-run", "--axis", "c=3"]) == 2
     assert "allowed cluster_size values" in capsys.readouterr().err
     assert BASE["separator"] == "identity"
+
+
+def test_runner_shares_a_pretraining_takes_any_probe_and_resumes(tmp_path):
+    from star_mamba.checkpoint import load_checkpoint
+    from star_mamba.tools.runner import Pretraining, Probe, pretrain_then_probe
+
+    calls = []
+
+    def steps_probe(probe, pretrained, out_dir):  # a probe kind given as a callable
+        calls.append((pretrained, out_dir))
+        step = load_checkpoint(pretrained)["state"]["step"] if pretrained else 0
+        return dict(top1=float(len(probe.overrides)), step=step)
+
+    pre = Pretraining(("model.depth=2", "model.decoder_depth=2", "data.max_images=64",
+                       "optim.batch_size=16", "optim.epochs=1", "run.progress=false",
+                       "run.tensorboard=false"), run_dir=tmp_path / "pre")
+    a = pretrain_then_probe(tmp_path / "a", Probe(steps_probe, overrides=("x",)), pre,
+                            meta=dict(arm="a"))
+    ckpt = tmp_path / "pre" / "checkpoint-latest.pth"
+    stamp = ckpt.stat().st_mtime_ns
+    b = pretrain_then_probe(tmp_path / "b", Probe(steps_probe, overrides=("x", "y")), pre,
+                            probe_dir=tmp_path / "b")
+    assert ckpt.stat().st_mtime_ns == stamp  # the shared pretraining ran once
+    assert calls == [(ckpt, tmp_path / "a" / "probe"), (ckpt, tmp_path / "b")]
+    assert (a["arm"], a["top1"], a["step"], b["top1"]) == ("a", 1.0, 4, 2.0)
+    assert a["pretrain_loss"] > 0 and a["seconds"] >= a["probe_seconds"]
+
+    # finished runs are read back from result.json: the probe is not called again
+    assert pretrain_then_probe(tmp_path / "a", Probe(steps_probe), pre) == json.loads(json.dumps(a))
+    assert len(calls) == 2
+    scratch = pretrain_then_probe(tmp_path / "s", Probe(steps_probe))
+    assert calls[-1] == (None, tmp_path / "s" / "probe") and scratch["pretrain_loss"] is None
+    with pytest.raises(ValueError, match="invalid probe kind 'knn'; allowed: finetune"):
+        pretrain_then_probe(tmp_path / "c", Probe("knn"), pre)

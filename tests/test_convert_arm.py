@@ -20,8 +20,8 @@ from star_mamba.config import StarConfig
 from star_mamba.checkpoint import load_checkpoint
 from star_mamba.models.classifier import StarClassifier
 from star_mamba.models.convert import load_pretrained
-from star_mamba.tools.convert_arm import (arm_to_star, convert_arm_checkpoint, infer_config,
-                                           unwrap_arm_checkpoint)
+from star_mamba.tools.arm import (arm_to_star, convert_arm_checkpoint, infer_config,
+                                  unwrap_arm_checkpoint)
 from star_mamba.models.pretrain import StarPretrain
 from star_mamba.ops.scan_reference import scan_reference
 
@@ -486,9 +486,9 @@ def test_convert_classifier_checkpoint_reads_back_and_evaluates(tmp_path):
     ema = {k[len("module."):]: v for k, v in saved["extras"]["ema"].items()}
     torch.testing.assert_close(ema["head.weight"], sd["head.weight"] + 0.01)
 
-    # star-mamba eval --checkpoint: a tiny image folder, 2 classes
+    # star-mamba eval --checkpoint: a tiny image folder with the head's 10 classes
     for split in ("train", "val"):
-        for cls in ("a", "b"):
+        for cls in "abcdefghij":
             (tmp_path / "imgs" / split / cls).mkdir(parents=True)
             for i in range(2):
                 arr = np.random.default_rng(i + 3 * ord(cls)).integers(0, 255, (32, 32, 3))
@@ -534,7 +534,7 @@ def test_cli_convert_arm(tmp_path, capsys):
     assert main(["convert-arm", str(tmp_path / "arm.pth"), "--out", str(out), "--strict"]) == 2
     assert "rope.freqs" in capsys.readouterr().err and not out.exists()
     assert main(["convert-arm", str(tmp_path / "arm.pth"), "--out", str(out),
-                 "--set", "global_pool=cls"]) == 0
+                 "--set", "model.global_pool=cls"]) == 0
     printed = capsys.readouterr().out
     assert "1 unmatched" in printed and "unmatched rope.freqs" in printed and str(out) in printed
     saved = load_checkpoint(out)
@@ -544,7 +544,10 @@ def test_cli_convert_arm(tmp_path, capsys):
     model.load_state_dict(saved["model"])
     torch.testing.assert_close(model.head.weight, sd["head.weight"])
     assert main(["convert-arm", str(tmp_path / "arm.pth"), "--out", str(out), "--set", "oops"]) == 2
-    assert "KEY=VALUE" in capsys.readouterr().err
+    assert "section.key=value" in capsys.readouterr().err
+    assert main(["convert-arm", str(tmp_path / "arm.pth"), "--out", str(out),
+                 "--set", "run.global_pool=cls"]) == 2
+    assert "model fields only" in capsys.readouterr().err
 
 
 def report_reason(sd):

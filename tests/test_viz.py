@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from star_mamba import sequence as seq
-from star_mamba import viz
+from star_mamba.tools import viz
 from star_mamba.config import SEPARATOR_POSITIONS, StarConfig
 from star_mamba.data.fashion_mnist import find_fashion_mnist
 from star_mamba.checkpoint import atomic_save, export_safetensors

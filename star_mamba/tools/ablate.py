@@ -1,7 +1,8 @@
 """``star-mamba ablate``: the paper's ablation axes on the built-in data, at a small budget.
 
 Every grid point is one STAR pretraining run followed by a linear probe (or a short fine-tune)
-of its backbone; the score is the probe's top-1 on held-out images. The axes are
+of its backbone (one :func:`.runner.pretrain_then_probe` each); the score is the probe's top-1
+on held-out images. The axes are
 
   separator            zeros | ones | embedding | identity | none
   separator_position   SC | CS | SCS | CSC
@@ -30,14 +31,12 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
-import os
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..config import SEPARATORS, SEPARATOR_POSITIONS
+from .runner import Pretraining, Probe, pretrain_then_probe, write_json
 
 log = logging.getLogger("star_mamba")
 
@@ -168,68 +167,28 @@ FINETUNE_SHORT = ["model.directions=2", "model.drop_path_rate=0.0", "data.scale=
 PROBE_BLR = {"linprobe": 0.1, "finetune": 8e-3}
 
 
-def pretrain_overrides(point: Point, budget: Budget, run_dir: Path) -> list[str]:
+def pretrain_overrides(point: Point, budget: Budget) -> list[str]:
     return [f"model.depth={budget.depth}", f"data.max_images={budget.pretrain_images}",
             "optim.epochs=1", f"run.seed={budget.seed}", *QUIET,
-            *(f"model.{a}={v}" for a, v in point.settings().items()),
-            *budget.extra, f"run.output_dir={run_dir}"]
+            *(f"model.{a}={v}" for a, v in point.settings().items()), *budget.extra]
 
 
-def probe_overrides(budget: Budget, pretrained: Optional[Path], run_dir: Path) -> list[str]:
+def probe_overrides(budget: Budget) -> list[str]:
     out = [f"model.depth={budget.depth}", f"data.max_images={budget.probe_images}",
            f"data.max_eval_images={budget.eval_images}", "optim.epochs=1",
            f"run.seed={budget.seed}", *QUIET,
-           f"optim.blr={budget.probe_blr or PROBE_BLR[budget.probe]}",
-           f"run.pretrained={pretrained if pretrained else 'null'}",
-           *budget.extra, f"run.output_dir={run_dir}"]
+           f"optim.blr={budget.probe_blr or PROBE_BLR[budget.probe]}", *budget.extra]
     return out + (FINETUNE_SHORT if budget.probe == "finetune" else [])
-
-
-def _tail_loss(metrics: Path, fraction: float = 0.1) -> Optional[float]:
-    """Mean logged loss over the last ``fraction`` of the logged steps."""
-    if not metrics.exists():
-        return None
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    losses = [r["loss"] for r in records if "loss" in r]
-    if not losses:
-        return None
-    tail = losses[-max(1, math.ceil(len(losses) * fraction)):]
-    return sum(tail) / len(tail)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def run_point(point: Point, budget: Budget, root: Path) -> dict[str, Any]:
     """Pretrain (unless scratch) then probe; resumes; returns the point's result row."""
-    from ..engine.config import load_config
-    from ..engine.finetune import finetune
-    from ..engine.pretrain import pretrain
-
-    point_dir = root / "runs" / point.name
-    done = point_dir / "result.json"
-    if done.exists():
-        return json.loads(done.read_text())
-    start = time.perf_counter()
-    pretrained, pre_loss, pre_seconds = None, None, 0.0
-    if not point.scratch:
-        pre_dir = point_dir / "pretrain"
-        pre = pretrain(load_config(PRETRAIN_CONFIG, pretrain_overrides(point, budget, pre_dir)))
-        pretrained = pre_dir / "checkpoint-latest.pth"
-        pre_loss = _tail_loss(pre_dir / "metrics.jsonl")
-        pre_seconds = pre["seconds"]
-    probe = finetune(load_config(PROBE_CONFIGS[budget.probe],
-                                 probe_overrides(budget, pretrained, point_dir / "probe"),
-                                 task="finetune"))
-    row = dict(name=point.name, scratch=point.scratch, **point.settings(),
-               top1=probe["best"]["score"], pretrain_loss=pre_loss,
-               seconds=round(time.perf_counter() - start, 1), pretrain_seconds=round(pre_seconds, 1),
-               budget=asdict(budget))
-    _write_json(done, row)
-    return row
+    pretraining = (None if point.scratch else
+                   Pretraining(tuple(pretrain_overrides(point, budget)), PRETRAIN_CONFIG))
+    probe = Probe("finetune", PROBE_CONFIGS[budget.probe], tuple(probe_overrides(budget)))
+    return pretrain_then_probe(root / "runs" / point.name, probe, pretraining,
+                               meta=dict(name=point.name, scratch=point.scratch,
+                                         **point.settings(), budget=asdict(budget)))
 
 
 # --------------------------------------------------------------------------- report
@@ -314,7 +273,7 @@ def write_report(rows: list[dict], budget: Budget, out: Path, command: str,
                  batch_size: int = 32) -> str:
     md = to_markdown(rows, budget, command, batch_size)
     (out / "ablation.md").write_text(md)
-    _write_json(out / "ablation.json", rows)
+    write_json(out / "ablation.json", rows)
     plot(rows, out / "ablation.png")
     return md
 
@@ -330,7 +289,8 @@ def ablate(out: str | Path, budget: Budget = Budget(), axes: dict[str, tuple] = 
     out = Path(out)
     points = grid_points(axes, full, scratch)
     base_cfg = load_config(PRETRAIN_CONFIG, list(budget.extra))  # the shared model/data settings
-    img, patch = base_cfg.model["img_size"], base_cfg.model["patch_size"]
+    model = base_cfg.model.star_config()
+    img, patch = model.img_size, model.patch_size
     problems = [f"{p.name}: {why}" for p in points
                 if (why := check_point(p, img, patch, base_cfg.optim.batch_size))]
     if problems:
@@ -349,7 +309,7 @@ def ablate(out: str | Path, budget: Budget = Budget(), axes: dict[str, tuple] = 
             raise ValueError(f"{out} holds a grid run with another budget ({old['budget']}); "
                              "use a new --out directory or the same budget")
         spec["points"] = list(dict.fromkeys(old["points"] + spec["points"]))
-    _write_json(grid_file, spec)
+    write_json(grid_file, spec)
     rows, report = [], ""
     for i, point in enumerate(points, 1):
         print(f"[{i}/{len(points)}] {point.name}", flush=True)

@@ -187,14 +187,12 @@ def bench_default_run(repeats: int = 5, compile: bool = True,
     import copy
 
     from ..engine.config import load_config
-    from ..models.registry import PRETRAIN_DEFAULTS, model_config
     from ..models.pretrain import StarPretrain
     cfg = load_config("pretrain/fashion_mnist")
     rows = []
     for backend in [b for b in ("torch", "numba") if b in available_backends("cpu")]:
         torch.manual_seed(0)
-        mcfg = model_config(cfg.model["name"], PRETRAIN_DEFAULTS, **cfg.model_overrides(),
-                            scan_backend=backend)
+        mcfg = cfg.model.star_config().replace(scan_backend=backend)
         model = StarPretrain(mcfg)
         images = torch.randn(cfg.optim.batch_size, mcfg.in_chans, mcfg.img_size, mcfg.img_size)
 

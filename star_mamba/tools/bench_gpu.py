@@ -46,6 +46,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[2]  # the source tree (tests/ lives here)
 SECTIONS = ("device", "tests", "scan_accuracy", "scan_speed", "pretrain_step", "compile",
             "convergence")
 # Run order: the compile comparison (its compile time has no bound) goes last, so a slow
@@ -324,7 +325,7 @@ def _pytest_counts(text: str) -> dict[str, int]:
 
 
 def section_tests(plan: Plan, device: torch.device, ctx: dict, out: dict) -> Optional[bool]:
-    root = Path(__file__).resolve().parent.parent
+    root = ROOT
     test_file = root / "tests" / "test_gpu.py"
     if not test_file.exists():
         raise FileNotFoundError(f"{test_file} is missing (run from a source checkout)")
@@ -713,8 +714,6 @@ SECTION_FUNCS: dict[str, Callable[[Plan, torch.device, dict, dict], Optional[boo
     "scan_speed": section_scan_speed, "pretrain_step": section_pretrain_step,
     "compile": section_compile, "convergence": section_convergence}
 
-
-ROOT = Path(__file__).resolve().parent.parent  # the source tree (tests/ lives here)
 
 # Hard time limit of each section when it runs in its own process (seconds).
 SECTION_TIMEOUT = {"device": 120, "tests": 270, "scan_accuracy": 180, "scan_speed": 240,

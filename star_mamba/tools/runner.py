@@ -1,0 +1,145 @@
+"""One pretrain-then-evaluate run, resumable: the chain behind ``star-mamba ablate`` and the
+experiments in ``experiments/``.
+
+    pretrain (config + overrides, into its run dir; skipped for a from-scratch run)
+      -> the checkpoint it left (``checkpoint-latest.pth`` by default)
+      -> a probe scores a classifier started from it (fine-tune, linear probe, ...)
+      -> a result dict, written atomically to ``<run_dir>/result.json``
+
+Run again with the same ``run_dir``, a finished run is read back from ``result.json``; an
+unfinished one resumes (the engine picks up ``checkpoint-latest.pth`` in each run directory, and
+a pretraining that has finished returns at once). Several runs may share one pretraining
+(``Pretraining.run_dir``): it is trained once.
+
+The probe is a parameter: ``Probe.kind`` names an entry of :data:`PROBES` (add one with
+:func:`register_probe`) or is a callable ``fn(probe, pretrained, out_dir) -> {"top1": ..., ...}``
+where ``pretrained`` is the checkpoint path (None: from scratch).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional, Union
+
+from ..checkpoint import LATEST
+
+RESULT = "result.json"
+
+ProbeFn = Callable[["Probe", Optional[Path], Path], dict[str, Any]]
+PROBES: dict[str, ProbeFn] = {}
+
+
+@dataclass(frozen=True)
+class Pretraining:
+    """A pretraining run: a config name or path and ``section.key=value`` overrides.
+
+    ``run_dir``: where it runs (None: ``<run_dir>/pretrain`` of the run using it); give the same
+    directory to several runs to share one pretraining. ``checkpoint``: the file in it that the
+    probe starts from."""
+
+    overrides: tuple[str, ...] = ()
+    config: str = "pretrain/fashion_mnist"
+    run_dir: Optional[Path] = None
+    checkpoint: str = LATEST
+
+
+@dataclass(frozen=True)
+class Probe:
+    """How a (pretrained or fresh) backbone is scored: ``kind`` (a name in :data:`PROBES` or a
+    callable, see the module docstring), and the config and overrides it runs with."""
+
+    kind: Union[str, ProbeFn] = "finetune"
+    config: str = "linprobe/fashion_mnist"
+    overrides: tuple[str, ...] = ()
+
+    def function(self) -> ProbeFn:
+        if callable(self.kind):
+            return self.kind
+        if self.kind not in PROBES:
+            raise ValueError(f"invalid probe kind {self.kind!r}; allowed: {', '.join(PROBES)} "
+                             "or a callable")
+        return PROBES[self.kind]
+
+
+def register_probe(name: str) -> Callable[[ProbeFn], ProbeFn]:
+    """Decorator: make ``fn(probe, pretrained, out_dir) -> dict with "top1"`` the probe ``name``."""
+    def add(fn: ProbeFn) -> ProbeFn:
+        PROBES[name] = fn
+        return fn
+    return add
+
+
+@register_probe("finetune")
+def train_classifier(probe: Probe, pretrained: Optional[Path], out_dir: Path) -> dict[str, Any]:
+    """The engine's ``finetune()`` (``star-mamba finetune`` / ``linprobe``: a linear probe when the
+    config sets ``run.linprobe``); the score is its best top-1 on the evaluation split."""
+    from ..engine.config import load_config
+    from ..engine.finetune import finetune
+
+    cfg = load_config(probe.config, [*probe.overrides,
+                                     f"run.pretrained={pretrained if pretrained else 'null'}",
+                                     f"run.output_dir={out_dir}"], task="finetune")
+    return dict(top1=finetune(cfg)["best"]["score"])
+
+
+def pretrain_then_probe(run_dir: str | Path, probe: Probe,
+                        pretraining: Optional[Pretraining] = None, *,
+                        probe_dir: Optional[str | Path] = None,
+                        meta: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """Pretrain (unless ``pretraining`` is None), then probe from its checkpoint; resumable.
+
+    ``run_dir`` holds ``result.json`` (and by default ``pretrain/`` and ``probe/``; ``probe_dir``
+    puts the probe elsewhere). Returns ``{**meta, **probe's result, "pretrain_loss",
+    "seconds", "pretrain_seconds", "probe_seconds"}``: ``pretrain_loss`` is the mean logged loss
+    over the last tenth of the pretraining's steps (None from scratch), ``seconds`` the wall
+    clock of the whole run, ``pretrain_seconds`` the pretraining's own training time.
+    """
+    from ..engine.config import load_config
+    from ..engine.pretrain import pretrain
+
+    run_dir = Path(run_dir)
+    done = run_dir / RESULT
+    if done.exists():
+        return json.loads(done.read_text())
+    evaluate = probe.function()  # an unknown kind fails before any training
+    start = time.perf_counter()
+    pretrained, pre_loss, pre_seconds = None, None, 0.0
+    if pretraining is not None:
+        pre_dir = Path(pretraining.run_dir or run_dir / "pretrain")
+        summary = pretrain(load_config(pretraining.config, [*pretraining.overrides,
+                                                            f"run.output_dir={pre_dir}"]))
+        pretrained = pre_dir / pretraining.checkpoint
+        pre_loss = tail_loss(pre_dir / "metrics.jsonl")
+        pre_seconds = summary["seconds"]
+    probe_start = time.perf_counter()
+    scores = evaluate(probe, pretrained, Path(probe_dir or run_dir / "probe"))
+    end = time.perf_counter()
+    result = {**(meta or {}), **scores, "pretrain_loss": pre_loss,
+              "seconds": round(end - start, 1), "pretrain_seconds": round(pre_seconds, 1),
+              "probe_seconds": round(end - probe_start, 1)}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(done, result)
+    return result
+
+
+def tail_loss(metrics: Path, fraction: float = 0.1) -> Optional[float]:
+    """Mean logged loss over the last ``fraction`` of the logged steps of a ``metrics.jsonl``."""
+    if not metrics.exists():
+        return None
+    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    if not losses:
+        return None
+    tail = losses[-max(1, math.ceil(len(losses) * fraction)):]
+    return sum(tail) / len(tail)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (a temporary file renamed over ``path``)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
