@@ -258,3 +258,20 @@ def test_failing_kernel_falls_back_to_torch_with_one_warning(monkeypatch, stage)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once: later calls are quiet
         run("numba", x, True, ARGS)
+
+
+@pytest.mark.skipif("numba" not in FAST, reason="numba is not available")
+def test_numba_leaves_torch_thread_count_alone():
+    """numba's OpenMP layer sets the process's OpenMP thread count when it starts; torch reads
+    the same count, so run.threads=1 silently became every core for the rest of the first run
+    in a process. A fresh process: set 1 thread, run the numba scan forward and backward."""
+    code = ("import torch; torch.set_num_threads(1)\n"
+            "from star_mamba.ops import selective_scan\n"
+            "from tests.test_selective_scan import make_inputs\n"
+            "x = {k: v.requires_grad_() if v is not None else v for k, v in make_inputs(torch.float32).items()}\n"
+            "selective_scan(**x, backend='numba').sum().backward()\n"
+            "print(torch.get_num_threads())\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parent.parent,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["1"], done.stdout

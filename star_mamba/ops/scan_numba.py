@@ -93,6 +93,28 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().contiguous().numpy()
 
 
+def _keeping_torch_threads(fn, *args):
+    """``fn(*args)``, leaving torch's thread count as it was. numba's OpenMP threading layer,
+    when it starts (its first use in a process), sets the process's OpenMP thread count to
+    numba's own, which torch reads too: run.threads=1 would silently become all cores for the
+    rest of the first run in a process (and compute differently from a later run)."""
+    threads = torch.get_num_threads()
+    try:
+        return fn(*args)
+    finally:
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
+
+_keeping_torch_threads(numba.get_num_threads)  # start numba's threading layer now
+
+
+def _launch(kernel, *args) -> None:
+    """Run a parallel kernel on as many threads as torch uses."""
+    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    _keeping_torch_threads(kernel, *args)
+
+
 def saved_shape(batch: int, dim: int, length: int, d_state: int) -> tuple[int, ...]:
     """The backward recomputes the states: nothing is kept beyond the inputs."""
     return (0,)
@@ -101,12 +123,11 @@ def saved_shape(batch: int, dim: int, length: int, d_state: int) -> tuple[int, .
 def forward(u, delta, A, B, C):
     """u, delta (b, d, L); A (d, N); B, C (b, N, L), CPU float32/64 ->
     y (b, d, L), last state (b, d, N), an empty tensor (nothing saved)."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     Bt, Ct = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()  # (b, L, N)
     y = torch.empty_like(u)
     last = u.new_empty(u.shape[0], u.shape[1], A.shape[1])
-    _forward_kernel(_numpy(u), _numpy(delta), _numpy(A), Bt.numpy(), Ct.numpy(), y.numpy(),
-                    last.numpy())
+    _launch(_forward_kernel, _numpy(u), _numpy(delta), _numpy(A), Bt.numpy(), Ct.numpy(),
+            y.numpy(), last.numpy())
     return y, last, u.new_empty(0)
 
 
@@ -114,19 +135,19 @@ def backward(u, delta, A, B, C, saved, dy, dlast):
     """Gradients of (y, last) -> (du, ddelta, dA, dB, dC), shaped as the inputs."""
     nb, nd, L = u.shape
     N = A.shape[1]
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
     Bt, Ct = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()  # (b, L, N)
     # enough blocks of channels to keep every thread busy, each small enough for the cache
-    block = max(1, nd // max(1, 2 * numba.get_num_threads() // max(nb, 1)))
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    block = max(1, nd // max(1, 2 * threads // max(nb, 1)))
     block = min(block, 64)
     nblocks = (nd + block - 1) // block
     du, ddelta = torch.empty_like(u), torch.empty_like(u)
     dA_part = u.new_zeros(nb, nd, N)
     dB_part = u.new_zeros(nblocks, nb, L, N)
     dC_part = u.new_zeros(nblocks, nb, L, N)
-    _backward_kernel(_numpy(u), _numpy(delta), _numpy(A), Bt.numpy(), Ct.numpy(), _numpy(dy),
-                     _numpy(dlast), du.numpy(), ddelta.numpy(), dA_part.numpy(),
-                     dB_part.numpy(), dC_part.numpy(), block)
+    _launch(_backward_kernel, _numpy(u), _numpy(delta), _numpy(A), Bt.numpy(), Ct.numpy(),
+            _numpy(dy), _numpy(dlast), du.numpy(), ddelta.numpy(), dA_part.numpy(),
+            dB_part.numpy(), dC_part.numpy(), block)
     dB = dB_part.sum(0).transpose(1, 2).contiguous()  # (b, N, L)
     dC = dC_part.sum(0).transpose(1, 2).contiguous()
     return du, ddelta, dA_part.sum(0), dB, dC
