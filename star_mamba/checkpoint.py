@@ -2,15 +2,22 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from .errors import CheckpointError
+
 LATEST = "checkpoint-latest.pth"
 BEST = "checkpoint-best.pth"
+NUMBERED = "checkpoint-[0-9][0-9][0-9][0-9].pth"
+
+log = logging.getLogger("star_mamba")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
@@ -32,54 +39,127 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 def prune_numbered(output_dir: Path, keep_last: int) -> None:
     """Keep the ``keep_last`` newest ``checkpoint-NNNN.pth`` (latest and best are never removed)."""
-    numbered = sorted(Path(output_dir).glob("checkpoint-[0-9][0-9][0-9][0-9].pth"))
+    numbered = sorted(Path(output_dir).glob(NUMBERED))
     for old in numbered[:-keep_last] if keep_last > 0 else []:
         old.unlink()
 
 
-def find_resume(output_dir: Path, resume: str) -> Optional[Path]:
-    """``auto``: the latest checkpoint in ``output_dir`` if any; ``never``; or an explicit path."""
+def resume_candidates(output_dir: Path) -> list[Path]:
+    """The checkpoints auto-resume tries, newest first: ``checkpoint-latest.pth``, then the
+    numbered ``checkpoint-NNNN.pth`` by decreasing epoch (those that exist)."""
+    output_dir = Path(output_dir)
+    latest = output_dir / LATEST
+    return ([latest] if latest.is_file() else []) + sorted(output_dir.glob(NUMBERED), reverse=True)
+
+
+def load_resume(output_dir: Path, resume: str) -> Optional[tuple[Path, dict[str, Any]]]:
+    """The checkpoint to resume from and its contents, or None to start from scratch.
+
+    ``never``: None. ``auto``: the newest loadable training checkpoint in ``output_dir``
+    (:func:`resume_candidates`); an unreadable one (half written by a crash, say) is skipped
+    with a warning naming it and why, and left where it is (the run's next save replaces
+    ``latest`` atomically). Checkpoints of which none loads are an error: starting over would
+    silently discard the run. Anything else is an explicit path, which must load.
+    """
     if resume == "never":
         return None
-    if resume == "auto":
-        latest = Path(output_dir) / LATEST
-        return latest if latest.is_file() else None
-    path = Path(resume)
-    if not path.is_file():
-        raise FileNotFoundError(f"run.resume={resume!r}: no such checkpoint file")
-    return path
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_file():
+            raise FileNotFoundError(f"run.resume={resume!r}: no such checkpoint file")
+        try:
+            return path, load_training_checkpoint(path)
+        except ValueError as e:
+            raise ValueError(f"run.resume={resume!r}: {e}") from e
+    unreadable = []
+    for path in resume_candidates(output_dir):
+        try:
+            saved = load_training_checkpoint(path)
+        except ValueError as e:
+            unreadable.append(str(e))
+            log.warning(f"{e}; left in place, trying an older checkpoint")
+            continue
+        if unreadable:
+            log.warning(f"resuming from {path}, the newest checkpoint that loads")
+        return path, saved
+    if unreadable:
+        raise ValueError(f"no checkpoint in {output_dir} can be resumed ({'; '.join(unreadable)}); "
+                         "set run.resume=PATH to another checkpoint, or run.resume=never to start "
+                         "over (the run's saves then replace these files)")
+    return None
+
+
+def find_resume(output_dir: Path, resume: str) -> Optional[Path]:
+    """The path :func:`load_resume` picks (``auto``: the newest checkpoint that loads)."""
+    found = load_resume(output_dir, resume)
+    return found[0] if found is not None else None
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load tensors and plain containers only (``weights_only``): a checkpoint cannot run code.
 
-    ``.safetensors`` files (see :func:`export_safetensors`) load too.
+    ``.safetensors`` files (see :func:`export_safetensors`) load too. An unreadable file raises
+    a ValueError naming it, with the reason in one line.
     """
     if Path(path).suffix == ".safetensors":
         return load_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file or a pickle that would need arbitrary code
-        raise ValueError(f"cannot load checkpoint {path}: {e}") from e
+        raise ValueError(f"cannot load checkpoint {path}: {_why(path, e)}") from e
+
+
+TRAINING_KEYS = ("model", "optimizer", "state", "model_config")
+
+
+def load_training_checkpoint(path: Path) -> dict[str, Any]:
+    """:func:`load_checkpoint`, checked to be a training checkpoint (not exported weights)."""
+    saved = load_checkpoint(path)
+    missing = [k for k in TRAINING_KEYS if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        raise ValueError(f"cannot resume from {path}: not a training checkpoint (no "
+                         f"{', '.join(missing)})")
+    return saved
+
+
+def _why(path: Path, error: Exception) -> str:
+    """Why ``torch.load`` failed, in one line (its own messages run to paragraphs)."""
+    if Path(path).is_file() and Path(path).stat().st_size == 0:
+        return "the file is empty"
+    text = str(error).strip()
+    refused = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
+    if refused:  # a pickle that needs more than tensors and plain containers
+        text = "refused by the weights-only loader: " + " ".join(refused.group(1).split())
+    else:
+        text = text.splitlines()[0].split(". ")[0] if text else "the file ends early"
+    return f"{type(error).__name__}: {text}"
 
 
 def check_same_model(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
-    """Refuse to resume a checkpoint made for another model configuration."""
-    diff = {k: (saved.get(k), v) for k, v in current.items() if saved.get(k) != v}
+    """Refuse to resume a checkpoint made for another model configuration.
+
+    Runtime fields (``StarConfig`` fields marked ``runtime``, e.g. ``scan_backend``) may differ;
+    a field the checkpoint predates counts as its default."""
+    from .config import RUNTIME_FIELDS, StarConfig
+    defaults = StarConfig().to_dict()
+    diff = {k: (saved.get(k, defaults.get(k)), v) for k, v in current.items()
+            if k not in RUNTIME_FIELDS and saved.get(k, defaults.get(k)) != v}
     if diff:
         items = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"checkpoint {path} was made for another model ({items}); use another "
-                         "run.output_dir or set run.resume=never")
+        raise CheckpointError(f"checkpoint {path} was made for another model ({items}); use "
+                              "another run.output_dir or set run.resume=never")
 
 
 def export_safetensors(checkpoint: Path, out: Path, use_ema: bool = False) -> Path:
     """Write a checkpoint's weights (or its EMA weights) and model config to a .safetensors file."""
     from safetensors.torch import save_file
     saved = load_checkpoint(Path(checkpoint))
+    if not isinstance(saved, dict) or "model" not in saved:
+        raise CheckpointError(f"{checkpoint} is not a star-mamba checkpoint (no 'model' weights)")
     weights = saved["model"]
     if use_ema:
         if "ema" not in saved.get("extras", {}):
-            raise ValueError(f"{checkpoint} holds no EMA weights")
+            raise CheckpointError(f"{checkpoint} holds no EMA weights")
         weights = {k[len("module."):]: v for k, v in saved["extras"]["ema"].items()}
     metadata = {"format": "star-mamba", "model_config": json.dumps(saved.get("model_config"))}
     out = Path(out)

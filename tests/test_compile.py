@@ -7,17 +7,16 @@ import torch
 import star_mamba
 from star_mamba.ops import available_backends
 
-TINY = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2)
-PRETRAIN = dict(cluster_size=2, decoder_dim=32, decoder_depth=2, decoder_heads=2,
-                images_per_sequence=2)
+from .conftest import TINY, TINY_DECODER, tiny_classifier
+
 KERNELS = [b for b in available_backends("cpu") if b in ("torch", "numba")]
 
 
 def _models(backend):
     torch.manual_seed(0)
-    pre = star_mamba.create_pretrain_model("star_tiny", scan_backend=backend, **TINY, **PRETRAIN)
-    cls = star_mamba.create_model("star_tiny", scan_backend=backend, **TINY, num_classes=5,
-                                  drop_path_rate=0.0)
+    pre = star_mamba.create_pretrain_model("star_tiny", scan_backend=backend, **TINY,
+                                           **TINY_DECODER)
+    cls = tiny_classifier(scan_backend=backend, num_classes=5, drop_path_rate=0.0)
     return [("pretrain", pre, torch.randn(4, 1, 16, 16)), ("classifier", cls, torch.randn(2, 1, 16, 16))]
 
 

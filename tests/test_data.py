@@ -11,6 +11,8 @@ from star_mamba.data import (FashionMNIST, SyntheticImages, build_dataset, build
 from star_mamba.data import fashion_mnist as fm
 from star_mamba.data.idx import read_idx, write_idx
 
+from .conftest import requires_fashion_mnist
+
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
 def test_idx_round_trip(tmp_path, suffix):
@@ -89,7 +91,7 @@ def test_bad_fashion_mnist_arguments(tmp_path):
         build_dataset("mnist")
 
 
-@pytest.mark.skipif(not fm.DEBIAN_DIR.is_dir(), reason="dataset-fashion-mnist is not installed")
+@requires_fashion_mnist
 def test_real_fashion_mnist():
     train, test = FashionMNIST(split="train"), FashionMNIST(split="test")
     assert len(train) == 60000 and len(test) == 10000

@@ -1,9 +1,7 @@
 """Multi-process correctness: devices from LOCAL_RANK, per-block seeds that do not depend on the
 world size, the EMA on the model's device, one host sync per step, and the torchrun acceptance
 test (2 processes x accum 2 == 1 process x accum 4, mixup/cutmix, drop path, EMA, workers)."""
-import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,12 +18,10 @@ from star_mamba.engine.dist import resolve_device
 from star_mamba.engine.finetune import finetune
 from star_mamba.engine.pretrain import pretrain
 from star_mamba.engine.sampler import (BlockShardSampler, EpochIndexSampler, SeededDataset,
-                                       block_seed, mix_seed, sample_seed)
+                                       block_seed, collate_reported, mix_seed, sample_seed)
 
-from .test_finetune import make_shapes
-from .test_reliability import TINY as TINY_PRETRAIN
-
-ROOT = Path(__file__).resolve().parent.parent
+from .conftest import (PRETRAIN_RUN, assert_same_tensors, finetune_config, finetune_overrides,
+                       make_shapes, output_of, run_cli)
 
 
 # ------------------------------------------------------------------------------ devices
@@ -92,8 +88,8 @@ def _epoch_batches(num_workers, epoch, start_batch=0):
     sampler = EpochIndexSampler(12, batch_size=3, seed=5)
     sampler.set_epoch(epoch, start_batch)
     loader = DataLoader(SeededDataset(_Draws(), seed=5), batch_size=3, sampler=sampler,
-                        num_workers=num_workers)
-    return torch.cat(list(loader))  # (images drawn, 3)
+                        num_workers=num_workers, collate_fn=collate_reported)
+    return torch.cat([draws for draws, _ in loader])  # (images drawn, 3)
 
 
 def test_sample_augmentation_depends_on_epoch_and_index_only():
@@ -105,19 +101,6 @@ def test_sample_augmentation_depends_on_epoch_and_index_only():
 
 
 # ------------------------------------------------------------------------------ fine-tuning
-
-def shapes_overrides(root, out, *extra):
-    return ["model.name=star_tiny", "model.img_size=32", "model.patch_size=8",
-            "model.in_chans=3", "model.embed_dim=32", "model.depth=2", "model.num_classes=4",
-            "model.directions=2", "model.drop_path_rate=0.2", f"data.root={root}",
-            "data.name=imagefolder", "data.eval_split=val", "data.max_eval_images=8",
-            "data.scale=[0.5, 1.0]", "data.auto_augment=rand-m9-mstd0.5", "data.reprob=0.25",
-            "optim.lr=2e-3", "optim.warmup_epochs=0",
-            "optim.epochs=1", "optim.layer_decay=0.75", "optim.mixup=0.8", "optim.cutmix=1.0",
-            "optim.mixup_prob=1.0", "optim.mixup_switch_prob=0.5", "run.ema_decay=0.5",
-            "run.pretrained=null", "run.progress=false", "run.tensorboard=false",
-            "run.log_every=1", "run.threads=1", f"run.output_dir={out}", *extra]
-
 
 def test_ema_lives_on_the_model_device_and_tracks_the_trained_weights(tmp_path, monkeypatch):
     made = []
@@ -131,9 +114,8 @@ def test_ema_lives_on_the_model_device_and_tracks_the_trained_weights(tmp_path, 
     monkeypatch.setattr(finetune_module, "ModelEmaV3", RecordingEma)
     make_shapes(tmp_path / "shapes", per_class=4)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    finetune(load_config("finetune/fashion_mnist", shapes_overrides(
-        tmp_path / "shapes", tmp_path / "out", "data.num_workers=0", "optim.batch_size=8",
-        "run.max_steps=1", f"run.device={device}")))
+    finetune(finetune_config(tmp_path / "shapes", tmp_path / "out", "data.num_workers=0",
+                             "optim.batch_size=8", "run.max_steps=1", f"run.device={device}"))
     ema, model_device, start = made[0]
     expected = resolve_device(device, 0, torch.cuda.device_count())
     assert model_device == expected  # built from the model after its move
@@ -150,48 +132,45 @@ def test_ema_lives_on_the_model_device_and_tracks_the_trained_weights(tmp_path, 
 def test_resume_with_workers_augmentation_and_mixup_is_bit_exact(tmp_path):
     make_shapes(tmp_path / "shapes", per_class=4)  # 16 images: 4 steps of 4
     common = ["data.num_workers=2", "optim.batch_size=4", "optim.epochs=2"]
-    finetune(load_config("finetune/fashion_mnist", shapes_overrides(
-        tmp_path / "shapes", tmp_path / "full", *common)))
-    part = shapes_overrides(tmp_path / "shapes", tmp_path / "part", *common)
+    finetune(finetune_config(tmp_path / "shapes", tmp_path / "full", *common))
+    part = finetune_overrides(tmp_path / "shapes", tmp_path / "part", *common)
     assert finetune(load_config("finetune/fashion_mnist", [*part, "run.max_steps=3"]))["step"] == 3
     assert finetune(load_config("finetune/fashion_mnist", part))["step"] == 8
     a = ckpt.load_checkpoint(tmp_path / "full" / ckpt.LATEST)
     b = ckpt.load_checkpoint(tmp_path / "part" / ckpt.LATEST)
-    for key in a["model"]:
-        assert torch.equal(a["model"][key], b["model"][key]), key
-    for key in a["extras"]["ema"]:
-        assert torch.equal(a["extras"]["ema"][key], b["extras"]["ema"][key]), key
+    assert_same_tensors(a["model"], b["model"], "weights")
+    assert_same_tensors(a["extras"]["ema"], b["extras"]["ema"], "EMA")
 
 
 # ------------------------------------------------------------------------------ host syncs
 
 def test_one_host_sync_per_optimizer_step(tmp_path, monkeypatch):
-    """accum_iter=4, 3 steps, one log line: 3 finiteness reads + 1 loss read (was 12 + 3)."""
+    """accum_iter=4, 3 steps, one log line: 3 reads of the finiteness flags and unreadable-image
+    counts + 1 loss read (was 12 + 3)."""
     reads = []
-    original = torch.Tensor.item
 
-    def counting_item(self):
-        if sys._getframe(1).f_code.co_filename == trainer.__file__:
-            reads.append(1)
-        return original(self)
+    def counting(read):
+        def counted(self):
+            if sys._getframe(1).f_code.co_filename == trainer.__file__:
+                reads.append(read.__name__)
+            return read(self)
+        return counted
 
-    monkeypatch.setattr(torch.Tensor, "item", counting_item)
+    for read in (torch.Tensor.item, torch.Tensor.tolist):
+        monkeypatch.setattr(torch.Tensor, read.__name__, counting(read))
     pretrain(load_config("pretrain/fashion_mnist", [
-        *TINY_PRETRAIN, "optim.batch_size=4", "optim.accum_iter=4", "run.max_steps=3",
+        *PRETRAIN_RUN, "optim.batch_size=4", "optim.accum_iter=4", "run.max_steps=3",
         "run.log_every=100", f"run.output_dir={tmp_path}"]))
-    assert len(reads) == 3 + 1
+    assert len(reads) == 3 + 1, reads
 
 
 # ------------------------------------------------------------------------------ torchrun
 
 def _torchrun_finetune(nproc, out, root, accum):
-    sets = [f"--set={s}" for s in shapes_overrides(
-        root, out, "data.num_workers=2", "optim.batch_size=4", f"optim.accum_iter={accum}")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc_per_node={nproc}", "-m", "star_mamba", "finetune", *sets]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, timeout=300, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    done = run_cli("finetune", finetune_overrides(
+        root, out, "data.num_workers=2", "optim.batch_size=4", f"optim.accum_iter={accum}"),
+        f"--nproc_per_node={nproc}")
+    assert done.returncode == 0, output_of(done)
     return ckpt.load_checkpoint(Path(out) / ckpt.LATEST)
 
 
@@ -202,9 +181,5 @@ def test_torchrun_two_processes_accum_2_match_one_process_accum_4(tmp_path):
     one = _torchrun_finetune(1, tmp_path / "one", tmp_path / "shapes", accum=4)
     two = _torchrun_finetune(2, tmp_path / "two", tmp_path / "shapes", accum=2)
     assert one["state"]["step"] == two["state"]["step"] == 2
-    for part in ("model", "ema"):
-        a = one["model"] if part == "model" else one["extras"]["ema"]
-        b = two["model"] if part == "model" else two["extras"]["ema"]
-        assert a.keys() == b.keys()
-        for key in a:
-            torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6, msg=f"{part} {key}")
+    assert_same_tensors(one["model"], two["model"], "weights", rtol=1e-4, atol=1e-6)
+    assert_same_tensors(one["extras"]["ema"], two["extras"]["ema"], "EMA", rtol=1e-4, atol=1e-6)

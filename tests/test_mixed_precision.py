@@ -7,15 +7,12 @@ import pytest
 import torch
 
 import star_mamba
-from star_mamba.engine.config import load_config
 from star_mamba.engine.pretrain import pretrain
 from star_mamba.ops import available_backends
 
-from tests.test_pretrain_run import tiny_config
+from .conftest import TINY, TINY_DECODER, pretrain_config, tiny_classifier
 
 BACKENDS = [b for b in available_backends("cpu") if b != "triton"]
-TINY = dict(img_size=16, patch_size=4, in_chans=1, cluster_size=2, embed_dim=32, depth=2,
-            decoder_dim=32, decoder_depth=2, decoder_heads=2, images_per_sequence=2)
 
 
 def _step(model, images, targets, amp):
@@ -45,15 +42,14 @@ def _compare(model, images, targets=None):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_pretraining_step_in_bf16(backend):
     torch.manual_seed(0)
-    model = star_mamba.create_pretrain_model("star_tiny", scan_backend=backend, **TINY)
+    model = star_mamba.create_pretrain_model("star_tiny", scan_backend=backend, **TINY,
+                                             **TINY_DECODER)
     _compare(model, torch.randn(8, 1, 16, 16))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_classifier_step_in_bf16(backend):
-    torch.manual_seed(0)
-    model = star_mamba.create_model("star_tiny", scan_backend=backend, img_size=16, patch_size=4,
-                                    in_chans=1, embed_dim=32, depth=2, num_classes=5)
+    model = tiny_classifier(scan_backend=backend, num_classes=5)
     _compare(model, torch.randn(6, 1, 16, 16), torch.arange(6) % 5)
 
 
@@ -63,7 +59,7 @@ def test_bf16_pretraining_run_tracks_float32(tmp_path, accum):
     percent of the float32 run's."""
     losses = {}
     for amp in ("off", "bf16"):
-        cfg = tiny_config(tmp_path / amp, "optim.epochs=1", "optim.lr=1e-3",
+        cfg = pretrain_config(tmp_path / amp, "optim.epochs=1", "optim.lr=1e-3",
                           f"optim.accum_iter={accum}", f"optim.batch_size={8 // accum}",
                           f"run.amp={amp}")
         summary = pretrain(cfg)

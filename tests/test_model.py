@@ -9,13 +9,7 @@ from star_mamba import sequence as seq
 from star_mamba.config import SEPARATOR_POSITIONS, SEPARATORS, StarConfig
 from star_mamba.models.mamba import Mamba
 
-TINY = dict(img_size=8, patch_size=2, in_chans=1, cluster_size=2, embed_dim=16, depth=2,
-            decoder_dim=16, decoder_depth=2, decoder_heads=2)
-
-
-def tiny_pretrain(**overrides):
-    torch.manual_seed(0)
-    return star_mamba.create_pretrain_model("star_tiny", **{**TINY, **overrides}).eval()
+from .conftest import micro_pretrain as tiny_pretrain
 
 
 @pytest.mark.parametrize("position", SEPARATOR_POSITIONS)
@@ -28,14 +22,26 @@ def test_pretrain_output_contract(position, K):
     T = cfg.num_segments
     assert out.pred.shape == out.target.shape == (2, T - 1, 4, 4)
     assert out.loss.ndim == 0 and torch.isfinite(out.loss)
-    # the target of each image cluster is that cluster's (normalised) pixels
-    patches = seq.normalize_patches(seq.patchify(images, 2))[:, seq.cluster_order((4, 4), 2)]
+    # the target of each image cluster is that cluster's pixels, each patch normalised
     for b, k, g in itertools.product(range(2), range(K), range(cfg.clusters_per_image)):
         t = seq.cluster_segment_index(k, g, cfg.clusters_per_image, position)
         if t == 0:
             continue  # the first segment is never a target
-        expected = patches[b * K + k, 4 * g: 4 * g + 4]
+        expected = cluster_by_hand(images[b * K + k, 0], g)
         torch.testing.assert_close(out.target[b, t - 1], expected)
+
+
+def cluster_by_hand(image, g, p=2, c=2, grid=4):
+    """Cluster ``g`` (clusters in raster order over the patch grid) of a 1-channel image as
+    (c*c patches in raster order within the cluster, p*p pixels), each patch normalised by its
+    own mean and (population) variance, with the 1e-6 of MAE's norm_pix_loss."""
+    r, col = divmod(g, grid // c)
+    patches = []
+    for i, j in itertools.product(range(c), range(c)):
+        y, x = (r * c + i) * p, (col * c + j) * p
+        pixels = image[y:y + p, x:x + p].reshape(-1)
+        patches.append((pixels - pixels.mean()) / (pixels.var(unbiased=False) + 1e-6).sqrt())
+    return torch.stack(patches)
 
 
 def test_identity_separator_is_the_raw_target_and_loss_weights():

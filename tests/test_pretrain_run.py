@@ -1,35 +1,34 @@
-"""End to end: the pretraining entry point, resume, torchrun equivalence, the ImageNet config."""
-import json
-import os
-import subprocess
-import sys
+"""End to end: the pretraining entry point, resume (also past a damaged checkpoint), gradient
+accumulation, torchrun equivalence, the ImageNet config."""
+import re
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from star_mamba import checkpoint as ckpt
 from star_mamba.cli import main
 from star_mamba.checkpoint import load_checkpoint
 from star_mamba.engine.config import load_config
+from star_mamba.engine.metrics import read_metrics
 from star_mamba.engine.pretrain import pretrain
 
-TINY_MODEL = ["model.img_size=16", "model.patch_size=4", "model.in_chans=1",
-              "model.cluster_size=2", "model.embed_dim=32", "model.depth=2",
-              "model.decoder_dim=32", "model.decoder_depth=2", "model.decoder_heads=2",
-              "model.images_per_sequence=2"]
+from .conftest import PRETRAIN_RUN, assert_same_tensors, output_of, pretrain_config, run_cli, truncate
 
-
-def tiny_config(tmp_path, *extra):
-    return load_config("pretrain/fashion_mnist", [
-        *TINY_MODEL, "data.name=synthetic", "data.synthetic_images=64", "data.num_workers=0",
-        "optim.batch_size=8", "optim.blr=2e-2", "optim.warmup_epochs=0.5", "optim.epochs=3",
-        "run.progress=false", "run.tensorboard=false", "run.log_every=1",
-        f"run.output_dir={tmp_path}", "run.threads=1", *extra])
+tiny_config = pretrain_config
 
 
 def metrics(path):
-    return [json.loads(line) for line in open(Path(path) / "metrics.jsonl")]
+    return read_metrics(Path(path) / "metrics.jsonl")
+
+
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory) -> Path:
+    """An uninterrupted 2-epoch run (16 steps) that the resume tests must reproduce."""
+    out = tmp_path_factory.mktemp("two_epochs")
+    assert pretrain(pretrain_config(out, "optim.epochs=2"))["step"] == 16
+    return out
 
 
 def test_pretrain_writes_outputs_and_loss_falls(tmp_path):
@@ -46,20 +45,51 @@ def test_pretrain_writes_outputs_and_loss_falls(tmp_path):
     assert last < 0.95 * first, (first, last)
     saved = load_checkpoint(tmp_path / "checkpoint-latest.pth")
     assert saved["state"]["step"] == 48 and saved["model_config"]["embed_dim"] == 32
-    assert load_config(str(tmp_path / "config.yaml")).model["depth"] == 2  # resolved config
+    assert load_config(str(tmp_path / "config.yaml")).model.fields["depth"] == 2  # resolved config
 
 
-def test_interrupted_run_resumes_to_the_same_weights(tmp_path):
-    full = pretrain(tiny_config(tmp_path / "full", "optim.epochs=2"))
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, two_epochs):
     part = tiny_config(tmp_path / "part", "optim.epochs=2", "run.max_steps=5")
     assert pretrain(part)["step"] == 5  # stops mid-epoch (8 steps per epoch)
     resumed = pretrain(tiny_config(tmp_path / "part", "optim.epochs=2"))  # auto-resume
-    assert full["step"] == resumed["step"] == 16
-    a = load_checkpoint(tmp_path / "full" / "checkpoint-latest.pth")["model"]
+    assert resumed["step"] == 16
+    a = load_checkpoint(two_epochs / "checkpoint-latest.pth")["model"]
     b = load_checkpoint(tmp_path / "part" / "checkpoint-latest.pth")["model"]
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    assert_same_tensors(a, b, "weights")
     assert [r["step"] for r in metrics(tmp_path / "part")] == list(range(1, 17))
+
+
+def test_damaged_latest_resumes_from_the_newest_numbered_checkpoint(tmp_path, two_epochs):
+    """latest (step 11) cut in half: auto-resume warns, naming it and why, takes
+    checkpoint-0001.pth (end of epoch 0, step 8), redoes steps 9-16 and ends where an
+    uninterrupted run does; the metrics rows of the redone steps are not doubled."""
+    out = tmp_path / "run"
+    assert pretrain(tiny_config(out, "optim.epochs=2", "run.max_steps=11"))["step"] == 11
+    latest = out / ckpt.LATEST
+    truncate(latest)
+    assert pretrain(tiny_config(out, "optim.epochs=2"))["step"] == 16
+    log = (out / "log.txt").read_text()
+    assert re.search(rf"cannot load checkpoint {re.escape(str(latest))}: RuntimeError: "
+                     r".*failed finding central directory; left in place", log)
+    assert re.search(r"resumed from \S+checkpoint-0001.pth at epoch 1, step 8\b", log)
+    assert_same_tensors(load_checkpoint(two_epochs / ckpt.LATEST)["model"],
+                        load_checkpoint(latest)["model"], "weights")
+    assert [r["step"] for r in metrics(out)] == list(range(1, 17))
+
+
+def test_explicit_resume_of_a_damaged_file_is_one_clear_error(tmp_path):
+    pretrain(tiny_config(tmp_path, "run.max_steps=1"))
+    damaged, cut = tmp_path / "copy.pth", truncate(tmp_path / ckpt.LATEST)
+    damaged.write_bytes(cut)
+    for path in (damaged, tmp_path / ckpt.LATEST):  # explicit, or auto with nothing else left
+        resume = f"run.resume={path}" if path == damaged else "run.resume=auto"
+        with pytest.raises(ValueError) as error:
+            pretrain(tiny_config(tmp_path, resume))
+        message = str(error.value)
+        assert str(path) in message and "failed finding central directory" in message
+        assert "\n" not in message and len(message.replace(str(tmp_path), "")) < 300, message
+    assert [r["step"] for r in metrics(tmp_path)] == [1]  # nothing ran
+    assert damaged.read_bytes() == (tmp_path / ckpt.LATEST).read_bytes() == cut  # left as found
 
 
 def test_resume_refuses_another_model(tmp_path):
@@ -90,16 +120,11 @@ def _final_losses(out_dir):
 
 
 def test_torchrun_two_processes_match_one(tmp_path):
-    common = [*TINY_MODEL, "data.name=synthetic", "data.synthetic_images=64",
-              "data.num_workers=0", "optim.epochs=1", "optim.blr=1e-2", "run.progress=false",
-              "run.tensorboard=false", "run.log_every=1", "run.threads=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
     def run(nproc, batch, out):
-        sets = [f"--set={s}" for s in (*common, f"optim.batch_size={batch}", f"run.output_dir={out}")]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "-m", "star_mamba", "pretrain", *sets]
-        subprocess.run(cmd, check=True, env=env, timeout=300, capture_output=True)
+        done = run_cli("pretrain", [*PRETRAIN_RUN, "optim.epochs=1", "optim.blr=1e-2",
+                                    f"optim.batch_size={batch}", f"run.output_dir={out}"],
+                       f"--nproc_per_node={nproc}")
+        assert done.returncode == 0, output_of(done)
 
     run(1, 16, tmp_path / "one")
     run(2, 8, tmp_path / "two")
@@ -120,8 +145,44 @@ def test_star_base_in1k_config_runs_two_steps_on_jpegs(tmp_path):
         f"data.root={root}", "data.num_workers=0", "optim.batch_size=4", "run.max_steps=2",
         "run.amp=off", f"run.output_dir={tmp_path / 'out'}", "run.progress=false",
         "run.tensorboard=false", "run.log_every=1"])
-    assert cfg.model["name"] == "star_base" and cfg.model["img_size"] == 192
+    assert cfg.model.name == "star_base" and cfg.model.fields["img_size"] == 192
     summary = pretrain(cfg)
     assert summary["step"] == 2  # 8 images, batch 4 (one sequence of 4 x 160 tokens)
     rows = metrics(tmp_path / "out")
     assert len(rows) == 2 and all(0 < r["loss"] < 10 for r in rows)
+
+
+def test_accum_iter_2_equals_one_batch_of_twice_the_size(tmp_path, monkeypatch):
+    """One plain SGD step of lr 1 (so the step is minus the gradient; no momentum, weight decay,
+    clipping, warm-up or drop path): 2 accumulated micro-batches of 4 images give the weights of
+    one batch of 8, and both are the initial weights minus the gradient of the mean loss over
+    those 8 images, computed here directly on a copy of the initial model."""
+    import copy
+    from star_mamba.data import SyntheticImages
+    from star_mamba.engine import trainer
+    from star_mamba.engine.sampler import BlockShardSampler
+    initial = []
+
+    def sgd(model, name, lr, **unused):
+        initial.append(copy.deepcopy(model))
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=0.0)
+
+    monkeypatch.setattr(trainer, "create_optimizer_v2", sgd)
+    stepped = {}
+    for accum, batch in ((1, 8), (2, 4)):
+        pretrain(tiny_config(tmp_path / f"accum{accum}", "optim.lr=1.0", "optim.warmup_epochs=0",
+                             "optim.clip_grad=null", "model.drop_path_rate=0", "optim.epochs=1",
+                             "run.max_steps=1", f"optim.accum_iter={accum}",
+                             f"optim.batch_size={batch}"))
+        stepped[accum] = load_checkpoint(tmp_path / f"accum{accum}" / ckpt.LATEST)["model"]
+    assert_same_tensors(initial[0].state_dict(), initial[1].state_dict(), "initial weights")
+    model = initial[0].train()
+    images = SyntheticImages(64, img_size=16, in_chans=1)  # the run's data and first batch
+    first = BlockShardSampler(64, batch_size=8, seed=0).batch_indices(0)
+    model(torch.stack([images[i][0] for i in first])).loss.backward()
+    expected = {n: (p - p.grad).detach() for n, p in model.named_parameters()}
+    assert max((expected[n] - p).abs().max() for n, p in model.named_parameters()) > 1e-3
+    for accum in (1, 2):
+        assert_same_tensors({n: stepped[accum][n] for n in expected}, expected,
+                            f"accum {accum}", rtol=1e-5, atol=1e-6)
+    assert_same_tensors(stepped[2], stepped[1], "accum 2 vs 1", rtol=1e-5, atol=1e-6)

@@ -1,12 +1,9 @@
-"""Reliability: exact resume after SIGKILL, atomic saves, bad images, bad numbers, bad configs,
-safe loading, and a torchrun job that survives a killed worker."""
-import logging
+"""Reliability: exact resume after SIGKILL (with DataLoader workers), atomic saves, bad images
+counted over workers, bad numbers, bad configs, safe loading, and a torchrun job that survives
+a killed worker."""
 import os
 import re
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,58 +15,43 @@ from star_mamba.data.folder import build_image_folder
 from star_mamba.data.transforms import build_pretrain_transform
 from star_mamba import checkpoint as ckpt
 from star_mamba.engine.config import load_config
+from star_mamba.engine.metrics import read_metrics
 from star_mamba.engine.pretrain import pretrain
+from star_mamba.engine.sampler import BlockShardSampler
 
-ROOT = Path(__file__).resolve().parent.parent
-TINY = ["model.img_size=16", "model.patch_size=4", "model.in_chans=1", "model.cluster_size=2",
-        "model.embed_dim=32", "model.depth=2", "model.decoder_dim=32", "model.decoder_depth=2",
-        "model.decoder_heads=2", "model.images_per_sequence=2", "data.name=synthetic",
-        "data.synthetic_images=64", "data.num_workers=0", "optim.batch_size=8", "optim.lr=3e-3",
-        "optim.epochs=3", "run.progress=false", "run.tensorboard=false", "run.log_every=1",
-        "run.threads=1", "model.drop_path_rate=0.1"]  # drop path: a random generator to restore
+from .conftest import (PRETRAIN_RUN, assert_same_tensors, folder_pretrain_overrides, make_shapes,
+                       output_of, run_cli, tiny_classifier, truncate)
 
-
-@pytest.fixture
-def star_log(caplog):
-    """caplog for the package logger, which does not propagate to the root logger."""
-    logger = logging.getLogger("star_mamba")
-    logger.addHandler(caplog.handler)
-    caplog.handler.setLevel(logging.WARNING)
-    yield caplog
-    logger.removeHandler(caplog.handler)
+# drop path: a random generator that resuming must restore
+TINY = [*PRETRAIN_RUN, "optim.lr=3e-3", "model.drop_path_rate=0.1"]
 
 
-def cli(out, *extra, env=None, **kw):
-    sets = [f"--set={s}" for s in (*TINY, f"run.output_dir={out}", *extra)]
-    return subprocess.Popen([sys.executable, "-m", "star_mamba", "pretrain", *sets], cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+def steps_logged(out):
+    return [row["step"] for row in read_metrics(Path(out) / "metrics.jsonl")]
 
 
-def final_weights(out):
-    return ckpt.load_checkpoint(Path(out) / ckpt.LATEST)["model"]
-
-
-def test_sigkill_at_a_random_step_then_resume_gives_identical_weights(tmp_path):
-    assert cli(tmp_path / "full").wait(timeout=300) == 0
-    kill_after = int(np.random.default_rng().integers(2, 12))  # of 24 steps: leave a margin
-    proc = cli(tmp_path / "killed", "run.save_every_steps=1")
-    metrics = tmp_path / "killed" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= kill_after:
-            break
-        time.sleep(0.005)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    saved = ckpt.load_checkpoint(tmp_path / "killed" / ckpt.LATEST)
-    assert 0 < saved["state"]["step"] < 24, saved["state"]  # really stopped mid-run
-    assert cli(tmp_path / "killed").wait(timeout=300) == 0  # resumes automatically
-    a, b = final_weights(tmp_path / "full"), final_weights(tmp_path / "killed")
-    assert ckpt.load_checkpoint(tmp_path / "killed" / ckpt.LATEST)["state"]["step"] == 24
-    for key in a:
-        assert torch.equal(a[key], b[key]), key  # bit-identical on CPU
+def test_sigkill_with_workers_then_resume_gives_identical_weights(tmp_path):
+    """2 DataLoader workers draw ARM's random crops and flips; the run is SIGKILLed right after
+    step 7 (STAR_MAMBA_KILL_AT_STEP), its latest checkpoint being step 6's, mid-epoch. Run
+    again, it resumes there, redoes step 7 and ends bit-identical to an uninterrupted run."""
+    make_shapes(tmp_path / "shapes", per_class=8)  # 32 images: 8 steps of 4 per epoch
+    common = ["optim.epochs=2", "data.num_workers=2", "model.drop_path_rate=0.1",
+              "run.save_every_steps=3"]
+    sets = folder_pretrain_overrides(tmp_path / "shapes", tmp_path / "killed", *common)
+    killed = run_cli("pretrain", sets, env={"STAR_MAMBA_KILL_AT_STEP": "7"})
+    assert killed.returncode == -signal.SIGKILL, output_of(killed)
+    assert ckpt.load_checkpoint(tmp_path / "killed" / ckpt.LATEST)["state"]["step"] == 6
+    assert steps_logged(tmp_path / "killed") == list(range(1, 8))
+    full = pretrain(load_config("pretrain/fashion_mnist", folder_pretrain_overrides(
+        tmp_path / "shapes", tmp_path / "full", *common)))
+    resumed = pretrain(load_config("pretrain/fashion_mnist", sets))  # resumes automatically
+    assert full["step"] == resumed["step"] == 16
+    assert re.search(r"resumed from \S+checkpoint-latest.pth at epoch 0, step 6\b",
+                     (tmp_path / "killed" / "log.txt").read_text())
+    assert steps_logged(tmp_path / "killed") == list(range(1, 17))  # step 7 once, redone
+    a = ckpt.load_checkpoint(tmp_path / "full" / ckpt.LATEST)
+    b = ckpt.load_checkpoint(tmp_path / "killed" / ckpt.LATEST)
+    assert_same_tensors(a["model"], b["model"], "weights")  # bit-identical on CPU
 
 
 def test_crash_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -104,8 +86,7 @@ def make_odd_images(root):
     rgb = rng.integers(0, 255, (40, 50, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(d / "good" / "ok.jpg")
     Image.fromarray(rgb).save(d / "good" / "truncated.jpg")
-    data = (d / "good" / "truncated.jpg").read_bytes()
-    (d / "good" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    truncate(d / "good" / "truncated.jpg")
     (d / "good" / "text.jpg").write_text("this is not a JPEG")
     (d / "good" / "zero.jpg").write_bytes(b"")
     Image.fromarray(rgb[..., 0]).save(d / "good" / "grey.png")
@@ -128,6 +109,40 @@ def test_odd_images_are_converted_and_broken_ones_skipped(tmp_path, star_log):
     strict = build_image_folder(tmp_path, "train", build_pretrain_transform(32), max_bad_fraction=0.15)
     with pytest.raises(RuntimeError, match="data.max_bad_fraction=0.15"):
         [strict[i] for i in range(len(strict))]
+
+
+def test_unreadable_images_are_counted_over_workers_and_across_a_resume(tmp_path):
+    """3 of 40 images are unreadable (7.5%), read by 2 workers: two lie in batches 0 and 2 of
+    epoch 0 (worker 0), one in batch 5 (worker 1), so no worker alone sees more than 2.
+    data.max_bad_fraction=0.08 (3.2 images): the epoch runs. 0.07 (2.8): the run stops right
+    before step 6, whose batch holds the third, also when it was stopped after step 4 and
+    resumed (the count is saved with the state). The log names the files."""
+    files = make_shapes(tmp_path / "shapes", per_class=10)  # 40 images: 10 steps of 4
+    order = list(BlockShardSampler(40, batch_size=4, seed=0))  # epoch 0, run.seed=0
+    bad = [order[1], order[9], order[22]]  # in batches 0, 2 and 5
+    assert min(abs(a - b) for a in bad for b in bad if a != b) > 1  # none replaces another
+    truncate(files[bad[0]])
+    files[bad[1]].write_text("not an image")
+    files[bad[2]].write_bytes(b"")
+
+    def run(out, fraction, *extra):
+        return pretrain(load_config("pretrain/fashion_mnist", folder_pretrain_overrides(
+            tmp_path / "shapes", tmp_path / out, "data.num_workers=2",
+            f"data.max_bad_fraction={fraction}", *extra)))
+
+    assert run("below", 0.08)["step"] == 10
+    log = (tmp_path / "below" / "log.txt").read_text()
+    for i in bad:  # each named once, with its dataset index
+        assert log.count(f"unreadable image {files[i]} (") == 1 and f"dataset index {i})" in log
+    assert run("above", 0.07, "run.max_steps=4")["step"] == 4
+    assert ckpt.load_checkpoint(tmp_path / "above" / ckpt.LATEST)["state"]["bad_in_epoch"] == 2
+    with pytest.raises(RuntimeError, match=r"3 unreadable images in epoch 0 \(all ranks\) of 40: "
+                                           r"more than data.max_bad_fraction=0.07; stopping "
+                                           r"before step 6") as stop:
+        run("above", 0.07)
+    assert str(files[bad[2]]) in str(stop.value)
+    assert steps_logged(tmp_path / "above") == [1, 2, 3, 4, 5]
+    assert str(files[bad[2]]) in (tmp_path / "above" / "log.txt").read_text()
 
 
 def test_nonfinite_losses_skip_steps_then_stop_and_never_reach_a_checkpoint(tmp_path, monkeypatch):
@@ -179,26 +194,23 @@ def test_safetensors_round_trip_and_use_as_pretrained(tmp_path):
     back = ckpt.load_checkpoint(out)
     saved = ckpt.load_checkpoint(tmp_path / ckpt.LATEST)
     assert back["model_config"] == saved["model_config"]
-    for k, v in saved["model"].items():
-        assert torch.equal(back["model"][k], v)
-    import star_mamba
+    assert_same_tensors(back["model"], saved["model"], "safetensors")
     from star_mamba.models.convert import load_pretrained
-    clf = star_mamba.create_model("star_tiny", img_size=16, patch_size=4, in_chans=1, embed_dim=32,
-                                  depth=2, num_classes=3)
+    clf = tiny_classifier()
     report = load_pretrained(clf, out)
     assert "backbone.patch_embed.proj.weight" in report.loaded
+    assert torch.equal(clf.backbone.patch_embed.proj.weight,
+                       saved["model"]["encoder.patch_embed.proj.weight"])
 
 
 def test_torchrun_job_survives_a_killed_worker(tmp_path):
     """torchrun --max-restarts: a worker SIGKILLed after step 5 -> the job restarts, resumes
     from the latest checkpoint and finishes."""
-    sets = [f"--set={s}" for s in (*TINY, "optim.batch_size=4", "optim.epochs=2",
-                                   "run.save_every_steps=1", f"run.output_dir={tmp_path}")]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "--max-restarts=1", "-m", "star_mamba", "pretrain", *sets]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "STAR_MAMBA_KILL_AT_STEP": "5"}
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    sets = [*TINY, "optim.batch_size=4", "optim.epochs=2", "run.save_every_steps=1",
+            f"run.output_dir={tmp_path}"]
+    out = run_cli("pretrain", sets, "--nproc_per_node=2", "--max-restarts=1",
+                  env={"STAR_MAMBA_KILL_AT_STEP": "5"}, timeout=600)
+    assert out.returncode == 0, output_of(out)
     log = (tmp_path / "log.txt").read_text()
     assert "exitcode: -9" in out.stderr or "SIGKILL" in out.stderr  # the worker really died
     assert re.search(r"resumed from .* at epoch 0, step [45]\b", log), log  # rank 0 saved 4 or 5

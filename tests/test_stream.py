@@ -7,13 +7,11 @@ from star_mamba import sequence as seq
 from star_mamba.config import SEPARATOR_POSITIONS
 from star_mamba.models.stream import StarStream
 
-TINY = dict(img_size=8, patch_size=2, in_chans=1, cluster_size=2, embed_dim=16, depth=2,
-            decoder_dim=16, decoder_depth=2, decoder_heads=2)
+from .conftest import MICRO, micro_pretrain
 
 
 def tiny_pretrain(**overrides):
-    torch.manual_seed(0)
-    return star_mamba.create_pretrain_model("star_tiny", **{**TINY, **overrides}).double().eval()
+    return micro_pretrain(**overrides).double()
 
 
 def parallel_features(model, images):
@@ -67,5 +65,4 @@ def test_stream_errors():
     with pytest.raises(ValueError, match="expected \\(2, 1, 8, 8\\)"):
         StarStream(model, batch_size=2).push(torch.randn(1, 1, 8, 8, dtype=torch.float64))
     with pytest.raises(TypeError, match="StarPretrain"):
-        StarStream(star_mamba.create_model("star_tiny", **{k: v for k, v in TINY.items()
-                                                           if not k.startswith("decoder")}))
+        StarStream(star_mamba.create_model("star_tiny", **MICRO))

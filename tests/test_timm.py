@@ -97,3 +97,36 @@ def test_timm_features_only_returns_the_pruned_taps():
     assert [o.shape for o in out] == [(2, 192, 3, 3)] * 2
     for a, b in zip(out, ref):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("name", TIMM_NAMES)
+def test_pretrained_cfg_describes_the_data_and_the_model(name):
+    """Built through timm's builder: the registry's cfg, on the model and on its feature getter,
+    names the real stem and head and gives the fine-tuning recipe's 224 px / 0.875 / ImageNet."""
+    assert timm.get_pretrained_cfg(name).to_dict()["input_size"] == (3, 224, 224)
+    with torch.device("meta"):
+        m = timm.create_model(name, depth=2)
+        feats = timm.create_model(name, depth=2, features_only=True, out_indices=(0, 1))
+    cfg = m.pretrained_cfg
+    assert cfg["architecture"] == name and cfg["num_classes"] == 1000 == m.num_classes
+    assert cfg["input_size"] == (3, 224, 224) and cfg["crop_pct"] == 0.875
+    assert cfg["interpolation"] == "bicubic"
+    assert cfg["mean"] == (0.485, 0.456, 0.406) and cfg["std"] == (0.229, 0.224, 0.225)
+    stem, head = m.get_submodule(cfg["first_conv"]), m.get_submodule(cfg["classifier"])
+    assert isinstance(stem, torch.nn.Conv2d) and stem.in_channels == 3 and stem.stride == (16, 16)
+    assert head is m.get_classifier() and head.out_features == 1000
+    data = timm.data.resolve_data_config({}, model=m)
+    assert (data["input_size"], data["crop_pct"], data["mean"]) == ((3, 224, 224), 0.875, cfg["mean"])
+    assert feats.pretrained_cfg["input_size"] == (3, 224, 224) and feats.feature_info.channels() == [
+        m.num_features] * 2
+
+
+def test_registration_uses_only_public_timm_modules():
+    import ast
+    import inspect
+    from star_mamba.models import timm_registry
+    tree = ast.parse(inspect.getsource(timm_registry))
+    modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
+    modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+    timm_modules = [m for m in modules if m and m.startswith("timm")]
+    assert timm_modules and not [m for m in timm_modules if any(p.startswith("_") for p in m.split("."))]

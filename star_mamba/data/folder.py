@@ -1,16 +1,24 @@
 """ImageFolder datasets (ImageNet's train/ and val/ layout) that survive real-world files.
 
 Valid but odd images (greyscale, RGBA, palette, 16-bit, tiny) are converted to 8-bit RGB;
-unreadable ones (truncated, not an image, empty, no permission) are skipped, counted and named
-in the log, and a sample from the next index is returned instead. If more than
-``max_bad_fraction`` of the dataset turns out broken, loading stops with an error naming the
-last bad file. Empty class directories are allowed.
+unreadable ones (truncated, not an image, empty, no permission) are skipped and the next
+readable image (next index) is returned in their place. Empty class directories are allowed.
+
+Who counts the unreadable images: on its own, the dataset counts them in its process, names
+them in the log and stops once more than ``max_bad_fraction`` of the dataset is broken. In
+training, DataLoader workers each hold a copy of the dataset, so per-process counts would
+undercount; there the training set is read inside :func:`collect_unreadable`, under which index
+``i`` reports its own file ``samples[i]`` when it is unreadable (whether found now or known
+from before) and judges nothing: each bad file is reported once per epoch, by whichever worker
+and rank loads its index, and the training loop sums the reports over workers and ranks and
+applies ``data.max_bad_fraction`` (``engine.trainer.BadImages``).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import numpy as np
 from PIL import Image
@@ -35,6 +43,22 @@ def load_rgb(path: str) -> Image.Image:
     return img.convert("RGB")
 
 
+_reports: Optional[list[tuple[int, str, str]]] = None  # set by collect_unreadable
+
+
+@contextlib.contextmanager
+def collect_unreadable() -> Iterator[list[tuple[int, str, str]]]:
+    """Within the block (in this process), :class:`SafeImageFolder` appends
+    ``(index, path, reason)`` for each requested index whose own file is unreadable to the
+    yielded list, and leaves logging and the ``max_bad_fraction`` limit to the caller."""
+    global _reports
+    outer, _reports = _reports, []
+    try:
+        yield _reports
+    finally:
+        _reports = outer
+
+
 class SafeImageFolder(ImageFolder):
     def __init__(self, root: str, transform: Optional[Callable] = None,
                  max_bad_fraction: float = 0.01):
@@ -47,20 +71,23 @@ class SafeImageFolder(ImageFolder):
     def __getitem__(self, index: int):
         for attempt in range(len(self.samples)):
             path, target = self.samples[(index + attempt) % len(self.samples)]
-            if path in self.bad:
-                continue
-            try:
-                img = load_rgb(path)
-            except Exception as e:  # truncated, not an image, empty, unreadable, ...
-                self._record_bad(path, e)
-                continue
-            if self.transform is not None:
-                img = self.transform(img)
-            return img, target
+            if path not in self.bad:
+                try:
+                    img = load_rgb(path)
+                except Exception as e:  # truncated, not an image, empty, unreadable, ...
+                    self._record_bad(path, e)
+                else:
+                    if self.transform is not None:
+                        img = self.transform(img)
+                    return img, target
+            if attempt == 0 and _reports is not None:  # this index's own file
+                _reports.append((index, path, self.bad[path]))
         raise RuntimeError(f"no readable image in {self.root}")
 
     def _record_bad(self, path: str, error: Exception) -> None:
         self.bad[path] = f"{type(error).__name__}: {error}"
+        if _reports is not None:  # collected: the caller counts, names and judges
+            return
         log.warning(f"skipping unreadable image {path} ({self.bad[path]}); "
                     f"{len(self.bad)} skipped so far")
         if len(self.bad) > self.max_bad_fraction * len(self.samples):

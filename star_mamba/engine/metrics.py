@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -32,6 +33,25 @@ class MetricWriter:
             for key, value in values.items():
                 if isinstance(value, (int, float)) and key != "epoch":
                     self.tb.add_scalar(key, value, step)
+
+    def drop_after(self, step: int) -> None:
+        """Remove the rows of steps after ``step`` (a resumed run redoes them and writes them
+        again) and any row cut short by a crash; the file is replaced atomically."""
+        if not (self.enabled and self.path.is_file()):
+            return
+
+        def row_step(row: str) -> Optional[int]:
+            try:
+                return json.loads(row)["step"] if row.endswith("\n") else None
+            except (ValueError, KeyError, TypeError):
+                return None
+
+        rows = self.path.read_text().splitlines(keepends=True)
+        keep = [row for row in rows if (s := row_step(row)) is not None and s <= step]
+        if len(keep) < len(rows):
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            tmp.write_text("".join(keep))
+            os.replace(tmp, self.path)
 
     def close(self) -> None:
         if self.tb is not None:

@@ -14,7 +14,9 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, default_collate
+
+from ..data.folder import collect_unreadable
 
 # Domain tags keep the two families of seeds apart: block k and sample k get unrelated seeds.
 _BLOCK_STREAM, _SAMPLE_STREAM = 0, 1
@@ -113,6 +115,11 @@ class SeededDataset(Dataset):
     Keys are ``(epoch, index)`` pairs (:class:`EpochIndexSampler`). The global generators are
     reseeded and not restored: in DataLoader workers they belong to nobody else, and in the
     main process (``num_workers=0``) training reseeds them per micro-batch anyway.
+
+    An item is ``(sample, reports)``: ``reports`` lists the unreadable image that ``index``
+    names, if it is one, as ``(index, path, reason)`` (``folder.collect_unreadable``), so that
+    the training loop can count them over workers and ranks; :func:`collate_reported` batches
+    them.
     """
 
     def __init__(self, dataset: Dataset, seed: int):
@@ -121,7 +128,14 @@ class SeededDataset(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Any, list[tuple[int, str, str]]]:
         epoch, index = key
         seed_everything(sample_seed(self.seed, epoch, index))
-        return self.dataset[index]
+        with collect_unreadable() as reports:
+            sample = self.dataset[index]
+        return sample, reports
+
+
+def collate_reported(items: list[tuple[Any, list]]) -> tuple[Any, list[tuple[int, str, str]]]:
+    """:class:`SeededDataset` items -> (the batch as ``default_collate`` makes it, all reports)."""
+    return default_collate([sample for sample, _ in items]), [r for _, rs in items for r in rs]

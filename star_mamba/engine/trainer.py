@@ -29,12 +29,12 @@ from tqdm import tqdm
 from ..config import StarConfig
 from .. import checkpoint as ckpt
 from .config import RunConfig, RunOptions, save_config
-from .dist import (DistInfo, all_reduce_mean, barrier, cleanup, env_local_rank, init_distributed,
-                   resolve_device)
+from .dist import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, cleanup, env_local_rank,
+                   init_distributed, resolve_device)
 from .lr_sched import lr_at, set_lr
 from .metrics import MetricWriter, plot_loss_curve
 from .sampler import (BlockShardSampler, EpochIndexSampler, SeededDataset, block_seed,
-                      seed_everything)
+                      collate_reported, seed_everything)
 
 log = logging.getLogger("star_mamba")
 
@@ -47,6 +47,45 @@ class TrainState:
     batch_in_epoch: int = 0  # micro-batches of the current epoch already consumed
     step: int = 0  # optimizer steps taken in total
     nonfinite_in_row: int = 0
+    bad_in_epoch: int = 0  # unreadable images met in the current epoch, over all ranks
+
+
+class BadImages:
+    """Unreadable images met in training, counted over every worker and rank.
+
+    The dataset reports an unreadable image with the batch that replaced it (``folder.py``:
+    each dataset index reports its own file, so each bad file counts once per epoch, on the
+    one rank whose block holds it). The training loop adds up its micro-batches' reports and
+    folds the count into the all-reduce it already does once per optimizer step, so every
+    rank holds the same global ``state.bad_in_epoch`` and stops at the same step once it
+    exceeds ``data.max_bad_fraction`` x dataset size. The count is saved with the state, so a
+    resumed epoch keeps it. Each rank names its own bad files in the log, once each.
+    """
+
+    def __init__(self, max_fraction: float, dataset_size: int):
+        self.max_fraction, self.dataset_size = max_fraction, dataset_size
+        self.named: dict[str, str] = {}  # path -> reason, named in this process's log
+        self.last = ""
+
+    def note(self, reports: list[tuple[int, str, str]]) -> int:
+        """Log the newly met files among ``reports`` ((index, path, reason)); their number."""
+        for index, path, reason in reports:
+            self.last = f"{path} ({reason})"
+            if path not in self.named:
+                self.named[path] = reason
+                log.warning(f"unreadable image {path} ({reason}; dataset index {index}): "
+                            "replaced by the next readable image")
+        return len(reports)
+
+    def count(self, state: TrainState, new: int) -> None:
+        """Add ``new`` (summed over ranks) to the epoch's count; stop past the limit."""
+        state.bad_in_epoch += new
+        if state.bad_in_epoch > self.max_fraction * self.dataset_size:
+            raise RuntimeError(
+                f"{state.bad_in_epoch} unreadable images in epoch {state.epoch} (all ranks) of "
+                f"{self.dataset_size}: more than data.max_bad_fraction={self.max_fraction}; "
+                f"stopping before step {state.step + 1}, the last checkpoint is untouched. Last "
+                f"one met here: {self.last or '(on another rank)'}")
 
 
 def setup_logging(output_dir: Optional[Path], is_main: bool) -> None:
@@ -110,26 +149,30 @@ def check_run_config(cfg: RunConfig) -> None:
         raise ValueError(f"invalid config: optim.clip_grad={o.clip_grad!r}; expected > 0 or null")
     if r.seed < 0:
         raise ValueError(f"invalid config: run.seed={r.seed!r}; expected an integer >= 0")
-    if r.save_every <= 0 or r.save_every_steps <= 0 or r.log_every <= 0:
-        raise ValueError("invalid config: run.save_every, run.save_every_steps and run.log_every "
-                         "must be positive")
+    if r.save_every <= 0 or r.save_every_steps <= 0 or r.log_every <= 0 or r.eval_every <= 0:
+        raise ValueError("invalid config: run.save_every, run.save_every_steps, run.log_every and "
+                         "run.eval_every must be positive")
 
 
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer, scaler,
                     state: TrainState, cfg: RunConfig, device: torch.device,
                     amp_dtype: Optional[torch.dtype], base_lr: float, steps_per_epoch: int,
                     writer: MetricWriter, info: DistInfo, loss_fn: Callable,
-                    on_step: Optional[Callable] = None) -> Optional[float]:
+                    on_step: Optional[Callable] = None,
+                    bad_images: Optional[BadImages] = None) -> Optional[float]:
     """One pass over ``loader`` from ``state.batch_in_epoch``. Returns the epoch's mean loss.
 
     ``loss_fn(model, images, targets)`` gives the loss of one micro-batch (pretraining: the
     model's own loss; fine-tuning: mixup + cross-entropy); ``on_step()`` runs after each
     optimizer step (checkpoints, EMA). The random draws of each micro-batch (drop path, mixup)
     are seeded from its global block (see ``sampler.py``). The host waits for the device once
-    per optimizer step (the finiteness check) and for the loss only on logging steps.
+    per optimizer step (the finiteness check and the unreadable-image count, see
+    :class:`BadImages`) and for the loss only on logging steps.
     """
     o, r = cfg.optim, cfg.run
     sampler: BlockShardSampler = loader.sampler
+    bad_images = bad_images or BadImages(float("inf"), sampler.num_samples)  # count, never stop
+    bad_window = 0  # unreadable images in the micro-batches since the last step
     model.train()
     accum = o.accum_iter
     logged_sum = torch.zeros((), device=device)  # micro-batch losses since the last log line
@@ -138,7 +181,8 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer, scale
     bar = tqdm(total=steps_per_epoch * accum, initial=state.batch_in_epoch, leave=False,
                disable=not (r.progress and info.is_main), desc=f"epoch {state.epoch}",
                dynamic_ncols=True, file=sys.stdout)
-    for images, targets in loader:
+    for (images, targets), bad in loader:
+        bad_window += bad_images.note(bad)
         micro = state.batch_in_epoch % accum
         if micro == 0:
             lr = lr_at(state.epoch + state.batch_in_epoch / (steps_per_epoch * accum), base_lr,
@@ -170,8 +214,13 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer, scale
         ok = torch.isfinite(window_sum)
         if not scaler.is_enabled():  # fp16: the scaler itself skips steps with inf gradients
             ok &= torch.isfinite(grad_norm)
-        # One host sync per step; all ranks agree (gradients are synced, losses are not).
-        if all_reduce_mean(ok.float()).item() < 1.0:
+        # One host sync per step, where all ranks agree on whether every window was finite
+        # (gradients are synced, losses are not) and on the unreadable images met.
+        ranks_ok, new_bad = all_reduce_sum(torch.stack(
+            [ok.float(), torch.full((), float(bad_window), device=device)])).tolist()
+        bad_window = 0
+        bad_images.count(state, int(new_bad))
+        if ranks_ok < info.world_size:
             _skip_step(optimizer, scaler, state, sampler, accum, r.max_nonfinite)
             continue
         state.nonfinite_in_row = 0
@@ -249,8 +298,10 @@ class Job:
     evaluate: Optional[Callable[[int], dict[str, float]]] = None  # epoch -> metrics incl. "score"
 
 
-def start_run(cfg: RunConfig) -> RunContext:
-    """Devices, process group, threads, output directory, resolved config and logging."""
+def start_run(cfg: RunConfig, record: bool = True) -> RunContext:
+    """Devices, process group, threads, output directory, resolved config and logging.
+
+    ``record=False`` (evaluation): nothing is written; the log goes to stdout only."""
     r = cfg.run
     device = resolve_device(r.device, env_local_rank(), torch.cuda.device_count())
     if device.type == "cuda":
@@ -260,11 +311,11 @@ def start_run(cfg: RunConfig) -> RunContext:
         torch.set_num_threads(r.threads)
     amp_dtype = autocast_dtype(r.amp, device)
     output_dir = Path(r.output_dir)
-    if info.is_main:
+    if info.is_main and record:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, output_dir / "config.yaml")
     barrier()
-    setup_logging(output_dir, info.is_main)
+    setup_logging(output_dir if record else None, info.is_main)
     return RunContext(device, info, amp_dtype, output_dir)
 
 
@@ -299,14 +350,15 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
     base_lr = o.lr if o.lr is not None else o.blr * eff_batch / 256
     optimizer = create_optimizer_v2(model, "adamw", lr=base_lr, weight_decay=o.weight_decay,
                                     betas=tuple(o.betas),
-                                    layer_decay=getattr(o, "layer_decay", None))
+                                    layer_decay=o.layer_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     state = TrainState()
     best: dict[str, Any] = {"score": None}
 
-    resume_path = ckpt.find_resume(output_dir, r.resume)
-    if resume_path is not None:
-        saved = ckpt.load_checkpoint(resume_path)
+    resume = ckpt.load_resume(output_dir, r.resume)
+    resume_path = resume[0] if resume is not None else None
+    if resume is not None:
+        saved = resume[1]
         ckpt.check_same_model(saved["model_config"], job.model_cfg.to_dict(), resume_path)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
@@ -324,6 +376,7 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
     workers = cfg.data.num_workers
     loader = DataLoader(SeededDataset(job.dataset, r.seed), batch_size=o.batch_size,
                         sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                        collate_fn=collate_reported,  # (images, targets), unreadable-image reports
                         drop_last=True, persistent_workers=workers > 0,
                         # the workers' base seed comes from here, not from the global RNG
                         generator=torch.Generator().manual_seed(r.seed))
@@ -331,13 +384,16 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
     if steps_per_epoch == 0:
         raise ValueError(f"an epoch of {sampler.batches_per_epoch} batches is shorter than "
                          f"optim.accum_iter={o.accum_iter}")
-    log.info(f"{job.title}: {cfg.model['name']} ({n_params / 1e6:.2f}M params, "
+    log.info(f"{job.title}: {cfg.model.name} ({n_params / 1e6:.2f}M params, "
              f"{n_train / 1e6:.2f}M trained){job.describe}, {len(job.dataset)} images, "
              f"{info.world_size} process(es) on {device}, effective batch {eff_batch}, "
              f"lr {base_lr:.3e}, {steps_per_epoch} steps/epoch, amp {amp_dtype}"
              f"{', torch.compile' if r.compile else ''}")
 
     writer = MetricWriter(output_dir, enabled=info.is_main, tensorboard=r.tensorboard)
+    if resume_path is not None:
+        writer.drop_after(state.step)  # rows of steps the resumed run redoes
+    bad_images = BadImages(cfg.data.max_bad_fraction, len(job.dataset))
 
     def save(names: list[str]) -> None:
         if not info.is_main:
@@ -364,18 +420,17 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
             sampler.set_epoch(state.epoch, state.batch_in_epoch)
             epoch_loss = train_one_epoch(trained, loader, optimizer, scaler, state, cfg, device,
                                          amp_dtype, base_lr, steps_per_epoch, writer, info,
-                                         job.loss_fn, on_step)
+                                         job.loss_fn, on_step, bad_images)
             if state.batch_in_epoch < steps_per_epoch * o.accum_iter:  # stopped by max_steps
                 save([ckpt.LATEST])
                 continue
             log.info(f"epoch {state.epoch} done: mean loss {epoch_loss:.4f}, step {state.step}")
             state.epoch += 1
-            state.batch_in_epoch = 0
+            state.batch_in_epoch = state.bad_in_epoch = 0
             names = [ckpt.LATEST]
             if state.epoch % r.save_every == 0 or state.epoch == o.epochs:
                 names.append(f"checkpoint-{state.epoch:04d}.pth")
-            eval_every = getattr(r, "eval_every", 1)
-            if job.evaluate is not None and (state.epoch % eval_every == 0 or state.epoch == o.epochs):
+            if job.evaluate is not None and (state.epoch % r.eval_every == 0 or state.epoch == o.epochs):
                 metrics = job.evaluate(state.epoch)
                 writer.write(state.step, dict(epoch=state.epoch, **metrics))
                 log.info(f"epoch {state.epoch} eval: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
@@ -389,7 +444,7 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
     elapsed = time.perf_counter() - start
     if info.is_main and writer.path.exists():
         plot_loss_curve(writer.path, output_dir / "loss_curve.png",
-                        f"{job.title}, {cfg.model['name']} on {cfg.data.name}")
+                        f"{job.title}, {cfg.model.name} on {cfg.data.name}")
         log.info(f"finished: step {state.step}, {elapsed:.0f}s; outputs in {output_dir}")
     cleanup()
     return dict(step=state.step, epoch=state.epoch, loss=epoch_loss, seconds=elapsed,

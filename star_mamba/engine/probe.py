@@ -1,0 +1,550 @@
+"""Frozen-representation evaluation: features extracted once, a converged linear probe, k-NN.
+
+Today's ``run.linprobe`` trains a linear head with one SGD pass through the frozen backbone,
+which is far from converged. This module is the standard protocol instead:
+
+1. :func:`extract_features`: the frozen backbone (eval mode, no grad) over a dataset, once;
+   pooled tokens of the last block (or the concatenation of several block taps).
+2. :func:`fit_logistic_regression`: features standardised with the training statistics,
+   multinomial logistic regression trained to convergence with full-batch L-BFGS (strong Wolfe
+   line search) for each L2 weight decay of a sweep, scored on a seeded held-out part of the
+   training set, then refitted on the whole training set with the best one.
+3. :func:`knn_accuracy`: DINO's weighted k-NN vote over cosine similarities.
+4. :func:`evaluate_representation`: 1-3 for a pretraining checkpoint (or any classifier) on a
+   train and a test split; :func:`raw_pixel_baseline`: the same probes on flattened pixels.
+
+Imports only from ``models``, ``data``, ``config`` and ``checkpoint``.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from ..config import StarConfig
+from ..models.classifier import StarClassifier
+from ..models.convert import load_pretrained, read_pretrained
+
+log = logging.getLogger("star_mamba")
+
+WEIGHT_DECAYS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+"""The default L2 sweep (on standardised features; the loss is the *mean* cross-entropy)."""
+
+POOLS = ("avg", "cls")
+
+
+# ------------------------------------------------------------------------------ features
+
+def _pool(tokens: Tensor, model: StarClassifier, pool: str) -> Tensor:
+    """(B, L, D) tokens of the classifier's sequence -> (B, D): patch-token mean or class token."""
+    i = model.cls_index
+    if pool == "cls":
+        return tokens[:, i]
+    if i is None:
+        return tokens.mean(dim=1)
+    return torch.cat([tokens[:, :i], tokens[:, i + 1:]], dim=1).mean(dim=1)  # patch tokens only
+
+
+def _check_layers(layers: Sequence[int], depth: int) -> list[int]:
+    layers = [int(t) for t in layers]
+    if not layers or any(not 1 <= t <= depth for t in layers):
+        raise ValueError(f"invalid layers={layers}: 1-based block indices in 1..{depth} expected")
+    return layers
+
+
+@torch.no_grad()
+def extract_features(model: StarClassifier, dataset: Dataset, batch_size: int = 256,
+                     device: Optional[Union[str, torch.device]] = None,
+                     layers: Optional[Sequence[int]] = None, pool: str = "avg",
+                     amp_dtype: Optional[torch.dtype] = None, num_workers: int = 0,
+                     norm: bool = True, progress: bool = True, desc: str = "features"
+                     ) -> tuple[Tensor, Tensor]:
+    """The frozen backbone's pooled features of every image of ``dataset``, in dataset order.
+
+    ``layers=None``: the final-normed output of the last block (``model.forward_features``),
+    pooled. ``layers``: 1-based block indices; each block's output is passed through the final
+    norm (``norm=True``, so ``layers=[depth]`` equals ``layers=None``), pooled, and the pooled
+    taps are concatenated in the order given (F = len(layers) x embed_dim). ``pool``: ``avg``
+    (mean over patch tokens, the class token left out) or ``cls`` (the class token; the model
+    needs one). The model runs in eval mode under ``no_grad`` on ``device`` (default: where its
+    parameters are) and is left as it was (training flag, ``requires_grad``, device).
+    Returns (features float32 (n, F) on the CPU, labels int64 (n,)).
+    """
+    if pool not in POOLS:
+        raise ValueError(f"invalid pool={pool!r}; allowed values are {', '.join(POOLS)}")
+    if pool == "cls" and model.cls_index is None:
+        raise ValueError("pool='cls' needs a model with a class token (class_token 'middle' or 'end')")
+    depth = len(model.backbone.blocks)
+    layers = None if layers is None else _check_layers(layers, depth)
+    first = next(model.parameters())
+    device = torch.device(device) if device is not None else first.device
+    if first.device != device:
+        raise ValueError(f"the model is on {first.device} but device={device}; move it first")
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    was_training = model.training
+    model.eval()
+    feats, labels = [], []
+    try:
+        for images, targets in tqdm(loader, desc=desc, disable=not progress, leave=False):
+            images = images.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                if layers is None:
+                    f = _pool(model.forward_features(images), model, pool)
+                else:
+                    f = _tap_features(model, images, layers, pool, norm)
+            feats.append(f.float().cpu())
+            labels.append(torch.as_tensor(targets, dtype=torch.int64).reshape(-1))
+    finally:
+        model.train(was_training)
+    dim = model.num_features * (1 if layers is None else len(layers))
+    if not feats:
+        return torch.zeros(0, dim), torch.zeros(0, dtype=torch.int64)
+    return torch.cat(feats), torch.cat(labels)
+
+
+def _tap_features(model: StarClassifier, images: Tensor, layers: list[int], pool: str,
+                  norm: bool) -> Tensor:
+    """Pooled outputs of the 1-based blocks ``layers``, concatenated in that order: (B, len * D)."""
+    unique = sorted(set(layers))
+    taps = model.forward_intermediates(images, indices=[t - 1 for t in unique], norm=norm,
+                                       return_prefix_tokens=True, output_fmt="NLC",
+                                       stop_early=True, intermediates_only=True)
+    pooled = {}
+    for t, (patches, cls) in zip(unique, taps):  # patches (B, N, D), cls (B, 1, D) or None
+        pooled[t] = cls[:, 0] if pool == "cls" else patches.mean(dim=1)
+    return torch.cat([pooled[t] for t in layers], dim=1)
+
+
+def dataset_pixels(dataset: Dataset, batch_size: int = 512, num_workers: int = 0,
+                   progress: bool = False) -> tuple[Tensor, Tensor]:
+    """Flattened images (n, C*H*W) float32 and labels (n,) int64 of a dataset, in order."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    xs, ys = [], []
+    for images, targets in tqdm(loader, desc="pixels", disable=not progress, leave=False):
+        xs.append(images.reshape(images.shape[0], -1).float())
+        ys.append(torch.as_tensor(targets, dtype=torch.int64).reshape(-1))
+    return torch.cat(xs), torch.cat(ys)
+
+
+# ------------------------------------------------------------------------------ standardisation
+
+@dataclass
+class Standardizer:
+    """x -> (x - mean) / std with the statistics of the data it was fitted on (float64).
+
+    A feature whose training std is below ``eps`` (a constant pixel) gets std 1: it is centred
+    and stays 0 on the training set.
+    """
+
+    mean: Tensor
+    std: Tensor
+
+    @classmethod
+    def fit(cls, x: Tensor, eps: float = 1e-6) -> "Standardizer":
+        x = x.double()
+        std = x.std(dim=0, unbiased=False)
+        return cls(x.mean(dim=0), torch.where(std < eps, torch.ones_like(std), std))
+
+    def __call__(self, x: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        mean, std = self.mean.to(x.device), self.std.to(x.device)
+        return ((x.double() - mean) / std).to(dtype)
+
+
+# ------------------------------------------------------------------------------ logistic regression
+
+@dataclass
+class Convergence:
+    """How an L-BFGS fit ended. ``grad_norm``/``grad_max``: L2 / max-abs norm of the gradient of
+    the regularised objective at the returned weights (recomputed after the optimiser stopped);
+    ``converged``: ``grad_max <= tolerance_grad``; ``stop``: ``gradient``, ``max_iter`` or
+    ``no_progress`` (loss or step change below ``tolerance_change`` first)."""
+
+    iterations: int
+    function_evals: int
+    loss: float
+    grad_norm: float
+    grad_max: float
+    converged: bool
+    stop: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def _objective(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, wd: float) -> Tensor:
+    """Mean cross-entropy + wd / 2 * ||W||^2 (the bias is not decayed)."""
+    return F.cross_entropy(x @ weight.T + bias, y) + 0.5 * wd * weight.pow(2).sum()
+
+
+def _lbfgs(x: Tensor, y: Tensor, num_classes: int, wd: float,
+           init: Optional[tuple[Tensor, Tensor]], max_iter: int, tolerance_grad: float,
+           tolerance_change: float, history_size: int) -> tuple[Tensor, Tensor, Convergence]:
+    """Full-batch multinomial logistic regression with L-BFGS; returns (W (C, F), b (C,), report)."""
+    if init is None:
+        weight = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device)
+        bias = torch.zeros(num_classes, dtype=x.dtype, device=x.device)
+    else:
+        weight, bias = (t.detach().to(x.device, x.dtype).clone() for t in init)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter,
+                            max_eval=int(max_iter * 1.25) + 1, tolerance_grad=tolerance_grad,
+                            tolerance_change=tolerance_change, history_size=history_size,
+                            line_search_fn="strong_wolfe")
+
+    def closure() -> Tensor:
+        opt.zero_grad(set_to_none=False)
+        loss = _objective(x, y, weight, bias, wd)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+        loss = _objective(x, y, weight, bias, wd)
+        grads = torch.autograd.grad(loss, [weight, bias])
+    state = opt.state[weight]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    grad_max = flat.abs().max().item()
+    iterations = int(state.get("n_iter", 0))
+    stop = ("gradient" if grad_max <= tolerance_grad else
+            "max_iter" if iterations >= max_iter else "no_progress")
+    report = Convergence(iterations, int(state.get("func_evals", 0)), loss.item(),
+                         flat.norm().item(), grad_max, grad_max <= tolerance_grad, stop)
+    weight, bias = weight.detach(), bias.detach()
+    return weight, bias - bias.mean(), report  # the softmax ignores a common shift of the bias
+
+
+@dataclass
+class LogisticRegression:
+    """A fitted multinomial logistic regression on standardised features.
+
+    ``weight`` (C, F) and ``bias`` (C,) act on ``standardizer(x)``; the training statistics are
+    kept in ``standardizer``, so :meth:`predict` and :meth:`accuracy` take raw features.
+    ``sweep``: one row per weight decay (held-out top-1 and cross-entropy, convergence);
+    ``convergence``: the final fit's.
+    """
+
+    weight: Tensor
+    bias: Tensor
+    standardizer: Standardizer
+    weight_decay: float
+    num_classes: int
+    convergence: Convergence
+    sweep: list[dict[str, Any]] = field(default_factory=list)
+    n_fit: int = 0
+
+    def logits(self, x: Tensor) -> Tensor:
+        z = self.standardizer(x.to(self.weight.device), self.weight.dtype)
+        return z @ self.weight.T + self.bias
+
+    def predict_proba(self, x: Tensor) -> Tensor:
+        return self.logits(x).softmax(dim=1)
+
+    def predict(self, x: Tensor) -> Tensor:
+        return self.logits(x).argmax(dim=1).cpu()
+
+    def accuracy(self, x: Tensor, y: Tensor) -> float:
+        """Top-1 in percent."""
+        return 100.0 * (self.predict(x) == y.cpu()).double().mean().item()
+
+    @property
+    def sweep_scores(self) -> dict[float, float]:
+        """Held-out top-1 (%) per weight decay."""
+        return {row["weight_decay"]: row["val_top1"] for row in self.sweep}
+
+
+def heldout_split(labels: Tensor, fraction: float = 0.1, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Seeded stratified split: (fit indices, held-out indices), each sorted.
+
+    Each class with at least 2 examples gives ``max(1, round(fraction * n_c))`` of them, drawn
+    with a ``torch.Generator`` seeded with ``seed``, to the held-out part.
+    """
+    if not 0 < fraction < 1:
+        raise ValueError(f"invalid fraction={fraction}: must be in (0, 1)")
+    g = torch.Generator().manual_seed(seed)
+    labels = labels.cpu()
+    held = []
+    for c in torch.unique(labels).tolist():
+        idx = (labels == c).nonzero().flatten()
+        if len(idx) < 2:
+            continue
+        n = max(1, round(fraction * len(idx)))
+        held.append(idx[torch.randperm(len(idx), generator=g)[:n]])
+    held = torch.cat(held).sort().values if held else torch.zeros(0, dtype=torch.int64)
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[held] = False
+    return mask.nonzero().flatten(), held
+
+
+def fit_logistic_regression(train_x: Tensor, train_y: Tensor, val_x: Optional[Tensor] = None,
+                            val_y: Optional[Tensor] = None, *,
+                            weight_decays: Sequence[float] = WEIGHT_DECAYS,
+                            val_fraction: float = 0.1, seed: int = 0, max_iter: int = 1000,
+                            tolerance_grad: float = 1e-6, tolerance_change: float = 1e-12,
+                            history_size: int = 20, num_classes: Optional[int] = None,
+                            dtype: torch.dtype = torch.float64,
+                            device: Optional[Union[str, torch.device]] = None
+                            ) -> LogisticRegression:
+    """Multinomial logistic regression with an L2 sweep, trained to convergence with L-BFGS.
+
+    Features are standardised with the mean and std of ``train_x`` (kept in the result and
+    applied to anything it predicts). Objective: mean cross-entropy + wd / 2 * ||W||^2, bias not
+    decayed, full batch, ``torch.optim.LBFGS`` (lr 1, strong Wolfe line search, history
+    ``history_size``) until the max-abs gradient is below ``tolerance_grad`` or ``max_iter``
+    iterations, in ``dtype`` (float64 by default) on ``device`` (default CPU).
+
+    Sweep: without ``val_x``, a seeded stratified ``val_fraction`` of the training set is held
+    out (:func:`heldout_split`); each weight decay, from the largest down (each fit warm-started
+    from the previous one), is fitted on the rest and scored on the held-out part by top-1,
+    ties broken by the lower held-out cross-entropy; the best one is then refitted on the whole
+    training set. With ``val_x``/``val_y``, the sweep fits on ``train_x``, scores on them, and
+    the best sweep fit is the result. Deterministic for a seed (zero init, fixed order).
+    """
+    if not weight_decays or any(not wd >= 0 for wd in weight_decays):
+        raise ValueError(f"invalid weight_decays={tuple(weight_decays)}: non-negative values expected")
+    if (val_x is None) != (val_y is None):
+        raise ValueError("give both val_x and val_y, or neither")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    train_y = train_y.long()
+    ys = [train_y] + ([val_y.long()] if val_y is not None else [])
+    if num_classes is None:
+        num_classes = int(max(y.max().item() for y in ys if len(y))) + 1
+    standardizer = Standardizer.fit(train_x)
+    x_all = standardizer(train_x.to(device), dtype)
+    y_all = train_y.to(device)
+    if val_x is None:
+        fit_idx, val_idx = heldout_split(train_y, val_fraction, seed)
+        if len(val_idx) == 0 or len(fit_idx) == 0:
+            raise ValueError(f"cannot hold out {val_fraction:.0%} of {len(train_y)} training "
+                             "examples for the weight-decay sweep; pass val_x/val_y")
+        fit_idx, val_idx = fit_idx.to(device), val_idx.to(device)
+        x_fit, y_fit, x_val, y_val = x_all[fit_idx], y_all[fit_idx], x_all[val_idx], y_all[val_idx]
+    else:
+        x_fit, y_fit = x_all, y_all
+        x_val, y_val = standardizer(val_x.to(device), dtype), val_y.long().to(device)
+    opts = dict(max_iter=max_iter, tolerance_grad=tolerance_grad,
+                tolerance_change=tolerance_change, history_size=history_size)
+
+    sweep, fits, init = [], {}, None
+    for wd in sorted({float(w) for w in weight_decays}, reverse=True):
+        w, b, conv = _lbfgs(x_fit, y_fit, num_classes, wd, init, **opts)
+        init = (w, b)
+        with torch.no_grad():
+            logits = x_val @ w.T + b
+            top1 = 100.0 * (logits.argmax(1) == y_val).double().mean().item()
+            val_loss = F.cross_entropy(logits, y_val).item()
+        fits[wd] = (w, b, conv)
+        sweep.append(dict(weight_decay=wd, val_top1=top1, val_loss=val_loss,
+                          iterations=conv.iterations, grad_norm=conv.grad_norm,
+                          converged=conv.converged))
+        log.debug(f"logistic regression wd {wd:g}: held-out top-1 {top1:.2f}, loss {val_loss:.4f}, "
+                  f"{conv.iterations} iterations, |grad| {conv.grad_norm:.2e}")
+    best = max(sweep, key=lambda r: (r["val_top1"], -r["val_loss"]))["weight_decay"]
+    w, b, conv = fits[best]
+    if val_x is None:  # refit on the whole training set, from the sweep's solution
+        w, b, conv = _lbfgs(x_all, y_all, num_classes, best, (w, b), **opts)
+    if not conv.converged:
+        log.warning(f"logistic regression (wd {best:g}) stopped by {conv.stop} after "
+                    f"{conv.iterations} iterations with max |grad| {conv.grad_max:.2e} > "
+                    f"{tolerance_grad:g}")
+    sweep.sort(key=lambda r: r["weight_decay"])
+    return LogisticRegression(w.cpu(), b.cpu(), standardizer, best, num_classes, conv, sweep,
+                              n_fit=len(x_all) if val_x is None else len(x_fit))
+
+
+# ------------------------------------------------------------------------------ k-NN
+
+@torch.no_grad()
+def knn_predict(train_x: Tensor, train_y: Tensor, test_x: Tensor, k: int = 20,
+                temperature: Optional[float] = 0.07, metric: str = "cosine",
+                num_classes: Optional[int] = None, batch_size: int = 1024,
+                device: Optional[Union[str, torch.device]] = None) -> Tensor:
+    """k-NN labels of ``test_x`` (n_test,), by DINO's weighted vote.
+
+    ``metric``: ``cosine`` (similarity of L2-normalised rows) or ``euclidean`` (similarity = minus
+    the distance). Each of the k most similar training rows votes for its label with weight
+    exp(sim / temperature) (``temperature=None``: weight 1, plain majority; ties go to the lower
+    class index). Chunked over ``batch_size`` test rows, so memory is O(batch_size x n_train).
+    """
+    if metric not in ("cosine", "euclidean"):
+        raise ValueError(f"invalid metric={metric!r}; allowed values are cosine, euclidean")
+    if temperature is not None and not temperature > 0:
+        raise ValueError(f"invalid temperature={temperature}: must be > 0 (or None: majority)")
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    train = train_x.to(device, torch.float32)
+    labels = train_y.long().to(device)
+    if num_classes is None:
+        num_classes = int(labels.max().item()) + 1
+    if metric == "cosine":
+        train = F.normalize(train, dim=1)
+    k = min(k, len(train))
+    out = []
+    for start in range(0, len(test_x), batch_size):
+        q = test_x[start:start + batch_size].to(device, torch.float32)
+        if metric == "cosine":
+            sim = F.normalize(q, dim=1) @ train.T  # (b, n_train)
+        else:
+            sim = -torch.cdist(q, train)
+        top, idx = sim.topk(k, dim=1)  # (b, k), most similar first
+        if temperature is None:
+            weights = torch.ones_like(top)
+        else:  # shifted by the best similarity: the same vote, no overflow or underflow
+            weights = ((top - top[:, :1]) / temperature).exp()
+        votes = torch.zeros(len(q), num_classes, device=device).scatter_add_(1, labels[idx], weights)
+        out.append(votes.argmax(dim=1).cpu())
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+
+
+def knn_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, k: int = 20,
+                 temperature: Optional[float] = 0.07, metric: str = "cosine",
+                 batch_size: int = 1024, device: Optional[Union[str, torch.device]] = None
+                 ) -> float:
+    """Top-1 (%) of :func:`knn_predict` on ``test_x``."""
+    num_classes = int(max(train_y.max().item(), test_y.max().item())) + 1
+    pred = knn_predict(train_x, train_y, test_x, k, temperature, metric, num_classes,
+                       batch_size, device)
+    return 100.0 * (pred == test_y.cpu().long()).double().mean().item()
+
+
+# ------------------------------------------------------------------------------ top level
+
+def probe_features(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, *,
+                   weight_decays: Sequence[float] = WEIGHT_DECAYS, max_iter: int = 1000,
+                   seed: int = 0, knn_k: int = 20, knn_temperature: Optional[float] = 0.07,
+                   knn_standardize: bool = False,
+                   device: Optional[Union[str, torch.device]] = None) -> dict[str, Any]:
+    """Logistic regression (with its sweep) and k-NN on given features; a JSON-able summary.
+
+    ``knn_standardize``: run k-NN on the features standardised with the training statistics
+    (the raw-pixel baseline does; backbone features go in as they are, as in DINO).
+    """
+    t0 = time.perf_counter()
+    num_classes = int(max(train_y.max().item(), test_y.max().item())) + 1
+    lr = fit_logistic_regression(train_x, train_y, weight_decays=weight_decays,
+                                 max_iter=max_iter, seed=seed, num_classes=num_classes,
+                                 device=device)
+    t1 = time.perf_counter()
+    if knn_standardize:
+        kx, kq = lr.standardizer(train_x, torch.float32), lr.standardizer(test_x, torch.float32)
+    else:
+        kx, kq = train_x, test_x
+    knn = knn_accuracy(kx, train_y, kq, test_y, k=knn_k, temperature=knn_temperature,
+                       device=device)
+    t2 = time.perf_counter()
+    c = lr.convergence
+    return dict(linear_probe_top1=lr.accuracy(test_x, test_y), knn_top1=knn,
+                weight_decay=lr.weight_decay, n_train=len(train_y), n_test=len(test_y),
+                feature_dim=int(train_x.shape[1]), linear_probe_train_top1=lr.accuracy(train_x, train_y),
+                lr_iterations=c.iterations, lr_grad_norm=c.grad_norm, lr_loss=c.loss,
+                lr_converged=c.converged, sweep=lr.sweep, knn_k=knn_k,
+                knn_temperature=knn_temperature, seconds_linear=t1 - t0, seconds_knn=t2 - t1)
+
+
+def classifier_from_pretrained(source: Union[str, Path, Mapping[str, Any]],
+                               **overrides: Any) -> StarClassifier:
+    """A classifier holding a pretraining checkpoint's backbone, as pretrained.
+
+    The checkpoint's ``model_config`` (a path, an engine checkpoint dict, or ``{"model": state,
+    "model_config": cfg}``) with the classifier fields set for probing: ``directions=1`` (the
+    causal backbone as it was pretrained), ``class_token="none"``, ``global_pool="avg"``,
+    ``drop_path_rate=0``; ``overrides`` change any field (e.g. ``directions=4`` widens the mixers,
+    see :func:`~star_mamba.models.convert.load_pretrained`). A checkpoint without a config needs
+    every differing field in ``overrides``. Raises if a backbone weight is not in the checkpoint.
+    """
+    state, pre_cfg = read_pretrained(source)
+    values = dict(pre_cfg or {})
+    values.update(directions=1, class_token="none", global_pool="avg", drop_path_rate=0.0)
+    values.update(overrides)
+    model = StarClassifier(StarConfig.from_dict(values))
+    report = load_pretrained(model, {"model": state, "model_config": pre_cfg})
+    missing = [k for k in report.new if k.startswith("backbone.")]
+    if missing:
+        raise ValueError(f"the checkpoint does not hold the backbone's {', '.join(missing[:5])}"
+                         f"{' ...' if len(missing) > 5 else ''} ({len(missing)} missing): not a "
+                         "STAR pretraining checkpoint of this model?")
+    log.info(f"probe backbone: {report.summary()}")
+    return model
+
+
+def evaluate_representation(model: Union[StarClassifier, str, Path, Mapping[str, Any]],
+                            train_set: Dataset, test_set: Dataset, *, batch_size: int = 256,
+                            device: Optional[Union[str, torch.device]] = None,
+                            layers: Optional[Sequence[int]] = None, pool: str = "avg",
+                            amp_dtype: Optional[torch.dtype] = None, num_workers: int = 0,
+                            weight_decays: Sequence[float] = WEIGHT_DECAYS,
+                            max_iter: int = 1000, seed: int = 0, knn_k: int = 20,
+                            knn_temperature: Optional[float] = 0.07, progress: bool = True,
+                            model_overrides: Optional[Mapping[str, Any]] = None
+                            ) -> dict[str, Any]:
+    """Linear probe (converged logistic regression) and k-NN of a frozen backbone.
+
+    ``model``: a built :class:`StarClassifier`, or a pretraining checkpoint (path or dict) given
+    to :func:`classifier_from_pretrained` with ``model_overrides``. Features of ``train_set`` and
+    ``test_set`` (evaluation transforms: no augmentation) are extracted once on ``device``
+    (default: CUDA when available), then probed on the same device. Returns ``dict(
+    linear_probe_top1, knn_top1, weight_decay, n_train, n_test, feature_dim, seconds, ...)``
+    (top-1 in percent; the rest: sweep, convergence, timings), JSON-serialisable.
+    """
+    t0 = time.perf_counter()
+    device = torch.device(device) if device is not None else torch.device(
+        "cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(model, StarClassifier):
+        model = classifier_from_pretrained(model, **dict(model_overrides or {}))
+    elif model_overrides:
+        raise ValueError("model_overrides only apply when model is a checkpoint")
+    original = next(model.parameters()).device
+    model.to(device)
+    try:
+        kw = dict(batch_size=batch_size, device=device, layers=layers, pool=pool,
+                  amp_dtype=amp_dtype, num_workers=num_workers, progress=progress)
+        train_x, train_y = extract_features(model, train_set, desc="features (train)", **kw)
+        test_x, test_y = extract_features(model, test_set, desc="features (test)", **kw)
+    finally:
+        model.to(original)
+    t1 = time.perf_counter()
+    out = probe_features(train_x, train_y, test_x, test_y, weight_decays=weight_decays,
+                         max_iter=max_iter, seed=seed, knn_k=knn_k,
+                         knn_temperature=knn_temperature, device=device)
+    out.update(layers=list(layers) if layers is not None else None, pool=pool,
+               seconds_features=t1 - t0, seconds=time.perf_counter() - t0)
+    log.info(f"linear probe top-1 {out['linear_probe_top1']:.2f} (wd {out['weight_decay']:g}, "
+             f"{out['lr_iterations']} L-BFGS iterations), {knn_k}-NN top-1 {out['knn_top1']:.2f}, "
+             f"{out['n_train']} train / {out['n_test']} test, {out['feature_dim']} features, "
+             f"{out['seconds']:.0f} s")
+    return out
+
+
+def raw_pixel_baseline(train_set: Dataset, test_set: Dataset, *, batch_size: int = 512,
+                       num_workers: int = 0, weight_decays: Sequence[float] = WEIGHT_DECAYS,
+                       max_iter: int = 1000, seed: int = 0, knn_k: int = 20,
+                       knn_temperature: Optional[float] = 0.07, knn_standardize: bool = True,
+                       device: Optional[Union[str, torch.device]] = None,
+                       progress: bool = False) -> dict[str, Any]:
+    """The probes of :func:`evaluate_representation` on flattened raw pixels (standardised with
+    the training statistics, for the logistic regression and, by default, for k-NN)."""
+    t0 = time.perf_counter()
+    train_x, train_y = dataset_pixels(train_set, batch_size, num_workers, progress)
+    test_x, test_y = dataset_pixels(test_set, batch_size, num_workers, progress)
+    out = probe_features(train_x, train_y, test_x, test_y, weight_decays=weight_decays,
+                         max_iter=max_iter, seed=seed, knn_k=knn_k,
+                         knn_temperature=knn_temperature, knn_standardize=knn_standardize,
+                         device=device)
+    out.update(seconds=time.perf_counter() - t0)
+    return out
+
+
+def subset(dataset: Dataset, max_items: Optional[int]) -> Dataset:
+    """The first ``max_items`` items (all when None): the probes' budgets."""
+    if max_items is None or max_items >= len(dataset):
+        return dataset
+    return Subset(dataset, range(max_items))
