@@ -1,4 +1,5 @@
-"""Datasets: the built-in Fashion-MNIST, ImageFolder trees and generated images."""
+"""Datasets: the built-in Fashion-MNIST, ImageFolder trees and generated images, and datasets of
+whole STAR sequences drawn from them (``sequences.py``, ``moving.py``)."""
 from __future__ import annotations
 
 from typing import Any
@@ -7,6 +8,7 @@ from torch.utils.data import Dataset
 
 from .fashion_mnist import FashionMNIST, find_fashion_mnist
 from .folder import build_image_folder
+from .sequences import SEQUENCE_KINDS, SequenceDataset, build_sequence_dataset
 from .synthetic import SyntheticImages
 from .transforms import build_eval_transform, build_pretrain_transform
 
@@ -25,5 +27,6 @@ def build_dataset(name: str, **kwargs: Any) -> Dataset:
     raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
 
 
-__all__ = ["DATASETS", "FashionMNIST", "SyntheticImages", "build_dataset", "build_eval_transform",
-           "build_image_folder", "build_pretrain_transform", "find_fashion_mnist"]
+__all__ = ["DATASETS", "FashionMNIST", "SEQUENCE_KINDS", "SequenceDataset", "SyntheticImages",
+           "build_dataset", "build_eval_transform", "build_image_folder", "build_pretrain_transform",
+           "build_sequence_dataset", "find_fashion_mnist"]

@@ -17,6 +17,12 @@ def build_pretrain_transform(img_size: int = 192, scale: tuple[float, float] = (
     ])
 
 
+def build_full_image_transform(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> T.Compose:
+    """The whole image at its own size, ImageNet normalisation: no crop, flip or resize (the
+    source image of ``data.sequence=views``, which cuts its own crops)."""
+    return T.Compose([T.ToTensor(), T.Normalize(mean, std)])
+
+
 def build_eval_transform(img_size: int = 224, crop_pct: float = 0.875,
                          mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> T.Compose:
     """Evaluation: resize the short side to img_size / crop_pct, centre crop, normalise."""

@@ -27,6 +27,7 @@ from typing import Any, Mapping, Optional, Sequence
 import yaml
 
 from ..config import StarConfig, did_you_mean, field_types, typed_values
+from ..data.sequences import SEQUENCE_KINDS, SEQUENCE_OPTIONS
 from ..errors import ConfigError
 from ..models.registry import model_config
 
@@ -63,6 +64,13 @@ class ModelSection:
                                       for k, v in self.fields.items()}}
 
 
+# data.<field> -> the option of data.sequences.build_sequence_dataset it sets.
+SEQUENCE_FIELDS = {"num_sequences": "num_sequences", "view_scale": "scale", "view_ratio": "ratio",
+                   "view_flip": "flip_prob", "clip_canvas": "canvas_size", "clip_items": "num_items",
+                   "clip_speed": "speed", "clip_per_epoch": "per_epoch"}
+CLIP_DATASETS = ("fashion_mnist", "synthetic")  # the data.name values data.sequence=clip takes
+
+
 @dataclass
 class DataConfig:
     """``data``. All tasks read the first group; the marked fields only one kind of task."""
@@ -77,6 +85,20 @@ class DataConfig:
     # -- pretraining only
     augment: bool = False  # light flips/shifts for the built-in data (ImageFolder always augments)
     synthetic_images: int = 2048  # size of the synthetic dataset
+    # What one sequence of K images packs (data/sequences.py): random (the paper's: K images of
+    # the shuffled dataset) | same_class | views (K crops of one image) | clip (K frames of a
+    # moving Fashion-MNIST clip; data.name fashion_mnist or synthetic). views and clip draw
+    # their own geometry: data.augment and ImageFolder's crops do not apply to them.
+    sequence: str = "random"
+    # The kinds' options; null is the kind's default. Each is read by the kinds named.
+    num_sequences: Optional[int] = None  # same_class, views, clip: per epoch (null: images // K)
+    view_scale: Optional[tuple[float, float]] = None  # views: crop area range (0.2, 1.0)
+    view_ratio: Optional[tuple[float, float]] = None  # views: crop aspect range (3/4, 4/3)
+    view_flip: Optional[float] = None  # views: horizontal flip probability (0.5)
+    clip_canvas: Optional[int] = None  # clip: canvas side in pixels (64), resized to img_size
+    clip_items: Optional[tuple[int, int]] = None  # clip: min, max items per clip (1, 2)
+    clip_speed: Optional[tuple[float, float]] = None  # clip: canvas pixels per frame (2, 5)
+    clip_per_epoch: Optional[bool] = None  # clip: new clips every epoch (false: fixed clips)
     # -- fine-tuning, linear probe and eval only
     eval_split: Optional[str] = None  # null: 'val' for imagefolder, 'test' for fashion_mnist
     max_eval_images: Optional[int] = None
@@ -84,6 +106,26 @@ class DataConfig:
     reprob: float = 0.25  # random erasing probability
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale
     crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, then centre crop
+
+    def __post_init__(self) -> None:
+        if self.sequence not in SEQUENCE_KINDS:
+            raise ConfigError(f"invalid config: data.sequence={self.sequence!r}"
+                              f"{did_you_mean(self.sequence, SEQUENCE_KINDS)} "
+                              f"(allowed: {', '.join(SEQUENCE_KINDS)})")
+        for name, option in SEQUENCE_FIELDS.items():
+            if getattr(self, name) is not None and option not in SEQUENCE_OPTIONS[self.sequence]:
+                readers = [k for k in SEQUENCE_KINDS if option in SEQUENCE_OPTIONS[k]]
+                raise ConfigError(f"invalid config: data.{name} is read only by data.sequence="
+                                  f"{', '.join(readers)}, not {self.sequence!r}; set it to null")
+        if self.sequence == "clip" and self.name not in CLIP_DATASETS:
+            raise ConfigError(f"invalid config: data.sequence='clip' moves Fashion-MNIST items (or "
+                              f"synthetic images) on a canvas; data.name={self.name!r} is neither "
+                              f"(allowed: {', '.join(CLIP_DATASETS)})")
+
+    def sequence_options(self) -> dict[str, Any]:
+        """The options of ``build_sequence_dataset`` that this config sets (not null)."""
+        return {option: getattr(self, name) for name, option in SEQUENCE_FIELDS.items()
+                if getattr(self, name) is not None}
 
     @property
     def resolved_eval_split(self) -> str:

@@ -5,14 +5,42 @@ from torch.utils.data import Dataset, Subset
 
 from ..config import StarConfig
 from ..data import DATASETS, build_dataset
-from ..data.transforms import build_pretrain_transform
+from ..data.sequences import build_sequence_dataset
+from ..data.transforms import build_full_image_transform, build_pretrain_transform
+from ..errors import ConfigError
 from .config import DataConfig
 
 
-def build_pretrain_dataset(data: DataConfig, model: StarConfig) -> Dataset:
-    """Fashion-MNIST (built in), an ImageFolder tree with ARM's transform, or synthetic images."""
+def build_pretrain_dataset(data: DataConfig, model: StarConfig, seed: int) -> Dataset:
+    """The training set of a pretraining run.
+
+    ``data.sequence='random'`` (the paper's setting) gives the images themselves
+    (:func:`build_pretrain_images`): the trainer shuffles images and packs K consecutive ones
+    into a sequence. Any other kind gives a :class:`~star_mamba.data.sequences.SequenceDataset`
+    whose items are whole sequences of ``model.images_per_sequence`` images drawn from those
+    images, with the options ``data`` sets and ``seed`` (``run.seed``) for its draws.
+    """
+    images = build_pretrain_images(data, model)
+    if data.sequence == "random":
+        return images
+    try:
+        return build_sequence_dataset(data.sequence, images, model.images_per_sequence,
+                                      model.img_size, model.in_chans, seed,
+                                      **data.sequence_options())
+    except ValueError as e:  # an option out of range, too few images of a class, ...
+        raise ConfigError(f"invalid config: data.sequence={data.sequence!r}: {e}") from None
+
+
+def build_pretrain_images(data: DataConfig, model: StarConfig) -> Dataset:
+    """The images of a pretraining run, as ``(image, label)`` items: Fashion-MNIST (built in),
+    an ImageFolder tree with ARM's transform, or synthetic images.
+
+    The sequence kinds that draw their own geometry get plain images: ``views`` (K crops of
+    one image) the whole image, without ARM's crop or Fashion-MNIST's ``augment``; ``clip``
+    Fashion-MNIST's raw 28x28 items (read as such whatever ``model.img_size``)."""
     if data.name not in DATASETS:
         raise ValueError(f"invalid config: data.name={data.name!r}; allowed: {', '.join(DATASETS)}")
+    own_geometry = data.sequence in ("views", "clip")
     if data.name == "imagefolder":
         if model.in_chans != 3:
             raise ValueError(f"invalid config: model.in_chans={model.in_chans} but ImageFolder "
@@ -20,13 +48,16 @@ def build_pretrain_dataset(data: DataConfig, model: StarConfig) -> Dataset:
         if data.root is None:
             raise ValueError("invalid config: data.root is required for data.name='imagefolder' "
                              "(a directory holding train/ and val/ class folders)")
+        transform = (build_full_image_transform() if own_geometry
+                     else build_pretrain_transform(model.img_size))
         dataset = build_dataset("imagefolder", root=data.root, split=data.split,
-                                transform=build_pretrain_transform(model.img_size),
-                                max_bad_fraction=data.max_bad_fraction)
+                                transform=transform, max_bad_fraction=data.max_bad_fraction)
     elif data.name == "fashion_mnist":
+        clip = data.sequence == "clip"  # clips read the raw items: any img_size and in_chans
         dataset = build_dataset("fashion_mnist", root=data.root, split=data.split,
-                                img_size=model.img_size, in_chans=model.in_chans,
-                                augment=data.augment, download=data.download)
+                                img_size=28 if clip else model.img_size,
+                                in_chans=1 if clip else model.in_chans,
+                                augment=data.augment and not own_geometry, download=data.download)
     else:
         dataset = build_dataset("synthetic", num_images=data.synthetic_images,
                                 img_size=model.img_size, in_chans=model.in_chans)

@@ -25,11 +25,12 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
         raise ValueError(f"invalid config: optim.batch_size={cfg.optim.batch_size} must be a "
                          f"multiple of model.images_per_sequence={k} (images are packed K per "
                          "sequence)")
-    dataset = build_pretrain_dataset(cfg.data, model_cfg)  # fails early on missing data
+    # images, or whole sequences for data.sequence != random; fails early on missing data
+    dataset = build_pretrain_dataset(cfg.data, model_cfg, cfg.run.seed)
     ctx = start_run(cfg)
     seed_everything(cfg.run.seed)  # same initial weights on every rank
     model = StarPretrain(model_cfg)
     describe = (f", {k} images x {model_cfg.segments_per_image} segments = {model_cfg.seq_len} "
-                "tokens per sequence")
+                f"tokens per sequence ({cfg.data.sequence} sequences)")
     return fit(cfg, ctx, Job("STAR pretraining", model, model_cfg, dataset, pretrain_loss,
                              describe=describe))

@@ -9,42 +9,15 @@ same blocks, in the same optimizer steps, with the same seeds.
 """
 from __future__ import annotations
 
-import random
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
 from ..data.folder import collect_unreadable
-
-# Domain tags keep the two families of seeds apart: block k and sample k get unrelated seeds.
-_BLOCK_STREAM, _SAMPLE_STREAM = 0, 1
-_SEED_BITS = 63  # torch, python and numpy (as two 32-bit words) all take a 63-bit seed
-
-
-def mix_seed(*key: int) -> int:
-    """A 63-bit seed hashed from non-negative integers with numpy's SeedSequence (so (1, 2) and
-    (2, 1), or seed + index collisions, give unrelated seeds)."""
-    state = np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0]
-    return int(state) >> (64 - _SEED_BITS)
-
-
-def block_seed(seed: int, epoch: int, block: int) -> int:
-    """The seed of the model-side draws (drop path, mixup/cutmix) of one block (micro-batch)."""
-    return mix_seed(seed, epoch, _BLOCK_STREAM, block)
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """The seed of the augmentation of dataset image ``index`` in ``epoch``."""
-    return mix_seed(seed, epoch, _SAMPLE_STREAM, index)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python's, numpy's and torch's (CPU and every GPU) global generators."""
-    random.seed(seed)
-    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])  # numpy's legacy seed: 32-bit words
-    torch.manual_seed(seed)
+# The seeds live in a low-level module that the datasets share (``star_mamba/seeding.py``, with
+# the table of every seed stream); re-exported here, where the engine reads them.
+from ..seeding import block_seed, mix_seed, sample_seed, seed_everything
 
 
 class BlockShardSampler(Sampler[int]):
@@ -139,3 +112,7 @@ class SeededDataset(Dataset):
 def collate_reported(items: list[tuple[Any, list]]) -> tuple[Any, list[tuple[int, str, str]]]:
     """:class:`SeededDataset` items -> (the batch as ``default_collate`` makes it, all reports)."""
     return default_collate([sample for sample, _ in items]), [r for _, rs in items for r in rs]
+
+
+__all__ = ["BlockShardSampler", "EpochIndexSampler", "SeededDataset", "block_seed",
+           "collate_reported", "mix_seed", "sample_seed", "seed_everything"]

@@ -17,17 +17,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
 from timm.optim import create_optimizer_v2
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..config import StarConfig
 from .. import checkpoint as ckpt
+from ..data.sequences import ReportedSequences, SequenceDataset, collate_sequences_reported
 from .config import RunConfig, RunOptions, save_config
 from .dist import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, cleanup, env_local_rank,
                    init_distributed, resolve_device)
@@ -55,11 +56,13 @@ class BadImages:
 
     The dataset reports an unreadable image with the batch that replaced it (``folder.py``:
     each dataset index reports its own file, so each bad file counts once per epoch, on the
-    one rank whose block holds it). The training loop adds up its micro-batches' reports and
-    folds the count into the all-reduce it already does once per optimizer step, so every
-    rank holds the same global ``state.bad_in_epoch`` and stops at the same step once it
-    exceeds ``data.max_bad_fraction`` x dataset size. The count is saved with the state, so a
-    resumed epoch keeps it. Each rank names its own bad files in the log, once each.
+    one rank whose block holds it; sequence kinds that draw images with replacement report it
+    each time it is drawn, out of ``len(sequences) x K`` images). The training loop adds up
+    its micro-batches' reports and folds the count into the all-reduce it already does once
+    per optimizer step, so every rank holds the same global ``state.bad_in_epoch`` and stops
+    at the same step once it exceeds ``data.max_bad_fraction`` x dataset size. The count is
+    saved with the state, so a resumed epoch keeps it. Each rank names its own bad files in
+    the log, once each.
     """
 
     def __init__(self, max_fraction: float, dataset_size: int):
@@ -339,6 +342,41 @@ def wrap_for_training(model: torch.nn.Module, run: RunOptions, device: torch.dev
     return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
 
 
+class TrainingItems(NamedTuple):
+    """What the training loader reads (:func:`training_items`)."""
+
+    dataset: Dataset  # items ((images, labels), unreadable-image reports) keyed (epoch, index)
+    batch_size: int  # items per process and micro-batch
+    collate: Callable  # items -> ((images (B, C, H, W), labels (B,)), reports)
+    shuffle: bool  # whether the sampler shuffles the items per epoch
+    num_images: int  # images per epoch, for the unreadable-image limit
+    what: str  # for the log
+
+
+def training_items(dataset: Dataset, batch_size: int, seed: int, world_size: int) -> TrainingItems:
+    """How ``dataset`` is read in training; ``optim.batch_size`` (``batch_size``) counts images
+    per process and micro-batch either way.
+
+    A dataset of images is read image by image (:class:`SeededDataset`; pretraining packs K
+    consecutive images of the shuffled data into a sequence). A :class:`SequenceDataset` is read
+    sequence by sequence, ``batch_size // K`` per micro-batch (:class:`ReportedSequences`): the
+    sampler shards whole sequences, so a sequence is never split across ranks."""
+    if not isinstance(dataset, SequenceDataset):
+        return TrainingItems(SeededDataset(dataset, seed), batch_size, collate_reported, True,
+                             len(dataset), f"{len(dataset)} images")
+    k = dataset.images_per_sequence
+    if batch_size % k:
+        raise ValueError(f"invalid config: optim.batch_size={batch_size} must be a multiple of "
+                         f"the {k} images of a sequence")
+    if len(dataset) < world_size * (batch_size // k):
+        raise ValueError(f"{len(dataset)} {dataset.kind} sequences are fewer than one global batch "
+                         f"({world_size} process(es) x optim.batch_size={batch_size} images = "
+                         f"{world_size * (batch_size // k)} sequences of {k})")
+    return TrainingItems(ReportedSequences(dataset), batch_size // k, collate_sequences_reported,
+                         not dataset.shuffled_per_epoch, len(dataset) * k,
+                         f"{len(dataset) * k} images ({len(dataset)} {dataset.kind} sequences of {k})")
+
+
 def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
     """Train ``job`` for ``optim.epochs`` epochs (or ``run.max_steps``), resuming if asked."""
     r, o = cfg.run, cfg.optim
@@ -372,11 +410,13 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
         log.info(f"resumed from {resume_path} at epoch {state.epoch}, step {state.step}")
 
     trained = wrap_for_training(model, cfg.run, device, info)
-    sampler = EpochIndexSampler(len(job.dataset), o.batch_size, info.rank, info.world_size, r.seed)
+    items = training_items(job.dataset, o.batch_size, r.seed, info.world_size)
+    sampler = EpochIndexSampler(len(items.dataset), items.batch_size, info.rank, info.world_size,
+                                r.seed, shuffle=items.shuffle)
     workers = cfg.data.num_workers
-    loader = DataLoader(SeededDataset(job.dataset, r.seed), batch_size=o.batch_size,
+    loader = DataLoader(items.dataset, batch_size=items.batch_size,
                         sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-                        collate_fn=collate_reported,  # (images, targets), unreadable-image reports
+                        collate_fn=items.collate,  # (images, targets), unreadable-image reports
                         drop_last=True, persistent_workers=workers > 0,
                         # the workers' base seed comes from here, not from the global RNG
                         generator=torch.Generator().manual_seed(r.seed))
@@ -385,7 +425,7 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
         raise ValueError(f"an epoch of {sampler.batches_per_epoch} batches is shorter than "
                          f"optim.accum_iter={o.accum_iter}")
     log.info(f"{job.title}: {cfg.model.name} ({n_params / 1e6:.2f}M params, "
-             f"{n_train / 1e6:.2f}M trained){job.describe}, {len(job.dataset)} images, "
+             f"{n_train / 1e6:.2f}M trained){job.describe}, {items.what}, "
              f"{info.world_size} process(es) on {device}, effective batch {eff_batch}, "
              f"lr {base_lr:.3e}, {steps_per_epoch} steps/epoch, amp {amp_dtype}"
              f"{', torch.compile' if r.compile else ''}")
@@ -393,7 +433,7 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
     writer = MetricWriter(output_dir, enabled=info.is_main, tensorboard=r.tensorboard)
     if resume_path is not None:
         writer.drop_after(state.step)  # rows of steps the resumed run redoes
-    bad_images = BadImages(cfg.data.max_bad_fraction, len(job.dataset))
+    bad_images = BadImages(cfg.data.max_bad_fraction, items.num_images)
 
     def save(names: list[str]) -> None:
         if not info.is_main:

@@ -270,7 +270,7 @@ def visualize(checkpoint: str | Path, out_dir: str | Path, config: Any = None,
     for the first row of clusters.
     """
     from ..engine.config import RunConfig, load_config
-    from ..engine.data import build_pretrain_dataset
+    from ..engine.data import build_pretrain_images
 
     if num_sequences < 1 or max_batches < 1 or first_clusters < 1:
         raise ValueError("num_sequences, max_batches and first_clusters must be >= 1")
@@ -282,7 +282,7 @@ def visualize(checkpoint: str | Path, out_dir: str | Path, config: Any = None,
     if split is not None:
         import dataclasses
         data_cfg = dataclasses.replace(data_cfg, split=split)
-    dataset = build_pretrain_dataset(data_cfg, cfg)
+    dataset = build_pretrain_images(data_cfg, cfg)  # images drawn at random, whatever data.sequence
     k = cfg.images_per_sequence
     batch = _batch_size(run_cfg.optim.batch_size, k)
     batch = max(batch, num_sequences * k)
