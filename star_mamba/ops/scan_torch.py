@@ -41,12 +41,9 @@ def forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor
 def backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, hs: Tensor, dy: Tensor,
              dlast: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of (y, last) -> (du, ddelta, dA, dB, dC), shaped as the inputs."""
-    dT = delta.permute(2, 0, 1)  # (L, b, d)
-    uT = u.permute(2, 0, 1)  # (L, b, d)
-    BT = B.permute(2, 0, 1)  # (L, b, N)
-    CT = C.permute(2, 0, 1)  # (L, b, N)
+    # time-major copies: the bulk products below are 2-3x slower on strided views
+    dT, uT, BT, CT, dyT = (t.permute(2, 0, 1).contiguous() for t in (delta, u, B, C, dy))
     dA = torch.exp_(dT.unsqueeze(-1) * A)  # (L, b, d, N), recomputed
-    dyT = dy.permute(2, 0, 1)  # (L, b, d)
     g = dyT.unsqueeze(-1) * CT.unsqueeze(2)  # (L, b, d, N): direct gradient on h_t
     g[-1] += dlast
     for t in range(g.shape[0] - 2, -1, -1):
