@@ -504,7 +504,16 @@ def test_convert_classifier_checkpoint_reads_back_and_evaluates(tmp_path):
     with torch.no_grad():
         expected = 100 * (model(x).argmax(1) == y).float().mean().item()
     assert result["top1"] == pytest.approx(expected)
-    assert evaluate_checkpoint(tmp_path / "star.pth", cfg, use_ema=True)["top1"] >= 0
+    # --ema reads the EMA weights: give them a head that ranks the classes the other way round
+    saved["extras"]["ema"]["module.head.weight"] = -ema["head.weight"]
+    torch.save(saved, tmp_path / "star_ema.pth")
+    ema_model = StarClassifier(StarConfig.from_dict(saved["model_config"])).eval()
+    ema_model.load_state_dict({**ema, "head.weight": -ema["head.weight"]})
+    with torch.no_grad():
+        expected_ema = 100 * (ema_model(x).argmax(1) == y).float().mean().item()
+    result_ema = evaluate_checkpoint(tmp_path / "star_ema.pth", cfg, use_ema=True)
+    assert result_ema["top1"] == pytest.approx(expected_ema)
+    assert result_ema["loss"] != pytest.approx(result["loss"])  # not the raw weights
 
 
 def test_convert_pretrain_checkpoint_feeds_finetuning(tmp_path):
