@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 import star_mamba
 from star_mamba.data.fashion_mnist import find_fashion_mnist
 from star_mamba.engine.config import load_config
+from star_mamba.engine.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -161,6 +162,23 @@ def run_cli(command: str, sets: list[str], *torchrun: str, env: Optional[dict] =
 
 def output_of(done) -> str:
     return done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def logged_losses(out_dir) -> list[float]:
+    """The loss of every metrics.jsonl row a run wrote."""
+    return [row["loss"] for row in read_metrics(Path(out_dir) / "metrics.jsonl") if "loss" in row]
+
+
+def pretrain_one_and_two_processes(tmp_path, *extra: str) -> tuple[list[float], list[float]]:
+    """The same tiny pretraining with a global batch of 16 images: 1 process x 16 and, under
+    torchrun, 2 processes x 8. Returns the logged losses of each (tmp_path/"one", "two")."""
+    for nproc, batch, name in ((1, 16, "one"), (2, 8, "two")):
+        done = run_cli("pretrain", [*PRETRAIN_RUN, *extra, "optim.epochs=1", "optim.blr=1e-2",
+                                    f"optim.batch_size={batch}",
+                                    f"run.output_dir={tmp_path / name}"],
+                       f"--nproc_per_node={nproc}")
+        assert done.returncode == 0, output_of(done)
+    return logged_losses(tmp_path / "one"), logged_losses(tmp_path / "two")
 
 
 # ------------------------------------------------------------------------------ data skips

@@ -18,7 +18,8 @@ from star_mamba.engine.dist import resolve_device
 from star_mamba.engine.finetune import finetune
 from star_mamba.engine.pretrain import pretrain
 from star_mamba.engine.sampler import (BlockShardSampler, EpochIndexSampler, SeededDataset,
-                                       block_seed, collate_reported, mix_seed, sample_seed)
+                                       collate_reported)
+from star_mamba.seeding import block_seed, mix_seed, sample_seed
 
 from .conftest import (PRETRAIN_RUN, assert_same_tensors, finetune_config, finetune_overrides,
                        make_shapes, output_of, run_cli)

@@ -14,7 +14,8 @@ from star_mamba.engine.config import load_config
 from star_mamba.engine.metrics import read_metrics
 from star_mamba.engine.pretrain import pretrain
 
-from .conftest import PRETRAIN_RUN, assert_same_tensors, output_of, pretrain_config, run_cli, truncate
+from .conftest import (assert_same_tensors, pretrain_config, pretrain_one_and_two_processes,
+                       truncate)
 
 tiny_config = pretrain_config
 
@@ -115,20 +116,8 @@ def test_cli_reports_missing_fashion_mnist(tmp_path, capsys, monkeypatch):
     assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
 
 
-def _final_losses(out_dir):
-    return [r["loss"] for r in metrics(out_dir)]
-
-
 def test_torchrun_two_processes_match_one(tmp_path):
-    def run(nproc, batch, out):
-        done = run_cli("pretrain", [*PRETRAIN_RUN, "optim.epochs=1", "optim.blr=1e-2",
-                                    f"optim.batch_size={batch}", f"run.output_dir={out}"],
-                       f"--nproc_per_node={nproc}")
-        assert done.returncode == 0, output_of(done)
-
-    run(1, 16, tmp_path / "one")
-    run(2, 8, tmp_path / "two")
-    one, two = _final_losses(tmp_path / "one"), _final_losses(tmp_path / "two")
+    one, two = pretrain_one_and_two_processes(tmp_path)
     assert len(one) == len(two) == 4
     assert one == pytest.approx(two, rel=1e-4, abs=1e-5)
 

@@ -1,7 +1,6 @@
 """Pretraining with ``data.sequence`` (engine/data.py, trainer.fit): every kind runs and saves,
 ``random`` stays the image-level path (and the sequence path reproduces it exactly), config
 mistakes are one clear line, a resumed run is exact, and 2 processes match 1."""
-from pathlib import Path
 
 import pytest
 from torch.utils.data import Subset
@@ -15,18 +14,13 @@ from star_mamba.data.sequences import RandomSequences
 from star_mamba.engine import pretrain as pretrain_module
 from star_mamba.engine.config import load_config
 from star_mamba.engine.data import build_pretrain_dataset
-from star_mamba.engine.metrics import read_metrics
 from star_mamba.engine.pretrain import pretrain
 from star_mamba.errors import ConfigError
 
-from .conftest import (PRETRAIN_RUN, assert_same_tensors, folder_pretrain_overrides, output_of,
-                       pretrain_config, requires_fashion_mnist, run_cli)
+from .conftest import (assert_same_tensors, folder_pretrain_overrides, logged_losses,
+                       pretrain_config, pretrain_one_and_two_processes, requires_fashion_mnist)
 
 KINDS = [kind for kind in SEQUENCE_KINDS if kind != "random"]
-
-
-def losses(out_dir):
-    return [row["loss"] for row in read_metrics(Path(out_dir) / "metrics.jsonl")]
 
 
 def dataset_of(cfg):
@@ -42,7 +36,7 @@ def test_each_kind_pretrains_two_steps_and_saves(tmp_path, kind):
     assert pretrain(cfg)["step"] == 2
     saved = load_checkpoint(tmp_path / ckpt.LATEST)
     assert saved["state"]["step"] == 2 and saved["run_config"]["data"]["sequence"] == kind
-    assert len(losses(tmp_path)) == 2 and all(0 < x < 10 for x in losses(tmp_path))
+    assert len(logged_losses(tmp_path)) == 2 and all(0 < x < 10 for x in logged_losses(tmp_path))
     log = (tmp_path / "log.txt").read_text()
     assert f"64 images (32 {kind} sequences of 2)" in log and "8 steps/epoch" in log
 
@@ -108,8 +102,8 @@ def test_sequence_loader_reproduces_the_image_level_run(tmp_path, monkeypatch):
     monkeypatch.setattr(pretrain_module, "build_pretrain_dataset", as_sequences)
     pretrain(pretrain_config(tmp_path / "sequences", "run.max_steps=10"))
     assert "(32 random sequences of 2)" in (tmp_path / "sequences" / "log.txt").read_text()
-    assert len(losses(tmp_path / "images")) == 10
-    assert losses(tmp_path / "sequences") == losses(tmp_path / "images")
+    assert len(logged_losses(tmp_path / "images")) == 10
+    assert logged_losses(tmp_path / "sequences") == logged_losses(tmp_path / "images")
 
 
 def test_unknown_kind_is_one_line_with_a_hint(tmp_path, capsys):
@@ -150,20 +144,12 @@ def test_interrupted_sequence_run_resumes_exactly(tmp_path):
     assert pretrain(pretrain_config(tmp_path / "part", *run))["step"] == 16  # auto-resume
     assert_same_tensors(load_checkpoint(tmp_path / "whole" / ckpt.LATEST)["model"],
                         load_checkpoint(tmp_path / "part" / ckpt.LATEST)["model"], "weights")
-    assert losses(tmp_path / "part") == losses(tmp_path / "whole")
+    assert logged_losses(tmp_path / "part") == logged_losses(tmp_path / "whole")
 
 
 def test_torchrun_two_processes_match_one_on_same_class(tmp_path):
     """Same global batch (16 images = 8 sequences of 2): each rank takes 4 whole sequences."""
-    def run(nproc, batch, out):
-        done = run_cli("pretrain", [*PRETRAIN_RUN, "data.sequence=same_class", "optim.epochs=1",
-                                    "optim.blr=1e-2", f"optim.batch_size={batch}",
-                                    f"run.output_dir={out}"], f"--nproc_per_node={nproc}")
-        assert done.returncode == 0, output_of(done)
-
-    run(1, 16, tmp_path / "one")
-    run(2, 8, tmp_path / "two")
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    one, two = pretrain_one_and_two_processes(tmp_path, "data.sequence=same_class")
     assert len(one) == len(two) == 4
     assert one == pytest.approx(two, rel=1e-4, abs=1e-5)
     assert "(32 same_class sequences of 2), 2 process(es)" in (tmp_path / "two" / "log.txt").read_text()

@@ -30,7 +30,8 @@ from ..config import RUNTIME_FIELDS
 from ..errors import CheckpointError, ConfigError
 from .config import DataConfig, RunConfig, load_config
 from .dist import DistInfo, all_reduce_mean
-from .trainer import Job, check_run_config, fit, maybe_compile, seed_everything, start_run
+from ..seeding import seed_everything
+from .trainer import Job, check_run_config, fit, maybe_compile, start_run
 
 log = logging.getLogger("star_mamba")
 

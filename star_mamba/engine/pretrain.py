@@ -8,7 +8,8 @@ import torch
 from ..models.pretrain import StarPretrain
 from .config import RunConfig
 from .data import build_pretrain_dataset
-from .trainer import Job, check_run_config, fit, seed_everything, start_run
+from ..seeding import seed_everything
+from .trainer import Job, check_run_config, fit, start_run
 
 
 def pretrain_loss(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

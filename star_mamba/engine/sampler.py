@@ -15,9 +15,7 @@ import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
 from ..data.folder import collect_unreadable
-# The seeds live in a low-level module that the datasets share (``star_mamba/seeding.py``, with
-# the table of every seed stream); re-exported here, where the engine reads them.
-from ..seeding import block_seed, mix_seed, sample_seed, seed_everything
+from ..seeding import sample_seed, seed_everything  # every seed stream: star_mamba/seeding.py
 
 
 class BlockShardSampler(Sampler[int]):
@@ -114,5 +112,4 @@ def collate_reported(items: list[tuple[Any, list]]) -> tuple[Any, list[tuple[int
     return default_collate([sample for sample, _ in items]), [r for _, rs in items for r in rs]
 
 
-__all__ = ["BlockShardSampler", "EpochIndexSampler", "SeededDataset", "block_seed",
-           "collate_reported", "mix_seed", "sample_seed", "seed_everything"]
+__all__ = ["BlockShardSampler", "EpochIndexSampler", "SeededDataset", "collate_reported"]

@@ -34,8 +34,8 @@ from .dist import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, cleanup, 
                    init_distributed, resolve_device)
 from .lr_sched import lr_at, set_lr
 from .metrics import MetricWriter, plot_loss_curve
-from .sampler import (BlockShardSampler, EpochIndexSampler, SeededDataset, block_seed,
-                      collate_reported, seed_everything)
+from ..seeding import block_seed, seed_everything
+from .sampler import BlockShardSampler, EpochIndexSampler, SeededDataset, collate_reported
 
 log = logging.getLogger("star_mamba")
 
@@ -179,6 +179,7 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer, scale
     model.train()
     accum = o.accum_iter
     logged_sum = torch.zeros((), device=device)  # micro-batch losses since the last log line
+    window_sum = torch.zeros((), device=device)  # losses of the current accumulation window
     logged_steps, epoch_sum, epoch_steps = 0, 0.0, 0
     t_last, images_since = time.perf_counter(), 0
     bar = tqdm(total=steps_per_epoch * accum, initial=state.batch_in_epoch, leave=False,

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

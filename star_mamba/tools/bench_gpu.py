@@ -356,18 +356,11 @@ def section_tests(plan: Plan, device: torch.device, ctx: dict, out: dict) -> Opt
 
 def _scan_inputs(batch: int, dim: int, length: int, d_state: int, dtype: torch.dtype,
                  device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Mamba-initialised scan inputs made on ``device``: u, delta, B, C, z in ``dtype`` (as the
-    model feeds them under autocast), A, D, delta_bias in float32 (as the model keeps them)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, device=device)  # noqa: E731
-    lo, hi = math.log(1e-3), math.log(0.1)
-    dt = torch.exp(torch.rand(dim, generator=g, device=device) * (hi - lo) + lo)
-    x = dict(u=r(batch, dim, length).to(dtype), delta=(r(batch, dim, length) * 0.1).to(dtype),
-             A=-torch.arange(1, d_state + 1, dtype=torch.float32, device=device).repeat(dim, 1),
-             B=r(batch, d_state, length).to(dtype), C=r(batch, d_state, length).to(dtype),
-             D=r(dim), z=r(batch, dim, length).to(dtype),
-             delta_bias=dt + torch.log(-torch.expm1(-dt)))
-    return x
+    """bench.scan_inputs on ``device``, with u, delta, B, C, z in ``dtype`` (as the model feeds
+    them under autocast) and A, D, delta_bias in float32 (as the model keeps them)."""
+    from .bench import scan_inputs
+    x = scan_inputs(batch, dim, length, d_state, seed, device)
+    return {k: v.to(dtype) if k in ("u", "delta", "B", "C", "z") else v for k, v in x.items()}
 
 
 def _scan_with_grads(backend: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
