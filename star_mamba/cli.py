@@ -130,6 +130,12 @@ def _bench_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--compile-backend", default=None,
                    help="torch.compile backend for the compile comparisons (default: inductor; "
                         "aot_eager in a --gpu --dry-run)")
+    b.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                   help="with --gpu: wall-clock budget of the whole run (default 570); sections "
+                        "left when it runs out are recorded as skipped")
+    b.add_argument("--sections", default=None, metavar="A,B,...",
+                   help="with --gpu: run only these sections (device, tests, scan_accuracy, "
+                        "scan_speed, pretrain_step, compile, convergence)")
 
 
 def _no_args(p: argparse.ArgumentParser) -> None:
@@ -191,13 +197,20 @@ def _bench(args: argparse.Namespace) -> int:
             raise UserError("--gpu needs a CUDA device (torch.cuda.is_available() is False); "
                             "--gpu --dry-run runs the same code on CPU at tiny sizes")
         out = args.output_dir or "benchmarks/results/gpu"
-        r = run_acceptance(out, dry_run=args.dry_run, compile_backend=args.compile_backend)
+        sections = None if args.sections is None else [x.strip() for x in args.sections.split(",")
+                                                         if x.strip()]
+        if args.budget is not None and args.budget <= 0:
+            raise UserError(f"--budget must be a positive number of seconds, got {args.budget}")
+        r = run_acceptance(out, dry_run=args.dry_run, compile_backend=args.compile_backend,
+                           sections=sections, budget_s=args.budget)
         bad = [n for n, e in r["sections"].items() if e["status"] == "error" or e["passed"] is False]
         print(f"{r['meta']['wall_s']} s; sections failed or in error: {', '.join(bad) or 'none'}")
         print(f"results written to {out}/gpu_acceptance.json and gpu_acceptance.md")
         return 1 if bad else 0
-    if args.dry_run:
-        raise UserError("--dry-run belongs to --gpu")
+    for flag, value in (("--dry-run", args.dry_run), ("--budget", args.budget),
+                        ("--sections", args.sections)):
+        if value:
+            raise UserError(f"{flag} belongs to --gpu")
     from .tools.bench import run_all, to_markdown
     out = args.output_dir or "benchmarks/results"
     print(to_markdown(run_all(out, quick=args.quick, compile_backend=args.compile_backend)), end="")

@@ -219,3 +219,23 @@ def test_default_run_compile_failure_is_recorded():
     assert out["compile_error"] and "compiled_step_ms" not in out
     out = _compiled_step(model, lambda m: m(x).sum().backward(), 1, "eager")
     assert "compile_error" not in out and out["compiled_step_ms"] >= 0 and out["compile_s"] >= 0
+
+
+def test_cli_sections_and_budget(tmp_path, capsys):
+    """--sections runs only the named sections, --budget is the run's time budget; both are
+    recorded in the command line of the results, and misuse is one error line."""
+    from star_mamba.cli import main
+    assert main(["bench", "--gpu", "--dry-run", "--sections", "device,convergence",
+                 "--budget", "100", "--output-dir", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "gpu_acceptance.json").read_text())
+    assert list(results["sections"]) == ["device", "convergence"]
+    assert results["meta"]["command"] == ("star-mamba bench --gpu --dry-run --budget 100 "
+                                          "--sections device,convergence")
+    assert results["meta"]["budget_s"] == 100
+    capsys.readouterr()
+    assert main(["bench", "--gpu", "--dry-run", "--sections", "device,warp"]) == 2
+    assert "unknown section(s) ['warp']" in capsys.readouterr().err
+    assert main(["bench", "--budget", "10"]) == 2
+    assert "--budget belongs to --gpu" in capsys.readouterr().err
+    assert main(["bench", "--gpu", "--dry-run", "--budget", "-1"]) == 2
+    assert "--budget must be a positive" in capsys.readouterr().err

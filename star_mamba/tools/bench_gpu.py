@@ -46,6 +46,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..errors import UserError
+
 ROOT = Path(__file__).resolve().parents[2]  # the source tree (tests/ lives here)
 SECTIONS = ("device", "tests", "scan_accuracy", "scan_speed", "pretrain_step", "compile",
             "convergence")
@@ -781,7 +783,8 @@ def _child_main(spec_path: str, result_path: str) -> int:
 
 def run_acceptance(output_dir: str | Path = "benchmarks/results/gpu", dry_run: bool = False,
                    compile_backend: Optional[str] = None, sections: Optional[list[str]] = None,
-                   isolate: Optional[bool] = None, log: Callable[[str], None] = print) -> dict:
+                   isolate: Optional[bool] = None, budget_s: Optional[float] = None,
+                   log: Callable[[str], None] = print) -> dict:
     """Run every section (or ``sections``) and write ``gpu_acceptance.json`` / ``.md``.
 
     ``isolate`` (default: on for the GPU run, off for the dry run) runs each section in its own
@@ -794,6 +797,8 @@ def run_acceptance(output_dir: str | Path = "benchmarks/results/gpu", dry_run: b
         plan.notes.append(f"torch.compile backend set on the command line: {compile_backend}")
     if isolate is not None:
         plan.isolate = isolate
+    if budget_s is not None:
+        plan.budget_s = budget_s
     if not dry_run and not torch.cuda.is_available():
         raise RuntimeError("star-mamba bench --gpu needs a CUDA device (torch.cuda.is_available() "
                            "is False); --dry-run runs the same code on CPU at tiny sizes")
@@ -802,13 +807,15 @@ def run_acceptance(output_dir: str | Path = "benchmarks/results/gpu", dry_run: b
     output_dir.mkdir(parents=True, exist_ok=True)
     unknown = [s for s in sections or () if s not in SECTION_FUNCS]
     if unknown:
-        raise ValueError(f"unknown section(s) {unknown}; allowed: {', '.join(SECTIONS)}")
+        raise UserError(f"unknown section(s) {unknown}; allowed: {', '.join(SECTIONS)}")
     names = [s for s in RUN_ORDER if sections is None or s in sections]
     start = time.perf_counter()
     results: dict[str, Any] = dict(
         meta=dict(kind="star-mamba GPU acceptance run", dry_run=dry_run, device=str(device),
-                  started=time.strftime("%Y-%m-%d %H:%M:%S %z"), command="star-mamba bench --gpu"
-                  + (" --dry-run" if dry_run else ""), isolated=plan.isolate,
+                  started=time.strftime("%Y-%m-%d %H:%M:%S %z"), command=" ".join(
+                      ["star-mamba bench --gpu"] + (["--dry-run"] if dry_run else [])
+                      + ([f"--budget {budget_s:g}"] if budget_s is not None else [])
+                      + ([f"--sections {','.join(sections)}"] if sections else [])), isolated=plan.isolate,
                   budget_s=plan.budget_s, notes=plan.notes, wall_s=None, complete=False),
         plan=dataclasses.asdict(plan), sections={})
     ctx: dict[str, Any] = {}
