@@ -1,7 +1,6 @@
 """Frozen-representation evaluation: features extracted once, a converged linear probe, k-NN.
 
-Today's ``run.linprobe`` trains a linear head with one SGD pass through the frozen backbone,
-which is far from converged. This module is the standard protocol instead:
+The protocol behind ``star-mamba linprobe`` (``engine/linprobe.py``) and ``ablate``:
 
 1. :func:`extract_features`: the frozen backbone (eval mode, no grad) over a dataset, once;
    pooled tokens of the last block (or the concatenation of several block taps).
@@ -11,18 +10,20 @@ which is far from converged. This module is the standard protocol instead:
    training set, then refitted on the whole training set with the best one.
 3. :func:`knn_accuracy`: DINO's weighted k-NN vote over cosine similarities.
 4. :func:`evaluate_representation`: 1-3 for a pretraining checkpoint (or any classifier) on a
-   train and a test split; :func:`raw_pixel_baseline`: the same probes on flattened pixels.
+   train and a test split, the features optionally cached on disk (:func:`cached_features`);
+   :func:`raw_pixel_baseline`: the same probes on flattened pixels.
 
-Imports only from ``models`` and ``config`` (no engine, tools or CLI code), so the CLI and the
-ablation tool can both call it.
+Imports only from ``models``, ``config`` and ``checkpoint`` (no other engine module, no tools or
+CLI code).
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from ..checkpoint import atomic_save
+from ..errors import CheckpointError
 from ..config import StarConfig
 from ..models.classifier import StarClassifier
 from ..models.convert import load_pretrained, read_pretrained
@@ -40,6 +43,8 @@ WEIGHT_DECAYS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 """The default L2 sweep (on standardised features; the loss is the *mean* cross-entropy)."""
 
 POOLS = ("avg", "cls")
+PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
+"""The logistic regression's arithmetic (features, weights, L-BFGS state)."""
 
 
 # ------------------------------------------------------------------------------ features
@@ -429,11 +434,13 @@ def knn_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
 # ------------------------------------------------------------------------------ top level
 
 def probe_features(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, *,
-                   weight_decays: Sequence[float] = WEIGHT_DECAYS, max_iter: int = 1000,
-                   seed: int = 0, knn_k: int = 20, knn_temperature: Optional[float] = 0.07,
-                   knn_standardize: bool = False,
+                   weight_decays: Sequence[float] = WEIGHT_DECAYS, val_fraction: float = 0.1,
+                   max_iter: int = 1000, tolerance_grad: float = 1e-4,
+                   dtype: torch.dtype = torch.float64, seed: int = 0, knn_k: int = 20,
+                   knn_temperature: Optional[float] = 0.07, knn_standardize: bool = False,
                    device: Optional[Union[str, torch.device]] = None) -> dict[str, Any]:
-    """Logistic regression (with its sweep) and k-NN on given features; a JSON-able summary.
+    """Logistic regression (with its sweep, :func:`fit_logistic_regression`) and k-NN on given
+    features; a JSON-able summary.
 
     ``knn_standardize``: run k-NN on the features standardised with the training statistics
     (the raw-pixel baseline does; backbone features go in as they are, as in DINO).
@@ -441,8 +448,9 @@ def probe_features(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Ten
     t0 = time.perf_counter()
     num_classes = int(max(train_y.max().item(), test_y.max().item())) + 1
     lr = fit_logistic_regression(train_x, train_y, weight_decays=weight_decays,
-                                 max_iter=max_iter, seed=seed, num_classes=num_classes,
-                                 device=device)
+                                 val_fraction=val_fraction, max_iter=max_iter,
+                                 tolerance_grad=tolerance_grad, seed=seed,
+                                 num_classes=num_classes, dtype=dtype, device=device)
     t1 = time.perf_counter()
     if knn_standardize:
         kx, kq = lr.standardizer(train_x, torch.float32), lr.standardizer(test_x, torch.float32)
@@ -453,11 +461,12 @@ def probe_features(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Ten
     t2 = time.perf_counter()
     c = lr.convergence
     return dict(linear_probe_top1=lr.accuracy(test_x, test_y), knn_top1=knn,
-                weight_decay=lr.weight_decay, n_train=len(train_y), n_test=len(test_y),
-                feature_dim=int(train_x.shape[1]),
+                weight_decay=lr.weight_decay,
+                heldout_top1={str(r["weight_decay"]): r["val_top1"] for r in lr.sweep},
+                n_train=len(train_y), n_test=len(test_y), feature_dim=int(train_x.shape[1]),
                 linear_probe_train_top1=lr.accuracy(train_x, train_y),
-                lr_iterations=c.iterations, lr_grad_norm=c.grad_norm, lr_loss=c.loss,
-                lr_converged=c.converged, sweep=lr.sweep, knn_k=knn_k,
+                lr_iterations=c.iterations, lr_grad_norm=c.grad_norm, lr_grad_max=c.grad_max,
+                lr_loss=c.loss, lr_converged=c.converged, sweep=lr.sweep, knn_k=knn_k,
                 knn_temperature=knn_temperature, seconds_linear=t1 - t0, seconds_knn=t2 - t1)
 
 
@@ -480,11 +489,72 @@ def classifier_from_pretrained(source: Union[str, Path, Mapping[str, Any]],
     report = load_pretrained(model, {"model": state, "model_config": pre_cfg})
     missing = [k for k in report.new if k.startswith("backbone.")]
     if missing:
-        raise ValueError(f"the checkpoint does not hold the backbone's {', '.join(missing[:5])}"
-                         f"{' ...' if len(missing) > 5 else ''} ({len(missing)} missing): not a "
-                         "STAR pretraining checkpoint of this model?")
+        raise CheckpointError(
+            f"the checkpoint does not hold the backbone's {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''} ({len(missing)} missing): not a STAR "
+            "pretraining checkpoint of this model?")
     log.info(f"probe backbone: {report.summary()}")
     return model
+
+
+def is_classifier_state(state: Mapping[str, Any]) -> bool:
+    """Whether a state dict is a classifier's (``backbone.*`` keys), not a pretraining model's."""
+    return any(k.startswith("backbone.") for k in state)
+
+
+def classifier_from_checkpoint(source: Union[str, Path, Mapping[str, Any]],
+                               **overrides: Any) -> StarClassifier:
+    """The frozen model a probe reads from any star-mamba checkpoint (path or dict).
+
+    A classifier checkpoint (``star-mamba finetune``, ``convert-arm``: ``backbone.*`` keys) is
+    rebuilt as it was trained, from its own ``model_config`` with ``overrides`` (e.g. runtime
+    fields such as ``scan_backend``), and must fit it exactly; a pretraining checkpoint goes
+    through :func:`classifier_from_pretrained`.
+    """
+    state, cfg = read_pretrained(source)
+    if not is_classifier_state(state):
+        return classifier_from_pretrained({"model": state, "model_config": cfg}, **overrides)
+    if cfg is None:
+        raise CheckpointError("the classifier checkpoint holds no model_config to rebuild it from")
+    model = StarClassifier(StarConfig.from_dict({**cfg, **overrides}))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+        raise CheckpointError(f"the classifier weights do not fit their model config: "
+                              f"{' '.join(str(e).split())}") from e
+    return model
+
+
+def cached_features(path: Optional[Path], key: Mapping[str, Any],
+                    compute: Callable[[], tuple[Tensor, Tensor]]
+                    ) -> tuple[Tensor, Tensor, bool]:
+    """``compute()``'s (features, labels), kept in the file ``path`` under ``key``.
+
+    A file made with an equal ``key`` (JSON-able: what the features depend on) is read back
+    instead of computing: returns (features, labels, True). A file made with another key
+    (another checkpoint, setting or dataset), or unreadable, is recomputed and replaced,
+    atomically. ``path=None``: no cache.
+    """
+    if path is None:
+        return (*compute(), False)
+    text = json.dumps(key, sort_keys=True, default=str)
+    if path.exists():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged file: made again
+            log.warning(f"cannot read the feature cache {path} ({type(e).__name__}); "
+                        "extracting again")
+            saved = {}
+        if saved.get("key") == text:
+            log.info(f"features read back from {path}")
+            return saved["features"], saved["labels"], True
+        if "key" in saved:
+            old = json.loads(saved["key"])
+            changed = sorted(k for k in {*old, *key} if old.get(k) != json.loads(text).get(k))
+            log.info(f"{path} was made for another {', '.join(changed)}: extracting again")
+    x, y = compute()
+    atomic_save({"key": text, "features": x, "labels": y}, path)
+    return x, y, False
 
 
 def evaluate_representation(model: Union[StarClassifier, str, Path, Mapping[str, Any]],
@@ -493,43 +563,61 @@ def evaluate_representation(model: Union[StarClassifier, str, Path, Mapping[str,
                             layers: Optional[Sequence[int]] = None, pool: str = "avg",
                             amp_dtype: Optional[torch.dtype] = None, num_workers: int = 0,
                             weight_decays: Sequence[float] = WEIGHT_DECAYS,
-                            max_iter: int = 1000, seed: int = 0, knn_k: int = 20,
+                            val_fraction: float = 0.1, max_iter: int = 1000,
+                            tolerance_grad: float = 1e-4, dtype: torch.dtype = torch.float64,
+                            seed: int = 0, knn_k: int = 20,
                             knn_temperature: Optional[float] = 0.07,
                             knn_standardize: bool = False, progress: bool = True,
-                            model_overrides: Optional[Mapping[str, Any]] = None
-                            ) -> dict[str, Any]:
+                            model_overrides: Optional[Mapping[str, Any]] = None,
+                            cache_dir: Optional[Union[str, Path]] = None,
+                            cache_key: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """Linear probe (converged logistic regression) and k-NN of a frozen backbone.
 
-    ``model``: a built :class:`StarClassifier`, or a pretraining checkpoint (path or dict) given
-    to :func:`classifier_from_pretrained` with ``model_overrides``. Features of ``train_set`` and
+    ``model``: a built :class:`StarClassifier`, or a checkpoint (path or dict) given to
+    :func:`classifier_from_checkpoint` with ``model_overrides``. Features of ``train_set`` and
     ``test_set`` (evaluation transforms: no augmentation) are extracted once on ``device``
-    (default: CUDA when available), then probed on the same device. Returns ``dict(
-    linear_probe_top1, knn_top1, weight_decay, n_train, n_test, feature_dim, seconds, ...)``
-    (top-1 in percent; the rest: sweep, convergence, timings), JSON-serialisable.
+    (default: CUDA when available), then probed on the same device. ``cache_dir``: keep them in
+    ``features-train.pt`` / ``features-test.pt`` there (:func:`cached_features`), under
+    ``cache_key`` (required with it: what identifies the weights and the images) plus the
+    extraction settings and the split's size. Returns ``dict(linear_probe_top1, knn_top1,
+    weight_decay, heldout_top1, n_train, n_test, feature_dim, seconds, ...)`` (top-1 in percent;
+    the rest: sweep, convergence, timings, which splits came from the cache), JSON-serialisable.
     """
+    if cache_dir is not None and cache_key is None:
+        raise ValueError("cache_dir needs a cache_key naming the weights and the data")
     t0 = time.perf_counter()
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     if not isinstance(model, StarClassifier):
-        model = classifier_from_pretrained(model, **dict(model_overrides or {}))
+        model = classifier_from_checkpoint(model, **dict(model_overrides or {}))
     elif model_overrides:
         raise ValueError("model_overrides only apply when model is a checkpoint")
+    layers = None if layers is None else _check_layers(layers, len(model.backbone.blocks))
+    kw = dict(batch_size=batch_size, device=device, layers=layers, pool=pool,
+              amp_dtype=amp_dtype, num_workers=num_workers, progress=progress)
+    settings = dict(layers=layers, pool=pool, amp=str(amp_dtype), norm=True)
     original = next(model.parameters()).device
-    model.to(device)
+    cached = {}
+    features = {}
     try:
-        kw = dict(batch_size=batch_size, device=device, layers=layers, pool=pool,
-                  amp_dtype=amp_dtype, num_workers=num_workers, progress=progress)
-        train_x, train_y = extract_features(model, train_set, desc="features (train)", **kw)
-        test_x, test_y = extract_features(model, test_set, desc="features (test)", **kw)
+        for split, dataset in (("train", train_set), ("test", test_set)):
+            def compute(dataset=dataset, split=split) -> tuple[Tensor, Tensor]:
+                model.to(device)
+                return extract_features(model, dataset, desc=f"features ({split})", **kw)
+            path = None if cache_dir is None else Path(cache_dir) / f"features-{split}.pt"
+            key = {**dict(cache_key or {}), **settings, "split": split, "images": len(dataset)}
+            *features[split], cached[split] = cached_features(path, key, compute)
     finally:
         model.to(original)
     t1 = time.perf_counter()
+    (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
     out = probe_features(train_x, train_y, test_x, test_y, weight_decays=weight_decays,
-                         max_iter=max_iter, seed=seed, knn_k=knn_k,
+                         val_fraction=val_fraction, max_iter=max_iter,
+                         tolerance_grad=tolerance_grad, dtype=dtype, seed=seed, knn_k=knn_k,
                          knn_temperature=knn_temperature, knn_standardize=knn_standardize,
                          device=device)
-    out.update(layers=list(layers) if layers is not None else None, pool=pool,
-               seconds_features=t1 - t0, seconds=time.perf_counter() - t0)
+    out.update(layers=layers, pool=pool, features_cached=cached, seconds_features=t1 - t0,
+               seconds=time.perf_counter() - t0)
     log.info(f"linear probe top-1 {out['linear_probe_top1']:.2f} (wd {out['weight_decay']:g}, "
              f"{out['lr_iterations']} L-BFGS iterations), {knn_k}-NN top-1 {out['knn_top1']:.2f}, "
              f"{out['n_train']} train / {out['n_test']} test, {out['feature_dim']} features, "
@@ -539,8 +627,10 @@ def evaluate_representation(model: Union[StarClassifier, str, Path, Mapping[str,
 
 def raw_pixel_baseline(train_set: Dataset, test_set: Dataset, *, batch_size: int = 512,
                        num_workers: int = 0, weight_decays: Sequence[float] = WEIGHT_DECAYS,
-                       max_iter: int = 1000, seed: int = 0, knn_k: int = 20,
-                       knn_temperature: Optional[float] = 0.07, knn_standardize: bool = True,
+                       val_fraction: float = 0.1, max_iter: int = 1000,
+                       tolerance_grad: float = 1e-4, dtype: torch.dtype = torch.float64,
+                       seed: int = 0, knn_k: int = 20, knn_temperature: Optional[float] = 0.07,
+                       knn_standardize: bool = True,
                        device: Optional[Union[str, torch.device]] = None,
                        progress: bool = False) -> dict[str, Any]:
     """The probes of :func:`evaluate_representation` on flattened raw pixels (standardised with
@@ -549,7 +639,8 @@ def raw_pixel_baseline(train_set: Dataset, test_set: Dataset, *, batch_size: int
     train_x, train_y = dataset_pixels(train_set, batch_size, num_workers, progress)
     test_x, test_y = dataset_pixels(test_set, batch_size, num_workers, progress)
     out = probe_features(train_x, train_y, test_x, test_y, weight_decays=weight_decays,
-                         max_iter=max_iter, seed=seed, knn_k=knn_k,
+                         val_fraction=val_fraction, max_iter=max_iter,
+                         tolerance_grad=tolerance_grad, dtype=dtype, seed=seed, knn_k=knn_k,
                          knn_temperature=knn_temperature, knn_standardize=knn_standardize,
                          device=device)
     out.update(seconds=time.perf_counter() - t0)
