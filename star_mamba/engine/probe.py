@@ -193,42 +193,120 @@ def _objective(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, wd: float) ->
     return F.cross_entropy(x @ weight.T + bias, y) + 0.5 * wd * weight.pow(2).sum()
 
 
-def _lbfgs(x: Tensor, y: Tensor, num_classes: int, wd: float,
+@dataclass
+class Eigenbasis:
+    """Features in the eigenbasis of their second moment, where L-BFGS is preconditioned.
+
+    ``x^T x / n = U diag(lam) U^T``, ``rotated = x U``. For a weight decay wd, L-BFGS runs on
+    ``V = W U diag(d)^(1/2)`` with ``d = lam + 4 wd``: the features become ``z = x U d^(-1/2)``,
+    the penalty ``wd / 2 * sum_j ||V_j||^2 / d_j``, so the objective and its minimiser are the
+    same, but its Hessian (cross-entropy curvature at most 1/4 per unit of variance, plus the
+    decay) is close to a multiple of the identity: correlated features (a random backbone's
+    eigenvalues span 15 decades) converge in tens of iterations instead of thousands.
+    :meth:`identity` leaves the features as they are (plain L-BFGS).
+    """
+
+    rotated: Tensor  # (n, F) x U, the fit's dtype
+    lam: Optional[Tensor]  # (F,) float64 eigenvalues; None: no rotation
+    basis: Optional[Tensor]  # (F, F) float64 U; None: the identity
+
+    @classmethod
+    def of(cls, x: Tensor, chunk: int = 8192) -> "Eigenbasis":
+        second = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        for block in x.split(chunk):  # (b, F): the float64 product without a float64 copy of x
+            second += block.double().T @ block.double()
+        lam, basis = torch.linalg.eigh(second / max(len(x), 1))
+        return cls(x @ basis.to(x.dtype), lam.clamp_min(0), basis)
+
+    @classmethod
+    def identity(cls, x: Tensor) -> "Eigenbasis":
+        return cls(x, None, None)
+
+    def scales(self, wd: float) -> Optional[Tensor]:
+        """sqrt(lam + 4 wd) (F,) float64, floored where wd = 0 meets a constant direction."""
+        if self.lam is None:
+            return None
+        floor = 1e-12 * max(self.lam.max().item(), 1.0)
+        return (self.lam + 4 * wd).clamp_min(floor).sqrt()
+
+    def to_v(self, weight: Tensor, scale: Optional[Tensor]) -> Tensor:
+        """W (C, F) -> V."""
+        return weight if scale is None else (weight.double() @ self.basis) * scale
+
+    def to_w(self, v: Tensor, scale: Optional[Tensor]) -> Tensor:
+        """V (C, F) -> W."""
+        return v if scale is None else (v.double() / scale) @ self.basis.T
+
+    def grad_to_w(self, grad_v: Tensor, scale: Optional[Tensor]) -> Tensor:
+        """The gradient in V (C, F) -> the gradient in W: d/dW = d/dV d^(1/2) U^T."""
+        return grad_v if scale is None else (grad_v.double() * scale) @ self.basis.T
+
+
+def _lbfgs(data: Eigenbasis, y: Tensor, num_classes: int, wd: float,
            init: Optional[tuple[Tensor, Tensor]], max_iter: int, tolerance_grad: float,
            tolerance_change: float, history_size: int) -> tuple[Tensor, Tensor, Convergence]:
-    """Full-batch multinomial logistic regression with L-BFGS: (W (C, F), b (C,), report)."""
+    """Full-batch multinomial logistic regression with L-BFGS, preconditioned by ``data``'s
+    basis: (W (C, F) and b (C,) in float64, report).
+
+    Converged means: the largest entry of the gradient with respect to (W, b) is at most
+    ``tolerance_grad``. L-BFGS stops on the gradient in V, so when that one met the tolerance
+    but the gradient in W did not, it resumes with a 10x tighter tolerance; it ends when the
+    gradient in W meets it, when ``max_iter`` iterations (1.25 x as many evaluations) in all
+    are spent, or when L-BFGS stopped without meeting its tolerance (the loss or the step
+    changed less than ``tolerance_change``: no progress left at this precision).
+    """
+    dtype, device = data.rotated.dtype, data.rotated.device
+    num_features = data.rotated.shape[1]
+    scale = data.scales(wd)
+    x = data.rotated if scale is None else data.rotated / scale.to(dtype)  # (n, F) z
+    penalty = None if scale is None else scale.pow(-2).to(dtype)  # (F,) 1 / d
     if init is None:
-        weight = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device)
-        bias = torch.zeros(num_classes, dtype=x.dtype, device=x.device)
+        v = torch.zeros(num_classes, num_features, dtype=dtype, device=device)
+        bias = torch.zeros(num_classes, dtype=dtype, device=device)
     else:
-        weight, bias = (t.detach().to(x.device, x.dtype).clone() for t in init)
-    weight.requires_grad_(True)
+        v = data.to_v(init[0].to(device), scale).to(dtype).clone()
+        bias = init[1].detach().to(device, dtype).clone()
+    v.requires_grad_(True)
     bias.requires_grad_(True)
     max_eval = int(max_iter * 1.25) + 1
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter,
-                            max_eval=max_eval, tolerance_grad=tolerance_grad,
-                            tolerance_change=tolerance_change, history_size=history_size,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([v, bias], lr=1.0, max_iter=max_iter, max_eval=max_eval,
+                            tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
+                            history_size=history_size, line_search_fn="strong_wolfe")
+
+    def objective() -> Tensor:
+        decay = v.pow(2).sum() if penalty is None else (v.pow(2) * penalty).sum()
+        return F.cross_entropy(x @ v.T + bias, y) + 0.5 * wd * decay
 
     def closure() -> Tensor:
         opt.zero_grad(set_to_none=False)
-        loss = _objective(x, y, weight, bias, wd)
+        loss = objective()
         loss.backward()
         return loss
 
+    state, group = opt.state[v], opt.param_groups[0]
     with torch.enable_grad():
-        opt.step(closure)
-        loss = _objective(x, y, weight, bias, wd)
-        grads = torch.autograd.grad(loss, [weight, bias])
-    state = opt.state[weight]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    grad_max = flat.abs().max().item()
-    iterations, evals = int(state.get("n_iter", 0)), int(state.get("func_evals", 0))
+        while True:
+            done = int(state.get("n_iter", 0))
+            opt.step(closure)
+            loss = objective()
+            grad_v, grad_b = torch.autograd.grad(loss, [v, bias])
+            grad_w = data.grad_to_w(grad_v, scale)
+            flat = torch.cat([grad_w.reshape(-1).double(), grad_b.double()])
+            grad_max = flat.abs().max().item()
+            iterations, evals = int(state.get("n_iter", 0)), int(state.get("func_evals", 0))
+            stalled = max(grad_v.abs().max().item(), grad_b.abs().max().item()) > \
+                group["tolerance_grad"]
+            if (grad_max <= tolerance_grad or iterations >= max_iter or evals >= max_eval
+                    or iterations == done or stalled):
+                break
+            group.update(tolerance_grad=group["tolerance_grad"] / 10,
+                         max_iter=max_iter - iterations, max_eval=max_eval - evals)
     stop = ("gradient" if grad_max <= tolerance_grad else
             "max_iter" if iterations >= max_iter or evals >= max_eval else "no_progress")
-    report = Convergence(iterations, evals, loss.item(),
-                         flat.norm().item(), grad_max, grad_max <= tolerance_grad, stop)
-    weight, bias = weight.detach(), bias.detach()
+    report = Convergence(iterations, evals, loss.item(), flat.norm().item(), grad_max,
+                         grad_max <= tolerance_grad, stop)
+    weight = data.to_w(v.detach(), scale).double()
+    bias = bias.detach().double()
     return weight, bias - bias.mean(), report  # the softmax ignores a common shift of the bias
 
 
@@ -300,7 +378,7 @@ def fit_logistic_regression(train_x: Tensor, train_y: Tensor, val_x: Optional[Te
                             val_fraction: float = 0.1, seed: int = 0, max_iter: int = 1000,
                             tolerance_grad: float = 1e-4, tolerance_change: float = 1e-12,
                             history_size: int = 20, num_classes: Optional[int] = None,
-                            dtype: torch.dtype = torch.float64,
+                            dtype: torch.dtype = torch.float64, precondition: bool = True,
                             device: Optional[Union[str, torch.device]] = None
                             ) -> LogisticRegression:
     """Multinomial logistic regression with an L2 sweep, trained to convergence with L-BFGS.
@@ -311,7 +389,9 @@ def fit_logistic_regression(train_x: Tensor, train_y: Tensor, val_x: Optional[Te
     ``history_size``) until the max-abs gradient is below ``tolerance_grad`` (1e-4, sklearn's
     ``tol`` for its lbfgs solver on the same mean loss; on Fashion-MNIST pixels, going on to a
     gradient 10x smaller moved test top-1 by 0.02 points) or ``max_iter`` iterations, in
-    ``dtype`` (float64 by default) on ``device`` (default CPU).
+    ``dtype`` (float64 by default) on ``device`` (default CPU). ``precondition``: L-BFGS runs in
+    the eigenbasis of the features (:class:`Eigenbasis`): the same objective and minimiser,
+    reached in far fewer iterations on correlated features.
 
     Sweep: without ``val_x``, a seeded stratified ``val_fraction`` of the training set is held
     out (:func:`heldout_split`); each weight decay, from the largest down (each fit warm-started
@@ -348,13 +428,14 @@ def fit_logistic_regression(train_x: Tensor, train_y: Tensor, val_x: Optional[Te
         x_val, y_val = standardizer(val_x.to(device), dtype), val_y.long().to(device)
     opts = dict(max_iter=max_iter, tolerance_grad=tolerance_grad,
                 tolerance_change=tolerance_change, history_size=history_size)
+    basis = Eigenbasis.of if precondition else Eigenbasis.identity
 
-    sweep, fits, init = [], {}, None
+    sweep, fits, init, fit_data = [], {}, None, basis(x_fit)
     for wd in sorted({float(w) for w in weight_decays}, reverse=True):
-        w, b, conv = _lbfgs(x_fit, y_fit, num_classes, wd, init, **opts)
+        w, b, conv = _lbfgs(fit_data, y_fit, num_classes, wd, init, **opts)
         init = (w, b)
         with torch.no_grad():
-            logits = x_val @ w.T + b
+            logits = x_val.double() @ w.T + b
             top1 = 100.0 * (logits.argmax(1) == y_val).double().mean().item()
             val_loss = F.cross_entropy(logits, y_val).item()
         fits[wd] = (w, b, conv)
@@ -366,7 +447,8 @@ def fit_logistic_regression(train_x: Tensor, train_y: Tensor, val_x: Optional[Te
     best = max(sweep, key=lambda r: (r["val_top1"], -r["val_loss"]))["weight_decay"]
     w, b, conv = fits[best]
     if val_x is None:  # refit on the whole training set, from the sweep's solution
-        w, b, conv = _lbfgs(x_all, y_all, num_classes, best, (w, b), **opts)
+        del fit_data
+        w, b, conv = _lbfgs(basis(x_all), y_all, num_classes, best, (w, b), **opts)
     if not conv.converged:
         log.warning(f"logistic regression (wd {best:g}) stopped by {conv.stop} after "
                     f"{conv.iterations} iterations with max |grad| {conv.grad_max:.2e} > "
