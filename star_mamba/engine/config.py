@@ -181,6 +181,9 @@ class RunOptions:
     compile_mode: Optional[str] = None  # torch.compile mode (e.g. max-autotune); null = default
     # -- fine-tuning and linear probe only
     pretrained: Optional[str] = None  # STAR pretraining checkpoint to start from; null = scratch
+    # a head the pretrained checkpoint lacks is re-drawn trunc-normal with this std (ARM: 2e-5,
+    # so fine-tuning starts from near-uniform predictions); null keeps the model's init (0.02)
+    head_init_std: Optional[float] = 2e-5
     linprobe: bool = False  # freeze the backbone, train only the linear head
     ema_decay: Optional[float] = 0.99992  # null = no EMA
     eval_every: int = 1  # epochs between evaluations

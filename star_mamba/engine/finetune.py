@@ -25,6 +25,7 @@ from ..data import fashion_mnist as fm
 from ..data.transforms import build_eval_transform
 from ..models.classifier import StarClassifier
 from ..models.convert import load_pretrained
+from ..models.init import init_head_
 from ..checkpoint import load_checkpoint
 from ..config import RUNTIME_FIELDS
 from ..errors import CheckpointError, ConfigError
@@ -161,6 +162,8 @@ def finetune(cfg: RunConfig) -> dict[str, Any]:
     if r.pretrained:
         report = load_pretrained(model, r.pretrained)
         log.info(f"loaded {r.pretrained}: {report.summary()}")
+        if r.head_init_std is not None and "head.weight" in report.new:
+            init_head_(model.head, r.head_init_std)
     if r.linprobe:
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("head.")

@@ -152,6 +152,9 @@ def check_run_config(cfg: RunConfig) -> None:
         raise ValueError(f"invalid config: optim.clip_grad={o.clip_grad!r}; expected > 0 or null")
     if r.seed < 0:
         raise ValueError(f"invalid config: run.seed={r.seed!r}; expected an integer >= 0")
+    if r.head_init_std is not None and not r.head_init_std > 0:
+        raise ValueError(f"invalid config: run.head_init_std={r.head_init_std!r}; expected a "
+                         "positive std or null (keep the model's head init)")
     if r.save_every <= 0 or r.save_every_steps <= 0 or r.log_every <= 0 or r.eval_every <= 0:
         raise ValueError("invalid config: run.save_every, run.save_every_steps, run.log_every and "
                          "run.eval_every must be positive")

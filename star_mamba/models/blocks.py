@@ -15,7 +15,7 @@ class MambaMLPBlock(nn.Module):
 
     def __init__(self, dim: int, mlp_hidden: int, d_state: int = 16, d_conv: int = 4,
                  expand: int = 1, dt_rank: Optional[int] = None, directions: int = 1,
-                 drop_path: float = 0.0, norm_eps: float = 1e-6, scan_backend: str = "auto"):
+                 drop_path: float = 0.0, norm_eps: float = 1e-5, scan_backend: str = "auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.mixer = Mamba(dim, d_state, d_conv, expand, dt_rank, directions, scan_backend)
@@ -57,7 +57,7 @@ class CrossAttention(nn.Module):
 class CrossAttentionBlock(nn.Module):
     """Decoder block without self-attention: x = x + Attn(LN(x), LN(mem)); x = x + MLP(LN(x))."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-5):
         super().__init__()
         self.norm_q = nn.LayerNorm(dim, eps=norm_eps)
         self.norm_kv = nn.LayerNorm(dim, eps=norm_eps)
