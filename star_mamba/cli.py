@@ -128,6 +128,10 @@ def _bench_args(b: argparse.ArgumentParser) -> None:
                    help="GPU acceptance run: device, CUDA tests, scan accuracy and speed, STAR-B "
                         "step (max batch, MFU), eager vs compile, 30-step loss check -> "
                         "gpu_acceptance.json / .md")
+    b.add_argument("--data", action="store_true",
+                   help="input pipeline: images/s per DataLoader worker for the pretraining "
+                        "transform from full-size JPEGs (ImageFolder) vs shards -> "
+                        "input_pipeline.json / .md")
     b.add_argument("--dry-run", action="store_true",
                    help="with --gpu: the same run on CPU at tiny sizes (a smoke test)")
     b.add_argument("--compile-backend", default=None,
@@ -246,6 +250,13 @@ def _bench(args: argparse.Namespace) -> int:
                         ("--sections", args.sections)):
         if value:
             raise UserError(f"{flag} belongs to --gpu")
+    if args.data:
+        from .tools.bench_input import run_input_bench, to_markdown
+        out = args.output_dir or "benchmarks/results"
+        print(to_markdown(run_input_bench(out, quick=args.quick,
+                                          command="star-mamba " + " ".join(args.argv))), end="")
+        print(f"results written to {out}/input_pipeline.json and input_pipeline.md")
+        return 0
     from .tools.bench import run_all, to_markdown
     out = args.output_dir or "benchmarks/results"
     print(to_markdown(run_all(out, quick=args.quick, compile_backend=args.compile_backend)), end="")
