@@ -337,3 +337,17 @@ def test_torchrun_two_processes_run_the_steps_of_one_process(prepared, tmp_path)
     two = ckpt.load_checkpoint(tmp_path / "two" / ckpt.LATEST)["state"]
     assert one["step"] == two["step"] == 3 and one["epoch"] == two["epoch"] == 1
     assert len(logged_losses(tmp_path / "one")) == len(logged_losses(tmp_path / "two")) == 3
+
+
+def test_input_benchmark_runs_and_counts_workers_per_gpu(tmp_path, capsys):
+    """A smoke run of `star-mamba bench --data --quick` (24 images): the numbers it reports
+    agree with each other (no speed is asserted)."""
+    assert main(["bench", "--data", "--quick", "--output-dir", str(tmp_path)]) == 0
+    r = json.loads((tmp_path / "input_pipeline.json").read_text())
+    folder, shards = r["folder_images_per_s_per_worker"], r["shards_images_per_s_per_worker"]
+    assert folder > 0 and shards > 0 and r["ratio"] == pytest.approx(shards / folder, abs=0.02)
+    step = r["step"]
+    for rate, workers in ((folder, step["workers_per_gpu_folder"]),
+                          (shards, step["workers_per_gpu_shards"])):  # the fewest that suffice
+        assert (workers - 1) * rate < step["images_per_s"] * 1.001 <= workers * rate * 1.002
+    assert r["setup"]["images"] == 24 and "(a) ImageFolder" in capsys.readouterr().out

@@ -35,7 +35,8 @@ from .bench import gemm_flops, machine
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "immunohistochemistry")
 """scikit-image photographs shipped with the package (RGB, 300-640 px)."""
-GPU_RESULTS = Path("benchmarks/results/gpu/gpu_acceptance.json")
+GPU_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks/results/gpu/gpu_acceptance.json"
+"""``star-mamba bench --gpu``'s results in a source checkout."""
 ASSUMED_STEP_RATE = 1278.0  # images/s: STAR-B K=4 192 px on one H200, eager bf16 (when no JSON)
 
 
@@ -123,8 +124,9 @@ def step_rate(path: Path = GPU_RESULTS) -> tuple[float, str]:
     """(images/s, where it comes from) of the model step the input must feed."""
     try:
         step = json.loads(Path(path).read_text())["sections"]["pretrain_step"]["result"]
-        return float(step["images_per_s"]), (f"{path}: {step['summary']} "
-                                             f"({step['model']['name']}, measured)")
+        return float(step["images_per_s"]), (f"{step['model']['name']} K={step['model']['images_per_sequence']} "
+                                             f"{step['model']['img_size']} px pretraining step, {step['summary']}, "
+                                             f"measured by star-mamba bench --gpu")
     except (OSError, KeyError, ValueError, TypeError):
         return ASSUMED_STEP_RATE, ("assumed: STAR-B K=4 192 px on one H200, eager bf16 "
                                    f"({ASSUMED_STEP_RATE:.0f} images/s; {path} absent)")
