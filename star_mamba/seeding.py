@@ -48,10 +48,20 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 def seed_everything(seed: int) -> None:
     """Seed python's, numpy's and torch's (CPU and every GPU) global generators."""
-    random.seed(seed)
-    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])  # numpy's legacy seed: 32-bit words
+    seed_host(seed)
     torch.manual_seed(seed)
 
 
+def seed_host(seed: int) -> None:
+    """Seed python's, numpy's and torch's CPU generators only: what an image transform draws
+    from, per image in DataLoader workers. The same CPU streams as :func:`seed_everything`, but
+    about 1 us instead of 120 us (torch.manual_seed also queues a seed for every lazily
+    initialised accelerator, recording a stack trace each time)."""
+    random.seed(seed)
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])  # numpy's legacy seed: 32-bit words
+    torch.default_generator.manual_seed(seed)
+
+
 __all__ = ["BLOCK_STREAM", "ORDER_STREAM", "SAMPLE_STREAM", "SEED_BITS", "SEQUENCE_STREAM",
-           "SHARD_STREAM", "SLOT_STREAM", "block_seed", "mix_seed", "sample_seed", "seed_everything"]
+           "SHARD_STREAM", "SLOT_STREAM", "block_seed", "mix_seed", "sample_seed", "seed_everything",
+           "seed_host"]

@@ -54,7 +54,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ..errors import ConfigError, UserError
-from ..seeding import SHARD_STREAM, mix_seed, sample_seed, seed_everything
+from ..seeding import SHARD_STREAM, mix_seed, sample_seed, seed_host
 from .folder import decode_rgb
 
 log = logging.getLogger("star_mamba")
@@ -472,7 +472,7 @@ class ShardBatches(IterableDataset):
             while decoded[k % len(chunk)] is None:
                 k += 1
             img, label = decoded[k % len(chunk)]
-            seed_everything(sample_seed(self.plan.seed, self.plan.epoch, int(part.ids[pos])))
+            seed_host(sample_seed(self.plan.seed, self.plan.epoch, int(part.ids[pos])))
             images.append(self.transform(img))
             labels.append(label)
         return (torch.stack(images), torch.tensor(labels, dtype=torch.int64)), reports
