@@ -213,7 +213,8 @@ def _prepare_data(args: argparse.Namespace) -> int:
     from .data.prepare import PrepareOptions, parse_size, prepare_data
     options = PrepareOptions(args.short_side, parse_size(args.shard_size), args.quality, args.seed)
     workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
-    done = prepare_data(args.src, args.out, options, workers, echo=lambda line: print(line, flush=True))
+    done = prepare_data(args.src, args.out, options, workers,
+                        echo=lambda line: print(line, flush=True))
     splits = ", ".join(f"{split} ({index['num_samples']} images)" for split, index in done.items())
     print(f"prepared {splits} in {args.out}; train with --set data.name=shards "
           f"--set data.root={args.out}")

@@ -86,7 +86,10 @@ def resize_short_side(img: Image.Image, short_side: int) -> Image.Image:
     if short_side <= 0 or min(w, h) <= short_side:
         return img
     scale = short_side / min(w, h)
-    size = (short_side, max(1, round(h * scale))) if w <= h else (max(1, round(w * scale)), short_side)
+    if w <= h:
+        size = (short_side, max(1, round(h * scale)))
+    else:
+        size = (max(1, round(w * scale)), short_side)
     return img.resize(size, Image.Resampling.BICUBIC)
 
 
