@@ -351,3 +351,32 @@ def test_input_benchmark_runs_and_counts_workers_per_gpu(tmp_path, capsys):
                           (shards, step["workers_per_gpu_shards"])):  # the fewest that suffice
         assert (workers - 1) * rate < step["images_per_s"] * 1.001 <= workers * rate * 1.002
     assert r["setup"]["images"] == 24 and "(a) ImageFolder" in capsys.readouterr().out
+
+
+def test_shards_stream_from_an_http_url(prepared):
+    """data.root as a URL: the index and the shards come through webdataset's gopen (curl),
+    here from a server on the loopback address serving the prepared directory."""
+    import functools
+    import http.server
+    import shutil
+    import threading
+    if shutil.which("curl") is None:
+        pytest.skip("webdataset reads http(s) URLs with curl, which is not installed")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler,
+                                directory=str(prepared["out"]))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        remote = build_shard_set(url, "train", build_pretrain_transform(16), shuffle_buffer=6)
+        local = build_shard_set(str(prepared["out"]), "train", build_pretrain_transform(16),
+                                shuffle_buffer=6)
+        assert remote.index.counts == local.index.counts
+        for (a, _), (b, _) in zip(remote.train_loader(4, workers=2, seed=3),
+                                  local.train_loader(4, workers=2, seed=3)):
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        with pytest.raises(ShardError, match="cannot read shard index http://127.0.0.1:"):
+            read_index(url, "nosplit")
+    finally:
+        server.shutdown()

@@ -83,7 +83,7 @@ class DataConfig:
     num_workers: int = 2
     download: bool = False  # fetch Fashion-MNIST with torchvision if it is nowhere on disk
     max_images: Optional[int] = None  # use only the first N training images (quick runs)
-    max_bad_fraction: float = 0.01  # ImageFolder, shards, hf: stop if more than this share is unreadable
+    max_bad_fraction: float = 0.01  # imagefolder, shards, hf: stop past this share unreadable
     shuffle_buffer: int = 1000  # shards: samples in each worker's shuffle buffer (0: none)
     image_column: str = "image"  # hf: the column holding the images
     label_column: str = "label"  # hf: the column holding the class indices

@@ -82,10 +82,10 @@ def check_rgb_data(data: DataConfig, model: StarConfig) -> None:
 
 def rgb_options(data: DataConfig) -> dict:
     """The dataset options of ``data.name`` beyond root, split and transform."""
+    if data.name == "shards":  # unreadable images are judged by the training loop
+        return {"shuffle_buffer": data.shuffle_buffer}
     options: dict = {"max_bad_fraction": data.max_bad_fraction}
-    if data.name == "shards":
-        options = {"shuffle_buffer": data.shuffle_buffer}
-    elif data.name == "hf":
+    if data.name == "hf":
         options.update(image_column=data.image_column, label_column=data.label_column)
     return options
 
