@@ -71,13 +71,17 @@ RGB_DATASETS = {"imagefolder": "a directory holding train/ and val/ class folder
 
 
 def check_rgb_data(data: DataConfig, model: StarConfig) -> None:
-    """The checks every task makes before reading ImageFolder, shard or HF images."""
+    """The checks every task makes before reading ImageFolder, shard or HF images (one error
+    naming every field at fault)."""
+    problems = []
     if data.root is None:
-        raise ConfigError(f"invalid config: data.root is required for data.name={data.name!r} "
-                          f"({RGB_DATASETS[data.name]})")
+        problems.append(f"data.root is required for data.name={data.name!r} "
+                        f"({RGB_DATASETS[data.name]})")
     if model.in_chans != 3:
-        raise ConfigError(f"invalid config: model.in_chans={model.in_chans} but data.name="
-                          f"{data.name} images are RGB (3 channels)")
+        problems.append(f"model.in_chans={model.in_chans} but data.name={data.name} images are "
+                        "RGB (3 channels)")
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
 
 
 def rgb_options(data: DataConfig) -> dict:
