@@ -5,7 +5,10 @@
   star-mamba linprobe  [-c CONFIG] [--set ...]                     linear probe (frozen backbone)
   star-mamba eval --checkpoint CKPT [-c CONFIG] [--set ...] [--ema] top-1 / top-5 of a classifier
   star-mamba export --checkpoint CKPT --out FILE.safetensors [--ema]
+  star-mamba prepare-data SRC OUT [--short-side N] [--shard-size BYTES] [--workers W]
+                                                                   ImageFolder splits -> shards
   star-mamba bench [--quick]                                       benchmarks
+  star-mamba bench --data [--quick]                                input pipeline benchmark
   star-mamba bench --gpu [--output-dir D] [--dry-run]              GPU acceptance run
   star-mamba ablate [--out DIR] [--axis NAME=V1,V2] [--full]       ablation grid (resumable)
   star-mamba viz --checkpoint CKPT [--out DIR]                     prediction grid + loss plot
@@ -125,6 +128,10 @@ def _bench_args(b: argparse.ArgumentParser) -> None:
                    help="GPU acceptance run: device, CUDA tests, scan accuracy and speed, STAR-B "
                         "step (max batch, MFU), eager vs compile, 30-step loss check -> "
                         "gpu_acceptance.json / .md")
+    b.add_argument("--data", action="store_true",
+                   help="input pipeline: images/s per DataLoader worker for the pretraining "
+                        "transform from full-size JPEGs (ImageFolder) vs shards -> "
+                        "input_pipeline.json / .md")
     b.add_argument("--dry-run", action="store_true",
                    help="with --gpu: the same run on CPU at tiny sizes (a smoke test)")
     b.add_argument("--compile-backend", default=None,
@@ -136,6 +143,25 @@ def _bench_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--sections", default=None, metavar="A,B,...",
                    help="with --gpu: run only these sections (device, tests, scan_accuracy, "
                         "scan_speed, pretrain_step, compile, convergence)")
+
+
+def _prepare_data_args(p: argparse.ArgumentParser) -> None:
+    from .data.prepare import PrepareOptions
+    p.add_argument("src", help="ImageFolder tree: SRC/<split>/<class>/<images> for every split "
+                               "folder (train/, val/, ...)")
+    p.add_argument("out", help="output: OUT/<split>/shard-NNNNNN.tar and OUT/<split>/index.json; "
+                               "train with --set data.name=shards --set data.root=OUT")
+    p.add_argument("--short-side", type=int, default=PrepareOptions.short_side, metavar="N",
+                   help="short side of the re-encoded images in pixels, never enlarged; 0 keeps "
+                        f"their size (default {PrepareOptions.short_side})")
+    p.add_argument("--shard-size", default="128MiB", metavar="BYTES",
+                   help="target bytes per shard, e.g. 134217728, 128MiB, 100MB (default 128MiB)")
+    p.add_argument("--workers", type=int, default=None, metavar="W",
+                   help="processes writing shards in parallel (default: the CPUs available)")
+    p.add_argument("--quality", type=int, default=PrepareOptions.quality,
+                   help=f"JPEG quality (default {PrepareOptions.quality})")
+    p.add_argument("--seed", type=int, default=PrepareOptions.seed,
+                   help="seed of the shuffle of the files before sharding (default 0)")
 
 
 def _no_args(p: argparse.ArgumentParser) -> None:
@@ -181,6 +207,20 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_data(args: argparse.Namespace) -> int:
+    import os
+
+    from .data.prepare import PrepareOptions, parse_size, prepare_data
+    options = PrepareOptions(args.short_side, parse_size(args.shard_size), args.quality, args.seed)
+    workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
+    done = prepare_data(args.src, args.out, options, workers,
+                        echo=lambda line: print(line, flush=True))
+    splits = ", ".join(f"{split} ({index['num_samples']} images)" for split, index in done.items())
+    print(f"prepared {splits} in {args.out}; train with --set data.name=shards "
+          f"--set data.root={args.out}")
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from .models.registry import MODEL_SIZES
     for name, size in MODEL_SIZES.items():
@@ -211,6 +251,13 @@ def _bench(args: argparse.Namespace) -> int:
                         ("--sections", args.sections)):
         if value:
             raise UserError(f"{flag} belongs to --gpu")
+    if args.data:
+        from .tools.bench_input import run_input_bench, to_markdown
+        out = args.output_dir or "benchmarks/results"
+        print(to_markdown(run_input_bench(out, quick=args.quick,
+                                          command="star-mamba " + " ".join(args.argv))), end="")
+        print(f"results written to {out}/input_pipeline.json and input_pipeline.md")
+        return 0
     from .tools.bench import run_all, to_markdown
     out = args.output_dir or "benchmarks/results"
     print(to_markdown(run_all(out, quick=args.quick, compile_backend=args.compile_backend)), end="")
@@ -285,6 +332,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handle
             "and the loss per sequence position", _viz_args, _viz),
     "convert-arm": ("an official ARM checkpoint (pretraining or fine-tuning) -> a star-mamba "
                     "checkpoint", _convert_arm_args, _convert_arm),
+    "prepare-data": ("every split folder of an ImageFolder tree as pre-resized WebDataset "
+                     "shards with an index (resumable, parallel)", _prepare_data_args,
+                     _prepare_data),
     "models": ("list the model sizes", _no_args, _models),
     "bench": ("scan backends, pretraining step and FLOP/s benchmarks; --gpu: the GPU acceptance "
               "run", _bench_args, _bench),

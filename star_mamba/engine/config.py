@@ -75,13 +75,18 @@ CLIP_DATASETS = ("fashion_mnist", "synthetic")  # the data.name values data.sequ
 class DataConfig:
     """``data``. All tasks read the first group; the marked fields only one kind of task."""
 
-    name: str = "fashion_mnist"  # fashion_mnist | imagefolder | synthetic (pretraining only)
-    root: Optional[str] = None  # dataset directory; None searches the usual places
+    # fashion_mnist | imagefolder | shards (star-mamba prepare-data's OUT, streamed) | hf (a
+    # saved Hugging Face dataset) | synthetic (pretraining only)
+    name: str = "fashion_mnist"
+    root: Optional[str] = None  # dataset directory (shards: or URL); None searches the usual places
     split: str = "train"  # the training split
     num_workers: int = 2
     download: bool = False  # fetch Fashion-MNIST with torchvision if it is nowhere on disk
     max_images: Optional[int] = None  # use only the first N training images (quick runs)
-    max_bad_fraction: float = 0.01  # ImageFolder: stop if more than this share is unreadable
+    max_bad_fraction: float = 0.01  # imagefolder, shards, hf: stop past this share unreadable
+    shuffle_buffer: int = 1000  # shards: samples in each worker's shuffle buffer (0: none)
+    image_column: str = "image"  # hf: the column holding the images
+    label_column: str = "label"  # hf: the column holding the class indices
     # -- pretraining only
     augment: bool = False  # light flips/shifts for the built-in data (ImageFolder always augments)
     synthetic_images: int = 2048  # size of the synthetic dataset
@@ -100,7 +105,7 @@ class DataConfig:
     clip_speed: Optional[tuple[float, float]] = None  # clip: canvas pixels per frame (2, 5)
     clip_per_epoch: Optional[bool] = None  # clip: new clips every epoch (false: fixed clips)
     # -- fine-tuning, linear probe and eval only
-    eval_split: Optional[str] = None  # null: 'val' for imagefolder, 'test' for fashion_mnist
+    eval_split: Optional[str] = None  # null: 'val' (imagefolder, shards), 'test' (fashion_mnist, hf)
     max_eval_images: Optional[int] = None
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; null = off
     reprob: float = 0.25  # random erasing probability
@@ -117,6 +122,11 @@ class DataConfig:
                 readers = [k for k in SEQUENCE_KINDS if option in SEQUENCE_OPTIONS[k]]
                 raise ConfigError(f"invalid config: data.{name} is read only by data.sequence="
                                   f"{', '.join(readers)}, not {self.sequence!r}; set it to null")
+        if self.name == "shards" and self.sequence != "random":
+            raise ConfigError(f"invalid config: data.sequence={self.sequence!r} draws images by "
+                              "index, which a stream of shards cannot serve; data.name=shards "
+                              "takes data.sequence=random (K consecutive images of the shuffled "
+                              "stream), or use data.name=imagefolder or hf")
         if self.sequence == "clip" and self.name not in CLIP_DATASETS:
             raise ConfigError(f"invalid config: data.sequence='clip' moves Fashion-MNIST items (or "
                               f"synthetic images) on a canvas; data.name={self.name!r} is neither "
@@ -132,7 +142,7 @@ class DataConfig:
         """``eval_split``, or the split the dataset keeps for evaluation when it is unset."""
         if self.eval_split is not None:
             return self.eval_split
-        return "val" if self.name == "imagefolder" else "test"
+        return "val" if self.name in ("imagefolder", "shards") else "test"
 
 
 @dataclass

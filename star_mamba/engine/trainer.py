@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ..config import StarConfig
 from .. import checkpoint as ckpt
 from ..data.sequences import ReportedSequences, SequenceDataset, collate_sequences_reported
+from ..data.shards import ShardSet
 from .config import RunConfig, RunOptions, save_config
 from .dist import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, cleanup, env_local_rank,
                    init_distributed, resolve_device)
@@ -381,6 +382,31 @@ def training_items(dataset: Dataset, batch_size: int, seed: int, world_size: int
                          f"{len(dataset) * k} images ({len(dataset)} {dataset.kind} sequences of {k})")
 
 
+def training_loader(dataset: Any, cfg: RunConfig, info: DistInfo, device: torch.device
+                    ) -> tuple[Any, int, str]:
+    """(loader, images per epoch, what for the log). The loader yields ``((images, targets),
+    reports)`` and its ``sampler`` places each batch (``set_epoch``, ``global_block``, ...):
+    a :class:`EpochIndexSampler` over a map-style dataset, or, for shards
+    (:class:`~star_mamba.data.shards.ShardSet`), the stream's own plan, which gives every rank
+    the same number of batches."""
+    o, r, workers = cfg.optim, cfg.run, cfg.data.num_workers
+    if isinstance(dataset, ShardSet):
+        loader = dataset.train_loader(o.batch_size, info.rank, info.world_size, workers, r.seed,
+                                      pin_memory=device.type == "cuda")
+        return loader, len(dataset), (f"{len(dataset)} images in {len(dataset.index.shards)} "
+                                      f"shards (streamed, buffer {dataset.shuffle_buffer})")
+    items = training_items(dataset, o.batch_size, r.seed, info.world_size)
+    sampler = EpochIndexSampler(len(items.dataset), items.batch_size, info.rank, info.world_size,
+                                r.seed, shuffle=items.shuffle)
+    loader = DataLoader(items.dataset, batch_size=items.batch_size,
+                        sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                        collate_fn=items.collate,  # (images, targets), unreadable-image reports
+                        drop_last=True, persistent_workers=workers > 0,
+                        # the workers' base seed comes from here, not from the global RNG
+                        generator=torch.Generator().manual_seed(r.seed))
+    return loader, items.num_images, items.what
+
+
 def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
     """Train ``job`` for ``optim.epochs`` epochs (or ``run.max_steps``), resuming if asked."""
     r, o = cfg.run, cfg.optim
@@ -414,22 +440,14 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
         log.info(f"resumed from {resume_path} at epoch {state.epoch}, step {state.step}")
 
     trained = wrap_for_training(model, cfg.run, device, info)
-    items = training_items(job.dataset, o.batch_size, r.seed, info.world_size)
-    sampler = EpochIndexSampler(len(items.dataset), items.batch_size, info.rank, info.world_size,
-                                r.seed, shuffle=items.shuffle)
-    workers = cfg.data.num_workers
-    loader = DataLoader(items.dataset, batch_size=items.batch_size,
-                        sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-                        collate_fn=items.collate,  # (images, targets), unreadable-image reports
-                        drop_last=True, persistent_workers=workers > 0,
-                        # the workers' base seed comes from here, not from the global RNG
-                        generator=torch.Generator().manual_seed(r.seed))
+    loader, num_images, what = training_loader(job.dataset, cfg, info, device)
+    sampler = loader.sampler
     steps_per_epoch = sampler.batches_per_epoch // o.accum_iter
     if steps_per_epoch == 0:
         raise ValueError(f"an epoch of {sampler.batches_per_epoch} batches is shorter than "
                          f"optim.accum_iter={o.accum_iter}")
     log.info(f"{job.title}: {cfg.model.name} ({n_params / 1e6:.2f}M params, "
-             f"{n_train / 1e6:.2f}M trained){job.describe}, {items.what}, "
+             f"{n_train / 1e6:.2f}M trained){job.describe}, {what}, "
              f"{info.world_size} process(es) on {device}, effective batch {eff_batch}, "
              f"lr {base_lr:.3e}, {steps_per_epoch} steps/epoch, amp {amp_dtype}"
              f"{', torch.compile' if r.compile else ''}")
@@ -437,7 +455,7 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
     writer = MetricWriter(output_dir, enabled=info.is_main, tensorboard=r.tensorboard)
     if resume_path is not None:
         writer.drop_after(state.step)  # rows of steps the resumed run redoes
-    bad_images = BadImages(cfg.data.max_bad_fraction, items.num_images)
+    bad_images = BadImages(cfg.data.max_bad_fraction, num_images)
 
     def save(names: list[str]) -> None:
         if not info.is_main:
