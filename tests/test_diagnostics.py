@@ -1,6 +1,7 @@
 """Cross-image diagnostics (engine/diagnostics.py): slot tables per layout, rotations, slot
 losses against the model's loss, the paired gap against hand-built placements, attention
 weights against the module, the held-out batch, and the wiring into pretraining runs."""
+import json
 import math
 from pathlib import Path
 
@@ -291,6 +292,17 @@ def test_deterministic_leaves_mode_and_random_state_alone():
     assert all(not h for blk in model.decoder.blocks for h in (blk.attn._forward_pre_hooks,))
 
 
+def test_bf16_autocast_forward_gives_close_numbers():
+    model = contextual(micro_pretrain(images_per_sequence=2))
+    images = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    fp32 = diag.cross_image_diagnostics(model, images)
+    bf16 = diag.cross_image_diagnostics(model, images, amp_dtype=torch.bfloat16)
+    assert fp32.keys() == bf16.keys()
+    for key in ("loss", "slot_loss/0", "slot_loss/1", "attn_share_mean", "attn_uniform_mean"):
+        assert bf16[key] == pytest.approx(fp32[key], rel=5e-2), key
+    assert bf16["attn_uniform_mean"] == fp32["attn_uniform_mean"]  # counts, not weights
+
+
 def test_bad_inputs_are_clear_errors():
     model = micro_pretrain(images_per_sequence=2)
     with pytest.raises(ValueError, match="not divisible by images_per_sequence=2"):
@@ -393,3 +405,59 @@ def test_torchrun_diagnostics_on_rank_0_do_not_hang(tmp_path):
     for ra, rb in zip(a, b):
         for key, value in ra["diag"].items():
             assert rb["diag"][key] == pytest.approx(value, rel=1e-3, abs=1e-5), key
+
+
+# ------------------------------------------------------------------------------ star-mamba viz
+
+def test_viz_draws_the_logged_diagnostics_and_the_checkpoint_values(tmp_path):
+    from PIL import Image
+
+    from star_mamba.tools import viz
+    cfg = pretrain_config(tmp_path / "run", "optim.epochs=1", "run.diag_every=2",
+                          "run.diag_images=8")
+    pretrain(cfg)
+    out = viz.visualize(tmp_path / "run", tmp_path / "viz", cfg, num_sequences=1, max_batches=1)
+    png = tmp_path / "viz" / "diagnostics.png"
+    with Image.open(png) as im:
+        assert im.width > 1000 and im.height > 300
+    rows = diag_rows(tmp_path / "run")
+    steps = [r["step"] for r in rows]
+    assert steps == [2, 4, 6, 8]
+    drawn = out["diagnostics_series"]
+    for key in ("slot_loss/0", "slot_loss/1", "paired_gap_mean", "attn_share/block0",
+                "attn_share/block1", "attn_share_mean", "attn_uniform_mean"):
+        assert drawn[key] == (steps, [r["diag"][key] for r in rows]), key
+    assert drawn["paired_gap_high"] == (steps, [r["diag"]["paired_gap_mean"] + r["diag"]["paired_gap_sem"]
+                                                for r in rows])
+    assert drawn["paired_gap_low"][1] == [r["diag"]["paired_gap_mean"] - r["diag"]["paired_gap_sem"]
+                                          for r in rows]
+    # the checkpoint (step 8) recomputed on the same held-out batch: the logged numbers
+    assert out["diagnostics_step"] == 8
+    for key, value in rows[-1]["diag"].items():
+        assert out["diagnostics"][key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+        if key in ("slot_loss/0", "attn_share_mean"):
+            assert drawn[f"current/{key}"] == ([8], [out["diagnostics"][key]])
+    saved = json.loads((tmp_path / "viz" / "diagnostics.json").read_text())
+    assert saved["step"] == 8 and saved["logged"]["step"] == steps
+    assert saved["current"]["paired_gap_mean"] == out["diagnostics"]["paired_gap_mean"]
+
+
+def test_viz_diagnostics_of_a_k1_checkpoint_without_metrics(tmp_path, capsys):
+    from star_mamba.checkpoint import atomic_save
+    from star_mamba.cli import main
+    model = micro_pretrain(images_per_sequence=1, separator="none", cluster_size=1)
+    atomic_save(dict(model=model.state_dict(), model_config=model.cfg.to_dict()),
+                tmp_path / "run" / "checkpoint-latest.pth")
+    args = ["viz", "--checkpoint", str(tmp_path / "run"), "--max-batches", "1",
+            "--set", "data.name=synthetic", "--set", "data.synthetic_images=16",
+            "--set", "optim.batch_size=8", "--set", "run.diag_images=4"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "diagnostics on 4 held-out images: slot loss" in printed and "paired gap" not in printed
+    saved = json.loads((tmp_path / "run" / "viz" / "diagnostics.json").read_text())
+    assert saved["step"] is None and saved["logged"] == {"step": []}
+    assert saved["current"]["paired_gap_mean"] is None and saved["current"]["slot_loss/0"] > 0
+    assert (tmp_path / "run" / "viz" / "diagnostics.png").stat().st_size > 1000
+    assert main([*args, "--out", str(tmp_path / "plain"), "--no-diagnostics"]) == 0
+    assert not (tmp_path / "plain" / "diagnostics.png").exists()
+    assert (tmp_path / "plain" / "predictions.png").is_file()

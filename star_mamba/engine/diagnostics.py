@@ -45,7 +45,8 @@ from ..models.pretrain import StarPretrain
 from .config import DataConfig
 
 __all__ = ["rotation_index", "TargetSlots", "target_slots", "per_slot_losses", "own_image_keys",
-           "cross_image_diagnostics", "summary_line", "held_out_images", "HELD_OUT_SEED"]
+           "cross_image_diagnostics", "summary_line", "held_out_source", "held_out_images",
+           "HELD_OUT_SEED"]
 
 HELD_OUT_SEED = 0
 """Seed of the held-out images' draw: fixed, so that runs with different ``run.seed`` are
@@ -273,6 +274,13 @@ def _eval_images(data: DataConfig, model: StarConfig, extra: int) -> tuple[Datas
                              in_chans=model.in_chans), first
     raise ConfigError(f"invalid config: data.name={data.name!r}; allowed: 'fashion_mnist', "
                       "'imagefolder', 'synthetic'")
+
+
+def held_out_source(data: DataConfig) -> str:
+    """Where :func:`held_out_images` takes its images from, in words."""
+    if data.name == "synthetic":
+        return f"synthetic images after the {data.synthetic_images} training ones"
+    return f"{data.name} {data.resolved_eval_split!r} split"
 
 
 def held_out_images(data: DataConfig, model: StarConfig, num_images: int,
