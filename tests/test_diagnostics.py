@@ -346,6 +346,26 @@ def test_held_out_image_folder_uses_the_val_split(shapes_8, tmp_path):
     assert held.shape == (12, 3, 32, 32)
     with pytest.raises(ConfigError, match=r"diag_images=20 but the imagefolder eval split holds 16"):
         diag.held_out_images(cfg.data, cfg.model.star_config(), 20)
+    fewer = diag.held_out_images(cfg.data, cfg.model.star_config(), 20, allow_fewer=True)
+    assert fewer.shape == (16, 3, 32, 32)  # the whole val split
+    assert torch.equal(fewer[:12], held)  # the same seeded draw, cut shorter
+
+
+def test_pretraining_without_an_eval_split_warns_once_and_trains(tmp_path):
+    """An ImageFolder tree with train/ only: the run trains, warns once at the first
+    diagnostic, and logs no diagnostics."""
+    import shutil
+
+    from .conftest import folder_pretrain_overrides, make_shapes
+    make_shapes(tmp_path / "shapes", per_class=2)
+    shutil.rmtree(tmp_path / "shapes" / "val")
+    out = tmp_path / "out"
+    summary = pretrain(load_config("pretrain/fashion_mnist", folder_pretrain_overrides(
+        tmp_path / "shapes", out, "run.diag_every=1", "run.diag_images=4")))
+    assert summary["step"] == 2
+    log = (out / "log.txt").read_text()
+    assert log.count("cross-image diagnostics off for this run") == 1
+    assert "val does not exist" in log and not diag_rows(out)
 
 
 # ------------------------------------------------------------------------------ in training

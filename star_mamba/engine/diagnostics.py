@@ -31,7 +31,9 @@ model: it runs in eval mode without gradients and is put back in its own mode.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import time
 from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
@@ -46,7 +48,9 @@ from .config import DataConfig
 
 __all__ = ["rotation_index", "TargetSlots", "target_slots", "per_slot_losses", "own_image_keys",
            "cross_image_diagnostics", "summary_line", "held_out_source", "held_out_images",
-           "HELD_OUT_SEED"]
+           "check_diagnostics_config", "TrainingDiagnostics", "HELD_OUT_SEED"]
+
+log = logging.getLogger("star_mamba")
 
 HELD_OUT_SEED = 0
 """Seed of the held-out images' draw: fixed, so that runs with different ``run.seed`` are
@@ -169,10 +173,9 @@ def cross_image_diagnostics(model: StarPretrain, images: Tensor, batch_size: int
     k, m = cfg.images_per_sequence, images.shape[0]
     device = next(model.parameters()).device
     rotations = rotation_index(m, k)  # (M, K): M sequences
-    blocks = len(model.decoder.blocks)
     per_image = torch.zeros(m, k, dtype=torch.float64)  # loss of image i in slot s
     loss_sum, sep_sum = 0.0, 0.0
-    share_sum = torch.zeros(blocks, dtype=torch.float64)
+    share_sum = torch.zeros(len(model.decoder.blocks), dtype=torch.float64)
     uniform_sum, measured_count = 0.0, 0
     was_training = model.training
     model.eval()
@@ -190,18 +193,11 @@ def cross_image_diagnostics(model: StarPretrain, images: Tensor, batch_size: int
                 loss_sum += out.loss.float().item() * rows.shape[0]
                 if sep is not None:
                     sep_sum += sep.double().sum().item()
-                if k == 1:
-                    continue
-                own, measured = own_image_keys(cfg, seen[0][2])
-                own = own[measured]  # (Q, L) the measured queries' own keys
-                visible = seen[0][2][measured]  # (Q, L)
-                uniform_sum += (own.sum(1) / visible.sum(1)).double().sum().item() * rows.shape[0]
-                measured_count += own.shape[0] * rows.shape[0]
-                for i, (block, (q_in, memory, mask)) in enumerate(zip(model.decoder.blocks, seen)):
-                    probs = block.attn.attention_probs(q_in[:, measured].float(), memory.float(),
-                                                       mask[measured])  # (B, h, Q, L)
-                    share = (probs.mean(dim=1) * own).sum(dim=-1)  # (B, Q)
-                    share_sum[i] += share.double().sum().item()
+                if k > 1:
+                    shares, uniform, count = _attention_sums(model, seen)
+                    share_sum += shares
+                    uniform_sum += uniform
+                    measured_count += count
     finally:
         model.train(was_training)
     result: dict[str, Optional[float]] = {"loss": loss_sum / m}
@@ -212,6 +208,23 @@ def cross_image_diagnostics(model: StarPretrain, images: Tensor, batch_size: int
     result.update(_gap_and_attention(per_image, share_sum, uniform_sum, measured_count))
     result["images"] = m
     return result
+
+
+def _attention_sums(model: StarPretrain, seen: list[tuple]) -> tuple[Tensor, float, int]:
+    """From one forward pass's recorded decoder inputs (:func:`_attention_inputs`): per block,
+    the own-image attention share summed over every sequence's measured queries, (blocks,)
+    float64; the uniform share summed the same way; and the number of (sequence, query) pairs."""
+    mask = seen[0][2]  # (L, L): the same for every block
+    own, measured = own_image_keys(model.cfg, mask)
+    own = own[measured]  # (Q, L) the measured queries' own keys
+    batch = seen[0][0].shape[0]
+    uniform = (own.sum(1) / mask[measured].sum(1)).double().sum().item() * batch
+    shares = torch.zeros(len(seen), dtype=torch.float64)
+    for i, (block, (x, memory, _)) in enumerate(zip(model.decoder.blocks, seen)):
+        probs = block.attn.attention_probs(x[:, measured].float(), memory.float(),
+                                           mask[measured])  # (B, h, Q, L)
+        shares[i] = (probs.mean(dim=1) * own).sum(dim=-1).double().sum().item()  # over (B, Q)
+    return shares, uniform, own.shape[0] * batch
 
 
 def _gap_and_attention(per_image: Tensor, share_sum: Tensor, uniform_sum: float,
@@ -283,10 +296,19 @@ def held_out_source(data: DataConfig) -> str:
     return f"{data.name} {data.resolved_eval_split!r} split"
 
 
+def check_diagnostics_config(num_images: int, model: StarConfig) -> None:
+    """``run.diag_images`` must hold at least one sequence of K images."""
+    k = model.images_per_sequence
+    if num_images < k:
+        raise ConfigError(f"invalid config: run.diag_images={num_images} is fewer than "
+                          f"model.images_per_sequence={k}; raise it or set run.diag_every=0")
+
+
 def held_out_images(data: DataConfig, model: StarConfig, num_images: int,
-                    seed: int = HELD_OUT_SEED) -> Tensor:
+                    seed: int = HELD_OUT_SEED, allow_fewer: bool = False) -> Tensor:
     """The fixed batch of the diagnostics: (M, C, H, W) float32 images never trained on, M the
-    largest multiple of K not above ``num_images`` (``run.diag_images``).
+    largest multiple of K not above ``num_images`` (``run.diag_images``); with ``allow_fewer``,
+    not above the images the eval split holds either (else too few raise ``ConfigError``).
 
     Fashion-MNIST: the eval split (``data.eval_split``, default ``test``), padded, no
     augmentation; ImageFolder: the eval split (default ``val``) with the evaluation transform
@@ -296,15 +318,60 @@ def held_out_images(data: DataConfig, model: StarConfig, num_images: int,
     run; no global random generator is touched. The images are unrelated to each other whatever
     ``data.sequence`` the run packs (the paired gap is defined on unrelated images).
     """
+    check_diagnostics_config(num_images, model)
     k = model.images_per_sequence
     m = num_images - num_images % k
-    if m <= 0:
-        raise ConfigError(f"invalid config: run.diag_images={num_images} is fewer than "
-                          f"model.images_per_sequence={k}; raise it or set run.diag_every=0")
     dataset, first = _eval_images(data, model, m)
     available = len(dataset) - first
-    if available < m:
+    if available < m and (not allow_fewer or available < k):
         raise ConfigError(f"invalid config: run.diag_images={num_images} but the {data.name} eval "
                           f"split holds {available} images; lower it or set run.diag_every=0")
+    m = min(m, available - available % k)
     picks = first + torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:m]
     return torch.stack([torch.as_tensor(dataset[i][0]) for i in picks.tolist()]).float()
+
+
+# ---------------------------------------------------------------------------- in training
+
+class TrainingDiagnostics:
+    """What pretraining runs every ``run.diag_every`` steps, on rank 0: model -> the numbers of
+    :func:`cross_image_diagnostics` (logged as one line too), or None when there are no
+    held-out images.
+
+    The held-out batch is read at the first call, so a run that ends before never reads it and
+    only rank 0 does. Diagnostics are an aid: when the eval split cannot be read (say an
+    ImageFolder tree without ``val/``) the run warns once and trains on without them; an eval
+    split smaller than ``run.diag_images`` is used whole (warned).
+    """
+
+    def __init__(self, data: DataConfig, model: StarConfig, num_images: int, batch_size: int,
+                 amp_dtype: Optional[torch.dtype] = None):
+        self.data, self.model_cfg, self.num_images = data, model, num_images
+        self.batch_size, self.amp_dtype = batch_size, amp_dtype
+        self.images: Optional[Tensor] = None
+        self.unavailable = False
+
+    def _load(self) -> None:
+        try:
+            with torch.random.fork_rng(devices=[]):  # reading images draws nothing; in case
+                self.images = held_out_images(self.data, self.model_cfg, self.num_images,
+                                              allow_fewer=True)
+        except (FileNotFoundError, ValueError) as e:  # data, not config: that was checked
+            self.unavailable = True
+            log.warning(f"cross-image diagnostics off for this run: no held-out images "
+                        f"({' '.join(str(e).split())}); set run.diag_every=0 to silence this")
+            return
+        if len(self.images) < self.num_images - self.num_images % self.model_cfg.images_per_sequence:
+            log.warning(f"run.diag_images={self.num_images} but only {len(self.images)} held-out "
+                        f"images can be used ({held_out_source(self.data)})")
+
+    def __call__(self, model: StarPretrain) -> Optional[dict[str, Optional[float]]]:
+        if self.images is None and not self.unavailable:
+            self._load()
+        if self.unavailable:
+            return None
+        start = time.perf_counter()
+        values = cross_image_diagnostics(model, self.images, self.batch_size, self.amp_dtype)
+        log.info(f"diagnostics on {values['images']} held-out images "
+                 f"({time.perf_counter() - start:.1f}s): {summary_line(values)}")
+        return values

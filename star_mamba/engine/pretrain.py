@@ -1,8 +1,6 @@
 """STAR pretraining entry point: build the pretraining model and data, then :func:`fit`."""
 from __future__ import annotations
 
-import logging
-import time
 from typing import Any
 
 import torch
@@ -10,11 +8,9 @@ import torch
 from ..models.pretrain import StarPretrain
 from .config import RunConfig
 from .data import build_pretrain_dataset
-from .diagnostics import cross_image_diagnostics, held_out_images, summary_line
+from .diagnostics import TrainingDiagnostics, check_diagnostics_config
 from ..seeding import seed_everything
 from .trainer import Job, check_run_config, fit, start_run
-
-log = logging.getLogger("star_mamba")
 
 
 def pretrain_loss(model: torch.nn.Module, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -33,24 +29,16 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
                          "sequence)")
     # images, or whole sequences for data.sequence != random; fails early on missing data
     dataset = build_pretrain_dataset(cfg.data, model_cfg, cfg.run.seed)
-    # the diagnostics' fixed held-out batch, also built before anything runs
-    held_out = (held_out_images(cfg.data, model_cfg, cfg.run.diag_images)
-                if cfg.run.diag_every else None)
+    if cfg.run.diag_every:
+        check_diagnostics_config(cfg.run.diag_images, model_cfg)
     ctx = start_run(cfg)
     seed_everything(cfg.run.seed)  # same initial weights on every rank
     model = StarPretrain(model_cfg)
     describe = (f", {k} images x {model_cfg.segments_per_image} segments = {model_cfg.seq_len} "
                 f"tokens per sequence ({cfg.data.sequence} sequences)")
-    diagnose = None
-    if held_out is not None:
-        per_forward = max(1, cfg.optim.batch_size // k)  # sequences, as in a training micro-batch
-
-        def diagnose(m: torch.nn.Module) -> dict[str, Any]:
-            start = time.perf_counter()
-            values = cross_image_diagnostics(m, held_out, per_forward, ctx.amp_dtype)
-            log.info(f"diagnostics on {values['images']} held-out images "
-                     f"({time.perf_counter() - start:.1f}s): {summary_line(values)}")
-            return values
-
+    # every run.diag_every steps on rank 0, as many sequences per forward as a micro-batch
+    diagnose = (TrainingDiagnostics(cfg.data, model_cfg, cfg.run.diag_images,
+                                    max(1, cfg.optim.batch_size // k), ctx.amp_dtype)
+                if cfg.run.diag_every else None)
     return fit(cfg, ctx, Job("STAR pretraining", model, model_cfg, dataset, pretrain_loss,
                              describe=describe, diagnose=diagnose))

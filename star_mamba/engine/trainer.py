@@ -306,9 +306,9 @@ class Job:
     extras: dict[str, Any] = field(default_factory=dict)  # more state_dict()-able things to save
     after_step: Optional[Callable[[], None]] = None  # e.g. an EMA update
     evaluate: Optional[Callable[[int], dict[str, float]]] = None  # epoch -> metrics incl. "score"
-    # model -> numbers for metrics.jsonl's "diag", every run.diag_every steps, on rank 0 only
-    # (so it must not use collectives); it logs its own summary
-    diagnose: Optional[Callable[[torch.nn.Module], dict[str, Any]]] = None
+    # model -> numbers for metrics.jsonl's "diag" (None: nothing to log), every run.diag_every
+    # steps, on rank 0 only (so it must not use collectives); it logs its own summary
+    diagnose: Optional[Callable[[torch.nn.Module], Optional[dict[str, Any]]]] = None
 
 
 def start_run(cfg: RunConfig, record: bool = True) -> RunContext:
@@ -469,7 +469,9 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
         """Rank 0 only: the others go on to the next step's all-reduce and wait for it there."""
         if not info.is_main:
             return
-        writer.write(state.step, dict(epoch=state.epoch, diag=job.diagnose(model)))
+        values = job.diagnose(model)
+        if values is not None:
+            writer.write(state.step, dict(epoch=state.epoch, diag=values))
 
     epoch_loss = None
     start = time.perf_counter()
