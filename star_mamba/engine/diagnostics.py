@@ -8,8 +8,9 @@ same forward passes, :func:`cross_image_diagnostics` measures
 * ``paired_gap_mean`` / ``paired_gap_sem``: per image, its loss when it comes last (slot K-1,
   after K-1 other images) minus its loss when it comes first (slot 0), the same K-1 other
   images filling the other slots in the same order in both placements; mean and standard error
-  over the images. Positive: the earlier images hurt (no reset at the separator); negative:
-  they help (cross-image context is used);
+  over the images (the M differences taken as independent, though the images of a group
+  share their fillers). Positive: the earlier images hurt (no reset at the separator);
+  negative: they help (cross-image context is used);
 * ``attn_share/block{i}``: for the decoder queries of image k >= 1's cluster targets, the share
   of block i's softmax attention (averaged over heads) on keys of image k itself (its
   separator(s) and clusters visible under the block-causal mask); ``attn_uniform_mean`` is the
