@@ -8,7 +8,7 @@
   star-mamba bench [--quick]                                       benchmarks
   star-mamba bench --gpu [--output-dir D] [--dry-run]              GPU acceptance run
   star-mamba ablate [--out DIR] [--axis NAME=V1,V2] [--full]       ablation grid (resumable)
-  star-mamba viz --checkpoint CKPT [--out DIR]                     predictions, loss plot, diagnostics
+  star-mamba viz --checkpoint CKPT [--out DIR]                     predictions, losses, diagnostics
   star-mamba convert-arm SRC --out FILE.pth [--set model.KEY=VALUE] ARM checkpoint -> ours
   star-mamba models                                                model sizes
 

@@ -92,7 +92,8 @@ def target_slots(cfg: StarConfig) -> TargetSlots:
     return TargetSlots(slots[1:], ~is_sep[1:])
 
 
-def per_slot_losses(pred: Tensor, target: Tensor, cfg: StarConfig) -> tuple[Tensor, Optional[Tensor]]:
+def per_slot_losses(pred: Tensor, target: Tensor, cfg: StarConfig
+                    ) -> tuple[Tensor, Optional[Tensor]]:
     """pred, target (B, T-1, c^2, P) -> ((B, K) mean per-patch MSE of each slot's image-cluster
     targets, (B,) mean per-patch MSE of the separator targets or None without separators)."""
     per_target = (pred.float() - target.float()).pow(2).mean(dim=(-1, -2))  # (B, T-1)
@@ -186,8 +187,9 @@ def cross_image_diagnostics(model: StarPretrain, images: Tensor, batch_size: int
             for start in range(0, m, batch_size):
                 rows = rotations[start:start + batch_size]  # (B, K)
                 x = images[rows.reshape(-1)].to(device)  # (B*K, C, H, W)
-                with _attention_inputs(model) as seen, torch.autocast(
-                        device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                autocast = torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                          enabled=amp_dtype is not None)
+                with _attention_inputs(model) as seen, autocast:
                     out = model(x)
                 per_slot, sep = per_slot_losses(out.pred, out.target, cfg)  # (B, K), (B,)
                 per_image[rows, torch.arange(k)] = per_slot.double().cpu()
@@ -236,7 +238,8 @@ def _gap_and_attention(per_image: Tensor, share_sum: Tensor, uniform_sum: float,
         ("paired_gap_mean", "paired_gap_sem", "attn_share_mean", "attn_uniform_mean",
          "attn_ratio_mean"))
     if per_image.shape[1] > 1:
-        out["paired_gap_mean"], out["paired_gap_sem"] = _mean_sem(per_image[:, -1] - per_image[:, 0])
+        gaps = per_image[:, -1] - per_image[:, 0]  # (M,) last slot minus first, per image
+        out["paired_gap_mean"], out["paired_gap_sem"] = _mean_sem(gaps)
     if count == 0:
         return out
     shares = share_sum / count  # (blocks,)
@@ -255,7 +258,8 @@ def summary_line(values: dict[str, Any]) -> str:
     slots = [v for key, v in values.items() if key.startswith("slot_loss/")]
     parts = ["slot loss " + " ".join(f"{v:.4f}" for v in slots)]
     if values.get("paired_gap_mean") is not None:
-        parts.append(f"paired gap {values['paired_gap_mean']:+.4f} ± {values['paired_gap_sem']:.4f}")
+        parts.append(f"paired gap {values['paired_gap_mean']:+.4f} "
+                     f"± {values['paired_gap_sem']:.4f}")
     if values.get("attn_share_mean") is not None:
         parts.append(f"attention on own image {values['attn_share_mean']:.3f} vs uniform "
                      f"{values['attn_uniform_mean']:.3f} (x{values['attn_ratio_mean']:.2f})")
@@ -362,7 +366,8 @@ class TrainingDiagnostics:
             log.warning(f"cross-image diagnostics off for this run: no held-out images "
                         f"({' '.join(str(e).split())}); set run.diag_every=0 to silence this")
             return
-        if len(self.images) < self.num_images - self.num_images % self.model_cfg.images_per_sequence:
+        wanted = self.num_images - self.num_images % self.model_cfg.images_per_sequence
+        if len(self.images) < wanted:
             log.warning(f"run.diag_images={self.num_images} but only {len(self.images)} held-out "
                         f"images can be used ({held_out_source(self.data)})")
 

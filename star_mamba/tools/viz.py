@@ -299,7 +299,8 @@ def _plot_diagnostics(path: Path, series: dict[str, list], current: Optional[dic
                        key=lambda k: int(k.split("/")[1]))
     for i, key in enumerate(slot_keys):
         color = f"C{i % 10}"
-        line(slots_ax, key, color=color, marker="o", markersize=3, label=f"slot {key.split('/')[1]}")
+        line(slots_ax, key, color=color, marker="o", markersize=3,
+             label=f"slot {key.split('/')[1]}")
         star(slots_ax, key, color)
     slots_ax.set_title("loss per image slot (held-out, image clusters)", fontsize=9)
     slots_ax.set_ylabel("MSE per patch")
@@ -506,6 +507,7 @@ def write_diagnostics(model, path: Path, step: Optional[int], run_cfg: Any, out_
                               f"{cfg.images_per_sequence}; lines: logged in training")
     json_path = out_dir / "diagnostics.json"
     with open(json_path, "w") as f:
-        json.dump(dict(checkpoint=str(path), step=step, current=current, logged=series), f, indent=1)
+        json.dump(dict(checkpoint=str(path), step=step, current=current, logged=series), f,
+                  indent=1)
     return dict(diagnostics=current, diagnostics_step=step, diagnostics_series=drawn,
                 diagnostics_plot=str(png), diagnostics_json=str(json_path))
