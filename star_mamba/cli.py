@@ -11,7 +11,7 @@
   star-mamba bench --data [--quick]                                input pipeline benchmark
   star-mamba bench --gpu [--output-dir D] [--dry-run]              GPU acceptance run
   star-mamba ablate [--out DIR] [--axis NAME=V1,V2] [--full]       ablation grid (resumable)
-  star-mamba viz --checkpoint CKPT [--out DIR]                     prediction grid + loss plot
+  star-mamba viz --checkpoint CKPT [--out DIR]                     predictions, losses, diagnostics
   star-mamba convert-arm SRC --out FILE.pth [--set model.KEY=VALUE] ARM checkpoint -> ours
   star-mamba models                                                model sizes
 
@@ -106,6 +106,10 @@ def _viz_args(v: argparse.ArgumentParser) -> None:
                    help="clusters counted as 'first' in the printed summary (default 1)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="cpu")
+    v.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
+                   help="skip diagnostics.png (the run's logged cross-image diagnostics and this "
+                        "checkpoint's values on run.diag_images held-out images of the config's "
+                        "data; pass the run's config.yaml with -c to match the logged ones)")
 
 
 def _convert_arm_args(c: argparse.ArgumentParser) -> None:
@@ -286,13 +290,20 @@ def _viz(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, list(args.overrides), task="pretrain")
     r = visualize(args.checkpoint, out, cfg, num_sequences=args.num_sequences,
                   max_batches=args.max_batches, device=args.device, seed=args.seed,
-                  split=args.split, first_clusters=args.first_clusters)
+                  split=args.split, first_clusters=args.first_clusters,
+                  diagnostics=args.diagnostics)
     per_image = ", ".join(f"{v:.4f}" for v in r["mean_loss_per_image"])
     print(f"{r['sequences']} sequences of K={r['images_per_sequence']} from {r['data']} "
           f"({r['split']}): loss {r['loss']:.4f}; mean loss per image k=0..: {per_image}")
     print(f"first {r['first_clusters']} cluster(s): image 0 {r['first_cluster_loss_image0']:.4f}, "
           f"images 1.. {r['first_cluster_loss_later_images']:.4f}")
-    for key in ("predictions", "loss_plot", "loss_json"):
+    if args.diagnostics:
+        from .engine.diagnostics import summary_line
+        step = r["diagnostics_step"]
+        print(f"diagnostics{'' if step is None else f' at step {step}'} on "
+              f"{r['diagnostics']['images']} held-out images: {summary_line(r['diagnostics'])}")
+    for key in ("predictions", "loss_plot", "loss_json") + (
+            ("diagnostics_plot", "diagnostics_json") if args.diagnostics else ()):
         print(f"wrote {r[key]}")
     return 0
 
@@ -329,7 +340,7 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handle
     "ablate": ("grid over separator kind/position, K and cluster size: pretrain + probe per "
                "point, resumable, table + plot", _ablate_args, _ablate),
     "viz": ("from a pretraining checkpoint: predicted vs true clusters across image boundaries, "
-            "and the loss per sequence position", _viz_args, _viz),
+            "the loss per sequence position and the cross-image diagnostics", _viz_args, _viz),
     "convert-arm": ("an official ARM checkpoint (pretraining or fine-tuning) -> a star-mamba "
                     "checkpoint", _convert_arm_args, _convert_arm),
     "prepare-data": ("every split folder of an ImageFolder tree as pre-resized WebDataset "

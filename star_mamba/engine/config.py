@@ -189,6 +189,10 @@ class RunOptions:
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
     compile: bool = False  # torch.compile the model for training and evaluation
     compile_mode: Optional[str] = None  # torch.compile mode (e.g. max-autotune); null = default
+    # -- pretraining only: cross-image diagnostics (engine/diagnostics.py) on a fixed batch of
+    # held-out images of data's eval split, logged as a "diag" row of metrics.jsonl
+    diag_every: Optional[int] = 100  # optimizer steps between them; 0 or null = off
+    diag_images: int = 64  # held-out images (the largest multiple of K not above it is used)
     # -- fine-tuning and linear probe only
     pretrained: Optional[str] = None  # STAR pretraining checkpoint to start from; null = scratch
     # a head the pretrained checkpoint lacks is re-drawn trunc-normal with this std (ARM: 2e-5,

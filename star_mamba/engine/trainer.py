@@ -159,6 +159,12 @@ def check_run_config(cfg: RunConfig) -> None:
     if r.save_every <= 0 or r.save_every_steps <= 0 or r.log_every <= 0 or r.eval_every <= 0:
         raise ValueError("invalid config: run.save_every, run.save_every_steps, run.log_every and "
                          "run.eval_every must be positive")
+    if r.diag_every is not None and r.diag_every < 0:
+        raise ValueError(f"invalid config: run.diag_every={r.diag_every!r}; expected steps >= 1, "
+                         "or 0 / null for no diagnostics")
+    if r.diag_images <= 0:
+        raise ValueError(f"invalid config: run.diag_images={r.diag_images!r}; expected a positive "
+                         "number of held-out images")
 
 
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer, scaler,
@@ -304,6 +310,9 @@ class Job:
     extras: dict[str, Any] = field(default_factory=dict)  # more state_dict()-able things to save
     after_step: Optional[Callable[[], None]] = None  # e.g. an EMA update
     evaluate: Optional[Callable[[int], dict[str, float]]] = None  # epoch -> metrics incl. "score"
+    # model -> numbers for metrics.jsonl's "diag" (None: nothing to log), every run.diag_every
+    # steps, on rank 0 only (so it must not use collectives); it logs its own summary
+    diagnose: Optional[Callable[[torch.nn.Module], Optional[dict[str, Any]]]] = None
 
 
 def start_run(cfg: RunConfig, record: bool = True) -> RunContext:
@@ -471,9 +480,19 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
     def on_step() -> None:
         if job.after_step is not None:
             job.after_step()
+        if job.diagnose is not None and r.diag_every and state.step % r.diag_every == 0:
+            diagnose()
         if state.step % r.save_every_steps == 0:
             save([ckpt.LATEST])
         _maybe_inject_fault(state.step, info)
+
+    def diagnose() -> None:
+        """Rank 0 only: the others go on to the next step's all-reduce and wait for it there."""
+        if not info.is_main:
+            return
+        values = job.diagnose(model)
+        if values is not None:
+            writer.write(state.step, dict(epoch=state.epoch, diag=values))
 
     epoch_loss = None
     start = time.perf_counter()
