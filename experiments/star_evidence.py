@@ -86,6 +86,7 @@ FINETUNE = ["model.directions=2", "model.drop_path_rate=0.0", "data.max_images=1
             "optim.batch_size=64", "optim.blr=8e-3", "optim.layer_decay=0.9",
             "run.progress=false", "run.log_every=50", "run.tensorboard=false", "run.threads=1"]
 DIAG_SEQUENCES = 64  # held-out test sequences for the diagnostics (K images each)
+DIAG_SEED = 1234  # draws of the held-out diagnostic sequences (the same for every run)
 
 
 def arm_overrides(name: str) -> list[str]:
@@ -102,6 +103,11 @@ def pretrain_config(name: str, seed: int, run_dir: Path, epochs: int, *extra: st
 
 def run_path(runs: Path, name: str, seed: int) -> Path:
     return runs / name / f"seed{seed}"
+
+
+def save(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, obj)
 
 
 def read_json(path: Path) -> Optional[Any]:
@@ -124,7 +130,7 @@ def pretrain_step(name: str, seed: int, runs: Path, epochs: int, *extra: str) ->
     result = pretrain(pretrain_config(name, seed, run_dir, epochs, *extra))
     summary = dict(seconds=result["seconds"], steps=result.get("step"),
                    final_loss=tail_loss(run_dir / "metrics.jsonl"))
-    write_json(done, summary)
+    save(done, summary)
     return summary
 
 
@@ -158,7 +164,7 @@ def probe_step(name: str, seed: int, runs: Path, epochs: int, data_root: Optiona
     result = evaluate_representation(checkpoint_source(name, seed, runs, epochs), train_set,
                                      test_set, batch_size=500, device="cpu", seed=seed,
                                      progress=False)
-    write_json(done, result)
+    save(done, result)
     return result
 
 
@@ -177,13 +183,46 @@ def finetune_step(name: str, seed: int, runs: Path, epochs: int, data_root: Opti
     result = train_classifier(Probe("finetune", "finetune/fashion_mnist",
                                     (*MODEL[:2], *FINETUNE, *extra, f"run.seed={seed}")),
                               pretrained, out)
+    if result["top1"] is None:  # stopped by --max-steps before its evaluation
+        from star_mamba.engine.finetune import evaluate_checkpoint
+        result["top1"] = evaluate_checkpoint(out / "checkpoint-latest.pth", None, False)["top1"]
     result["seconds"] = round(time.perf_counter() - t, 1)
-    write_json(out / "result.json", result)
+    save(out / "result.json", result)
     return result
+
+
+def held_out_sequences(kind: str, k: int, n: int, data_root: Optional[str]) -> torch.Tensor:
+    """``n`` held-out sequences of ``kind`` (random, clip, same_class) built from the 10,000
+    test images with a fixed seed: (n*K, 1, 32, 32), sequence b's image k at b*K + k."""
+    from star_mamba.config import StarConfig
+    from star_mamba.data.sequences import build_sequence_dataset
+    from star_mamba.engine.config import DataConfig
+    from star_mamba.engine.data import build_pretrain_images
+    geometry = dict(img_size=32, patch_size=4, in_chans=1, cluster_size=2)
+    images = build_pretrain_images(DataConfig(root=data_root, split="test", sequence=kind),
+                                   StarConfig(**geometry, images_per_sequence=k))
+    sequences = build_sequence_dataset(kind, images, k, 32, 1, seed=DIAG_SEED)
+    return torch.cat([sequences[i][0] for i in range(n)])  # (n*K, 1, 32, 32)
+
+
+@torch.no_grad()
+def ordered_slot_losses(model, images: torch.Tensor, batch: int = 32) -> list[float]:
+    """Mean loss of each image slot over sequences taken in the order given (no rotation):
+    in a clip, slot k is frame k, so a falling curve means earlier frames are used."""
+    from star_mamba.engine.diagnostics import per_slot_losses
+    k = model.cfg.images_per_sequence
+    rows = []
+    for i in range(0, images.shape[0], batch * k):
+        out = model(images[i:i + batch * k])
+        rows.append(per_slot_losses(out.pred, out.target, model.cfg)[0])  # (B, K)
+    return torch.cat(rows).mean(0).tolist()
 
 
 def diag_step(name: str, seed: int, runs: Path, epochs: int,
               data_root: Optional[str]) -> Optional[dict]:
+    """The cross-image diagnostics of engine/diagnostics.py on held-out random test images
+    (rotated so that every image is in every slot), plus the loss per slot of in-order held-out
+    sequences of each kind (random, clip, same_class) for K > 1."""
     if not ARMS[name].pretrained:
         return None
     from star_mamba.engine.diagnostics import cross_image_diagnostics
@@ -195,11 +234,17 @@ def diag_step(name: str, seed: int, runs: Path, epochs: int,
     state, cfg = read_pretrained(checkpoint_source(name, seed, runs, epochs))
     model = StarPretrain(cfg)
     model.load_state_dict(state)
-    _, test_set = probe_datasets(data_root)
+    model.eval()
     k = model.cfg.images_per_sequence
+    _, test_set = probe_datasets(data_root)
     images = torch.stack([test_set[i][0] for i in range(DIAG_SEQUENCES * k)])  # (N*K, 1, 32, 32)
-    result = cross_image_diagnostics(model.eval(), images)
-    write_json(done, result)
+    result = cross_image_diagnostics(model, images)
+    if k > 1:
+        result["ordered_slot_loss"] = {
+            kind: ordered_slot_losses(model, held_out_sequences(kind, k, DIAG_SEQUENCES,
+                                                                data_root))
+            for kind in ("random", "clip", "same_class")}
+    save(done, result)
     return result
 
 
@@ -210,8 +255,7 @@ def raw_pixels(runs: Path, data_root: Optional[str]) -> dict:
         return result
     train_set, test_set = probe_datasets(data_root)
     result = raw_pixel_baseline(train_set, test_set, device="cpu")
-    runs.mkdir(parents=True, exist_ok=True)
-    write_json(done, result)
+    save(done, result)
     return result
 
 
@@ -265,7 +309,6 @@ def collect(runs: Path, seeds: list[int], arms: list[str]) -> list[dict]:
 
 
 def write_report(rows: list[dict], raw: dict, out: Path, command: str, epochs: int) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
     metrics = ("linear_probe_top1", "knn_top1", "finetune_top1")
     summary = {}
@@ -282,7 +325,7 @@ def write_report(rows: list[dict], raw: dict, out: Path, command: str, epochs: i
                   finetune=FINETUNE, raw_pixels=dict(linear_probe_top1=raw["linear_probe_top1"],
                                                      knn_top1=raw["knn_top1"]),
                   runs=rows, summary=summary, paired_differences=diffs)
-    write_json(out / "star_evidence.json", result)
+    save(out / "star_evidence.json", result)
     (out / "star_evidence.md").write_text(to_markdown(result))
     plot(result, out / "star_evidence.png")
 
@@ -331,6 +374,17 @@ def to_markdown(result: dict) -> str:
             lines.append(f"| {a} | {' / '.join(f'{x:.3f}' for x in slots)} | "
                          f"{f'{statistics.fmean(gap):+.4f}' if gap else '-'} | "
                          f"{f'{statistics.fmean(ratio):.2f}' if ratio else '-'} |")
+        lines += ["", "Loss per slot of in-order held-out sequences (slot 0 .. K-1; in a clip slot k "
+                  "is frame k), mean over seeds:", "", "| arm | random | clip | same class |",
+                  "| --- | --- | --- | --- |"]
+        for a in result["summary"]:
+            ds = [r["diagnostics"]["ordered_slot_loss"] for r in diag_rows
+                  if r["arm"] == a and "ordered_slot_loss" in r["diagnostics"]]
+            if ds:
+                cells = [" / ".join(f"{statistics.fmean(d[kind][i] for d in ds):.3f}"
+                                    for i in range(ARMS[a].k))
+                         for kind in ("random", "clip", "same_class")]
+                lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
