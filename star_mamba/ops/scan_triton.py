@@ -7,42 +7,44 @@
 Three functions make the interface: ``saved_shape``, ``forward`` and ``backward`` (the caller,
 ops/scan.py, owns autograd and the fallback to the torch kernel).
 
-Work split. One program (one warp) per (batch, block of ``BLOCK_D`` = 32 channels); each thread
-owns one channel and keeps its whole state h[:, channel] (NP = next power of two >= d_state
-floats, padding masked) in registers, so the sums over the state (y, and in the backward the
-gradients of u and delta) never leave the thread. The sequence is walked ``STEPS`` steps per loop
-iteration, unrolled: the inputs of those steps are loaded first (a prefetch: one load latency per
-``STEPS`` steps instead of one per step), then consumed one step at a time. How a (BLOCK_D,)
-slice of u, delta, z, dy is read depends on the tensor's strides (any strides are accepted, no
-copies are made): with time stride 1 (channel-major, (b, D, L)-contiguous) one (BLOCK_D, STEPS)
-tile per iteration, each thread reading its own channel's steps as one vector; otherwise one load
-per step, coalesced when the channel stride is 1 (time-major, a transposed view of a (b, L, D)
-matmul output). Stores (y, du, ddelta, dz) follow the same rule. y is returned time-major.
+Work split. One program = one warp = (batch, block of BLOCK_D = 32 channels). The sequence is
+walked in loop iterations of STEPS (forward) or SUB (backward) steps, unrolled: the inputs of
+those steps are loaded first (one load latency per iteration, not per step), then consumed one
+step at a time. A (BLOCK_D,) slice of u, delta, z or dy is read according to the tensor's own
+strides (any strides, no copies): with time stride 1 (channel-major) as one (BLOCK_D, steps)
+tile, each lane reading its channel's steps as one vector; otherwise one load per step, coalesced
+when the channel stride is 1 (time-major, e.g. a transposed view of a (b, L, D) matmul output).
+Stores (y, du, ddelta, dz) follow the same rule; y is returned time-major.
 
-Memory (b = batch, D = dim, L = length, N = d_state, NP, DP = D rounded up to BLOCK_D,
-n_chunks = cdiv(L, CHUNK)); nothing of size b*D*L*N exists anywhere:
+Register layouts (chosen by Triton from the memory accesses; see the comment above the kernels):
+the forward keeps a channel per lane and its NP states in that lane's registers (the sum over
+states for y never leaves the thread); the backward gives each lane 4 channels x 4 states, which
+balances its two sums over states (gradients of u and delta) against its two sums over the
+block's channels (dB, dC) done with warp shuffles every step.
+
+Memory (b = batch, D = dim, L = length, N = d_state, NP = next power of two >= N, DP = D rounded
+up to 32, n_chunks = cdiv(L, CHUNK)); nothing of size b*D*L*N exists anywhere:
 
 * forward saves ``checkpoints`` (b, n_chunks, NP, DP) float32: the state entering each chunk of
-  ``CHUNK`` = 64 steps (zero padded);
+  CHUNK = 64 steps (zero padded);
 * backward walks the chunks last to first. Per chunk it recomputes the states once from the
-  checkpoint, writing the state entering each sub-chunk of ``SUB`` steps into a scratch
-  (b, CHUNK / SUB, NP, DP) float32; then per sub-chunk, last to first, it recomputes the SUB states
-  into registers and runs the adjoint g_t = dyc_t C_t + exp(dt_{t+1} A) g_{t+1} back through them.
-  Gradients summed over channels (dB, dC) are reduced across the warp and written as
-  deterministic per-block partials (cdiv(D, BLOCK_D), b, L, NP); those summed over batch and time
-  (dA, dD, ddelta_bias) as per-batch partials; ``torch.sum`` adds them up (no atomics).
+  checkpoint, writing the state entering each sub-chunk of SUB = 2 steps to a scratch
+  (b, CHUNK / SUB, NP, DP) float32; then per sub-chunk, last to first, it recomputes the SUB
+  states into registers and runs the adjoint g_t = dyc_t C_t + exp(dt_{t+1} A) g_{t+1} back
+  through them. Sums over channels (dB, dC) are written as per-block partials
+  (cdiv(D, 32), b, L, NP), sums over batch and time (dA, dD, ddelta_bias) as per-batch
+  partials; ``torch.sum`` adds them up in a fixed order (deterministic, no atomics).
 
 Inputs u, delta, z, B, C may be float32, bfloat16 or float16 (each its own); A, D, delta_bias are
-float32. Loads upcast to float32 and all arithmetic is float32 (exp2 with A pre-scaled by log2 e);
-y, du, ddelta, dz, dB, dC come back in the dtype of u, u, delta, z, B, C; last, dA, dD and
-ddelta_bias are float32. Offsets are 64-bit (program ids and time indices are cast to int64
-before any multiplication by a stride), meant for b*D*L > 2**31; that size is not tested.
+float32. Loads upcast to float32 and all arithmetic is float32 (exp2, with A pre-scaled by
+log2 e); y, du, ddelta, dz, dB, dC come back in the dtype of u, u, delta, z, B, C; last, dA, dD
+and ddelta_bias are float32. Offsets are 64-bit where they can exceed 2**31 (batch, channel and
+time offsets are int64 before any multiplication by a stride); sizes that large are not tested.
 
-Why this layout is fast (see benchmarks/triton_scan_gpu.py for measurements): v2 put the 16
-states of a channel on 16 threads (a cross-thread reduction per step for y), loaded every input
-one step at a time with a dependent load latency per step, read channel-major tensors with one
-sector per channel per step, kept the backward's per-step states in a global scratch and left
-bias, softplus, D and the gate to separate PyTorch passes over (b, D, L) tensors.
+Against v2 (one program per 32 channels on 4 warps, a state's 16 entries on 16 lanes): v2 paid
+a cross-lane reduction and a dependent global load latency every step, read channel-major
+tensors one sector per channel per step, kept every backward state in a global scratch, and left
+bias, softplus, D and the gate (and float32 copies of every input) to separate PyTorch passes.
 """
 from __future__ import annotations
 
@@ -55,7 +57,7 @@ import triton.language as tl
 from torch import Tensor
 
 CHUNK: int = 64  # steps between the forward's checkpoints
-BLOCK_D: int = 32  # channels per program: one per thread of one warp
+BLOCK_D: int = 32  # channels per program: one warp, a channel per lane
 STEPS: int = 8  # forward steps per loop iteration (unrolled; inputs loaded ahead)
 SUB: int = 2  # backward sub-chunk: its states are recomputed into registers
 NUM_WARPS: int = 1  # one warp per program: the sums over channels stay within a warp
@@ -144,11 +146,16 @@ def _delta(r, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
 # ----------------------------------------------------------------------------- kernels
 #
 # Pointer bookkeeping keeps registers free: 64-bit scalars for batch / block / time offsets,
-# 32-bit per-element offsets (NP * DP < 2**31), added at each use. The (NP, DP) "planes" (A,
-# checkpoints, scratch, last, dlast, dA) have the row stride DP, deliberately not specialised on
-# its divisibility: their (NP, BLOCK_D) accesses are then not vectorised along the channels, which
-# keeps Triton's layout at "channels across the lanes, the NP states of a channel in registers";
-# a vectorised access would spread the states over several lanes and cost shuffles every step.
+# 32-bit per-element offsets (NP * DP < 2**31), added at each use.
+#
+# The register layout of the (NP, BLOCK_D) state follows from how the (NP, DP) "planes" (A,
+# checkpoints, scratch, last, dlast, dA; row stride DP, always a multiple of 32) are accessed:
+# * forward: DP is not specialised on its divisibility (do_not_specialize), so those accesses are
+#   not vectorised and Triton puts the 32 channels on the 32 lanes with the NP states of a
+#   channel in its lane's registers (no shuffles at all);
+# * backward: DP is specialised, the accesses are 128-bit vectors of 4 channels, and the layout
+#   becomes 4 channels x 4 states per lane (8 lanes across channels, 4 across states): each sum,
+#   over states or over channels, is then mostly within a thread (see the module docstring).
 
 @triton.jit
 def _plane(base, offs_n, offs_c, DP):
@@ -351,51 +358,49 @@ def _backward_kernel(u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_p
 
 # ----------------------------------------------------------------------------- host side
 
-def _geometry(dim: int, length: int, d_state: int, chunk: int, block_d: int
-              ) -> tuple[int, int, int, int]:
-    """-> (NP, n_dblocks, DP, n_chunks)."""
-    n_dblocks = triton.cdiv(dim, block_d)
-    return (triton.next_power_of_2(d_state), n_dblocks, n_dblocks * block_d,
+def _geometry(dim: int, length: int, d_state: int, chunk: int) -> tuple[int, int, int]:
+    """-> (NP, DP, n_chunks): d_state padded to a power of two, dim padded to BLOCK_D, number of
+    chunks."""
+    return (triton.next_power_of_2(d_state), triton.cdiv(dim, BLOCK_D) * BLOCK_D,
             triton.cdiv(length, chunk))
 
 
-def saved_shape(batch: int, dim: int, length: int, d_state: int, chunk: int = CHUNK,
-                block_d: int = BLOCK_D) -> tuple[int, ...]:
+def saved_shape(batch: int, dim: int, length: int, d_state: int, chunk: int = CHUNK
+                ) -> tuple[int, ...]:
     """Shape of the checkpoints tensor forward() returns: (batch, cdiv(length, chunk), NP, DP),
-    NP = next power of two >= d_state, DP = dim rounded up to block_d (zero padded)."""
-    NP, _, DP, n_chunks = _geometry(dim, length, d_state, chunk, block_d)
+    NP = next power of two >= d_state, DP = dim rounded up to 32 (zero padded)."""
+    NP, DP, n_chunks = _geometry(dim, length, d_state, chunk)
     return (batch, n_chunks, NP, DP)
 
 
-def checkpoints_from_states(hs: Tensor, chunk: int = CHUNK, block_d: int = BLOCK_D) -> Tensor:
+def checkpoints_from_states(hs: Tensor, chunk: int = CHUNK) -> Tensor:
     """Every state (L, b, d, N), as the torch kernel keeps them -> the checkpoints forward()
     saves: the state entering each chunk (zeros for the first), in saved_shape."""
     L, b, dim, N = hs.shape
     entering = torch.cat([torch.zeros_like(hs[:1]), hs[chunk - 1:L - 1:chunk]])  # (n_chunks, b, d, N)
-    NP, _, DP, _ = _geometry(dim, L, N, chunk, block_d)
+    NP, DP, _ = _geometry(dim, L, N, chunk)
     return F.pad(entering.permute(1, 0, 3, 2).float(), (0, DP - dim, 0, NP - N)).contiguous()
 
 
-def _check_params(chunk: int, block_d: int, steps: int, sub: int) -> None:
-    if block_d not in (8, 16, 32):
-        raise ValueError(f"block_d must be 8, 16 or 32 (channels per warp), got {block_d}")
-    for name, v in (("steps", steps), ("sub", sub)):
-        if v < 1 or v & (v - 1):
-            raise ValueError(f"{name} must be a power of two, got {v}")
-    if chunk < 1 or chunk % steps or chunk % sub:
-        raise ValueError(f"chunk must be a positive multiple of steps ({steps}) and sub ({sub}), "
-                         f"got {chunk}")
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _check_params(chunk: int, name: str, steps: int) -> None:
+    """steps: the forward's STEPS or the backward's SUB, a power of two dividing chunk."""
+    if steps < 1 or steps & (steps - 1):
+        raise ValueError(f"{name} must be a power of two, got {steps}")
+    if chunk < 1 or chunk % steps:
+        raise ValueError(f"chunk must be a positive multiple of {name} ({steps}), got {chunk}")
 
 
 def _backward_options(device: torch.device, programs: int) -> dict:
     """Launch options of the backward. Unconstrained, it takes ~240 registers per thread: 8
-    one-warp programs per SM. When there are more programs than that fits at once, cap the
-    registers so that 12 fit (65536 / (12 * 32) -> 168; a few spills, no extra waves)."""
+    one-warp programs per SM. When more programs than that wait, cap the registers so that 12
+    fit (65536 / (12 * 32) -> 168: a few spills, fewer waves)."""
     options = dict(num_warps=NUM_WARPS)
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        if programs > BWD_FULL_REGS_PER_SM * sms:
-            options["maxnreg"] = BWD_MAXNREG
+    if device.type == "cuda" and programs > BWD_FULL_REGS_PER_SM * _sm_count(device):
+        options["maxnreg"] = BWD_MAXNREG
     return options
 
 
@@ -404,8 +409,14 @@ def _strides(t: Tensor) -> tuple[int, int, int]:
 
 
 def _tile(t: Tensor) -> bool:
-    """Read / write (BLOCK_D, steps) tiles: each channel's steps are contiguous."""
-    return t.stride(2) == 1 and t.shape[2] > 1
+    """Read / write (BLOCK_D, steps) tiles: each channel's steps are contiguous and every row
+    starts 16-byte aligned as far as the JIT can tell (it specialises integers divisible by 16
+    and pointers aligned to 16 bytes), so that a lane's steps are one vector access. Otherwise
+    one access per step."""
+    b_stride, d_stride, l_stride = t.stride()
+    return (l_stride == 1 and t.shape[2] > 1 and t.data_ptr() % 16 == 0
+            and all(s % 16 == 0 or n == 1 for s, n in ((b_stride, t.shape[0]),
+                                                      (d_stride, t.shape[1]))))
 
 
 def _prepare(A: Tensor, B: Tensor, C: Tensor, NP: int, DP: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -416,29 +427,31 @@ def _prepare(A: Tensor, B: Tensor, C: Tensor, NP: int, DP: int) -> tuple[Tensor,
     return A2, B2, C2
 
 
+def _vector(t: Optional[Tensor], dummy: Tensor) -> Tensor:
+    return dummy if t is None else t.float().contiguous()
+
+
 def forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
             D: Optional[Tensor] = None, z: Optional[Tensor] = None,
             delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
-            chunk: int = CHUNK, block_d: int = BLOCK_D, steps: int = STEPS
-            ) -> tuple[Tensor, Tensor, Tensor]:
+            chunk: int = CHUNK, steps: int = STEPS) -> tuple[Tensor, Tensor, Tensor]:
     """u, delta, z (b, dim, L); A (dim, N); B, C (b, N, L); D, delta_bias (dim,); any strides ->
     y (b, dim, L) in u's dtype, stored time-major (strides (L*dim, 1, dim)), last (b, dim, N)
     float32, checkpoints (saved_shape) float32."""
-    _check_params(chunk, block_d, steps, SUB)
+    _check_params(chunk, "steps", steps)
     b, dim, L = u.shape
     N = A.shape[1]
-    NP, n_dblocks, DP, n_chunks = _geometry(dim, L, N, chunk, block_d)
+    NP, DP, n_chunks = _geometry(dim, L, N, chunk)
     A2, B2, C2 = _prepare(A, B, C, NP, DP)
     f32 = dict(dtype=torch.float32, device=u.device)
     y = torch.empty_strided((b, dim, L), (L * dim, 1, dim), dtype=u.dtype, device=u.device)
     last = torch.empty(b, NP, DP, **f32)
-    checkpoints = torch.empty(saved_shape(b, dim, L, N, chunk, block_d), **f32)
+    checkpoints = torch.empty(saved_shape(b, dim, L, N, chunk), **f32)
     zz = u if z is None else z
-    _forward_kernel[(b, n_dblocks)](
-        u, delta, A2, B2, C2, A2 if D is None else D.float().contiguous(), zz,
-        A2 if delta_bias is None else delta_bias.float().contiguous(), y, last, checkpoints,
+    _forward_kernel[(b, triton.cdiv(dim, BLOCK_D))](
+        u, delta, A2, B2, C2, _vector(D, A2), zz, _vector(delta_bias, A2), y, last, checkpoints,
         dim, L, n_chunks, DP, *_strides(u), *_strides(delta), *_strides(zz), *_strides(y),
-        NP=NP, BLOCK_D=block_d, CHUNK=chunk, STEPS=steps,
+        NP=NP, BLOCK_D=BLOCK_D, CHUNK=chunk, STEPS=steps,
         U_TILE=_tile(u), DELTA_TILE=_tile(delta), Z_TILE=_tile(zz), Y_TILE=_tile(y),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=bool(delta_softplus), num_warps=NUM_WARPS)
@@ -448,19 +461,20 @@ def forward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
 def backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, checkpoints: Tensor,
              dy: Tensor, dlast: Optional[Tensor] = None, D: Optional[Tensor] = None,
              z: Optional[Tensor] = None, delta_bias: Optional[Tensor] = None,
-             delta_softplus: bool = False, chunk: int = CHUNK, block_d: int = BLOCK_D,
-             sub: int = SUB) -> tuple[Optional[Tensor], ...]:
+             delta_softplus: bool = False, chunk: int = CHUNK, sub: int = SUB
+             ) -> tuple[Optional[Tensor], ...]:
     """Gradients of (y, last) -> du, ddelta, dA, dB, dC, dD, dz, ddelta_bias (None for an absent
     input). dy (b, dim, L) any strides and dtype; dlast (b, dim, N) or None (zero). Gradients
     of u, delta, z, B, C have their input's dtype and strides (torch.empty_like); dA, dD and
     ddelta_bias are float32."""
-    _check_params(chunk, block_d, STEPS, sub)
+    _check_params(chunk, "sub", sub)
     b, dim, L = u.shape
     N = A.shape[1]
-    NP, n_dblocks, DP, n_chunks = _geometry(dim, L, N, chunk, block_d)
-    if tuple(checkpoints.shape) != saved_shape(b, dim, L, N, chunk, block_d):
-        raise ValueError(f"checkpoints must have shape {saved_shape(b, dim, L, N, chunk, block_d)}"
-                         f" (same chunk as the forward), got {tuple(checkpoints.shape)}")
+    NP, DP, n_chunks = _geometry(dim, L, N, chunk)
+    if tuple(checkpoints.shape) != saved_shape(b, dim, L, N, chunk):
+        raise ValueError(f"checkpoints must have shape {saved_shape(b, dim, L, N, chunk)} "
+                         f"(same chunk as the forward), got {tuple(checkpoints.shape)}")
+    n_dblocks = triton.cdiv(dim, BLOCK_D)
     A2, B2, C2 = _prepare(A, B, C, NP, DP)
     f32 = dict(dtype=torch.float32, device=u.device)
     dlast = (torch.zeros(b, NP, DP, **f32) if dlast is None else  # (b, dim, N) -> (b, NP, DP)
@@ -474,13 +488,12 @@ def backward(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, checkpoi
     dD, dbias = torch.empty(b, DP, **f32), torch.empty(b, DP, **f32)
     zz, dzz = (u, du) if z is None else (z, dz)
     _backward_kernel[(b, n_dblocks)](
-        u, delta, A2, B2, C2, A2 if D is None else D.float().contiguous(), zz,
-        A2 if delta_bias is None else delta_bias.float().contiguous(),
+        u, delta, A2, B2, C2, _vector(D, A2), zz, _vector(delta_bias, A2),
         checkpoints.contiguous(), dy, dlast, scratch,
         du, ddelta, dzz, dA, dB, dC, dD, dbias,
         b, dim, L, n_chunks, DP, *_strides(u), *_strides(delta), *_strides(zz), *_strides(dy),
         *_strides(du), *_strides(ddelta), *_strides(dzz),
-        NP=NP, BLOCK_D=block_d, CHUNK=chunk, SUB=sub,
+        NP=NP, BLOCK_D=BLOCK_D, CHUNK=chunk, SUB=sub,
         U_TILE=_tile(u), DELTA_TILE=_tile(delta), Z_TILE=_tile(zz), DY_TILE=_tile(dy),
         DU_TILE=_tile(du), DDELTA_TILE=_tile(ddelta), DZ_TILE=_tile(dzz),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
