@@ -377,7 +377,7 @@ def checkpoints_from_states(hs: Tensor, chunk: int = CHUNK) -> Tensor:
     """Every state (L, b, d, N), as the torch kernel keeps them -> the checkpoints forward()
     saves: the state entering each chunk (zeros for the first), in saved_shape."""
     L, b, dim, N = hs.shape
-    entering = torch.cat([torch.zeros_like(hs[:1]), hs[chunk - 1:L - 1:chunk]])  # (n_chunks, b, d, N)
+    entering = torch.cat([torch.zeros_like(hs[:1]), hs[chunk - 1:L - 1:chunk]])  # (chunks, b, d, N)
     NP, DP, _ = _geometry(dim, L, N, chunk)
     return F.pad(entering.permute(1, 0, 3, 2).float(), (0, DP - dim, 0, NP - N)).contiguous()
 
