@@ -273,8 +273,8 @@ def run_timings(fns: dict, deadline: float, images: int = 256) -> list[dict]:
                         row["error"] = f"{type(e).__name__}: {e}"
                     rows.append(row)
                     print(f"kern {row['variant']:18s} D{D:<4d} K{K} "
-                          f"fwd {row.get('fwd_ms', '-')} ms bwd {row.get('bwd_ms', '-')} ms ckpt {row.get('ckpt_mib', '-')} MiB "
-                          f"{row.get('error', '')}", flush=True)
+                          f"fwd {row.get('fwd_ms', '-')} ms bwd {row.get('bwd_ms', '-')} ms "
+                          f"ckpt {row.get('ckpt_mib', '-')} MiB {row.get('error', '')}", flush=True)
             del inputs
             torch.cuda.empty_cache()
     return rows
