@@ -282,12 +282,12 @@ def _fused_backward(kernel, u, delta, A, B, C, D, z, delta_bias, saved, dy, dlas
 
 
 def _like(t: Tensor, g: Optional[Tensor]) -> Tensor:
-    """g with the strides of torch.empty_like(t) (what the fake returns): as is when it has
-    them (the Triton kernel allocates its gradients that way), else copied."""
-    like = torch.empty_like(t)
-    if g is not None and g.dtype == like.dtype and g.stride() == like.stride():
+    """g with the dtype and strides of torch.empty_like(t) (what the fake returns): as is when
+    it has them (the Triton kernel allocates its gradients that way), else copied."""
+    if g is not None and g.dtype == t.dtype and g.stride() == torch.empty_like(
+            t, device="meta").stride():
         return g
-    return like.copy_(torch.zeros_like(t) if g is None else g)
+    return torch.empty_like(t).copy_(torch.zeros_like(t) if g is None else g)
 
 
 @torch.library.custom_op("star_mamba::scan_fused_fwd", mutates_args=())
