@@ -235,8 +235,10 @@ def time_kernels(inputs: dict, chunk: int) -> dict:
 SHAPES = [(768, 4), (768, 1), (768, 8), (192, 1), (192, 4), (192, 8)]  # (D, K), STAR-B first
 
 
-def run_timings(fns: dict, deadline: float, images: int = 256) -> list[dict]:
-    rows = []
+def run_timings(fns: dict, deadline: float, images: int = 256, rows: list | None = None,
+                save=lambda: None) -> list[dict]:
+    """Appends to ``rows`` (and calls ``save``) after every measurement."""
+    rows = [] if rows is None else rows
     plan = [("v3", "channel"), ("v3", "model"), ("v2", "channel"), ("v2", "model"),
             ("torch", "channel")]
     for D, K in SHAPES:
@@ -256,6 +258,7 @@ def run_timings(fns: dict, deadline: float, images: int = 256) -> list[dict]:
                     traceback.print_exc()
                 torch.cuda.empty_cache()
                 rows.append(row)
+                save()
                 print(f"time {name:6s} {layout:7s} D{D:<4d} K{K} L{L:<5d} b{b:<4d} "
                       f"fwd {row.get('fwd_ms', '-')!s:>8} ms  "
                       f"fwd+bwd {row.get('fwd_bwd_ms', '-')!s:>8} ms  "
@@ -272,6 +275,7 @@ def run_timings(fns: dict, deadline: float, images: int = 256) -> list[dict]:
                     except Exception as e:  # noqa: BLE001
                         row["error"] = f"{type(e).__name__}: {e}"
                     rows.append(row)
+                    save()
                     print(f"kern {row['variant']:18s} D{D:<4d} K{K} "
                           f"fwd {row.get('fwd_ms', '-')} ms bwd {row.get('bwd_ms', '-')} ms "
                           f"ckpt {row.get('ckpt_mib', '-')} MiB {row.get('error', '')}", flush=True)
@@ -306,6 +310,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     t0 = time.time()
     result = dict(started=time.strftime("%Y-%m-%d %H:%M:%S"), budget_s=args.budget)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+
+    def save():  # after every step: a run killed by a time limit keeps what it measured
+        result["elapsed_s"] = round(time.time() - t0, 1)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+
     try:
         import triton
         images = 256
@@ -322,16 +332,15 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False
         fns = variants()
         result["checks"] = run_checks(fns, t0 + 0.35 * args.budget, big=not args.smoke)
-        result["timings"] = run_timings(fns, t0 + args.budget, images)
+        save()
+        run_timings(fns, t0 + args.budget, images, result.setdefault("timings", []), save)
         result["speedups"] = speedups(result["timings"])
         from star_mamba.ops import scan
         result["fallen_back"] = dict(scan._FALLEN_BACK)
     except Exception as e:  # noqa: BLE001 - write what there is
         result["error"] = f"{type(e).__name__}: {e}"
         traceback.print_exc()
-    result["elapsed_s"] = round(time.time() - t0, 1)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=1))
+    save()
     print("\nspeedups of v3 (fwd+bwd):")
     for s in result.get("speedups", []):
         print("  ", s)

@@ -341,8 +341,7 @@ def compile_for_sm90(tmp):
             assert "i64" in compiled.asm["ttir"], f"offsets are expected to be 64-bit: {where}"
             ops = _sass_ops(compiled.asm["cubin"], tmp)
             if ops and lean and kernel is st._forward_kernel:  # the plan: a channel per lane
-                bad = sorted({op for op in ops if op.startswith(("SHFL", "BAR", "STS", "LDS",
-                                                                 "STL", "LDL"))})
+                bad = sorted({op for op in ops if op.startswith(("SHFL", "BAR", "STS", "LDS"))})
                 assert not bad, f"{where}: the forward moves data between lanes: {bad}"
             if ops and kernel is st._backward_kernel:
                 assert any(op.startswith("SHFL") for op in ops), where  # sums over channels
