@@ -80,8 +80,10 @@ PRETRAIN = ["data.max_images=null", "optim.batch_size=64", "optim.blr=4e-3",
             "optim.warmup_epochs=0.05", "run.progress=false", "run.log_every=25",
             "run.save_every_steps=100", "run.tensorboard=false", "run.threads=1"]
 EPOCHS = 1
-# Short fine-tune: 2 scan directions, the first 10,000 training images once, all 10,000 test.
-FINETUNE = ["model.directions=2", "model.drop_path_rate=0.0", "data.max_images=10000",
+# Short fine-tune: 2 scan directions, one pass over the 60,000 training images (937 steps; a
+# first try with 10,000 images, 156 steps, stopped far from convergence: training loss 1.33 and
+# 60-65% top-1 where the frozen features' linear probe gives 81%), all 10,000 test images.
+FINETUNE = ["model.directions=2", "model.drop_path_rate=0.0", "data.max_images=null",
             "data.max_eval_images=null", "data.scale=[0.8, 1.0]", "optim.epochs=1",
             "optim.batch_size=64", "optim.blr=8e-3", "optim.layer_decay=0.9",
             "run.progress=false", "run.log_every=50", "run.tensorboard=false", "run.threads=1"]
