@@ -330,6 +330,7 @@ def write_report(rows: list[dict], raw: dict, out: Path, command: str, epochs: i
     save(out / "star_evidence.json", result)
     (out / "star_evidence.md").write_text(to_markdown(result))
     plot(result, out / "star_evidence.png")
+    plot_slots(result, out / "star_evidence_slots.png")
 
 
 def _fmt(s: Optional[dict]) -> str:
@@ -421,6 +422,35 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel("test top-1 (%)")
     fig.suptitle("STAR evidence v2: bars = mean over pretraining seeds, whiskers = 95% t interval, "
                  "dots = seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_slots(result: dict, path: Path) -> None:
+    """Loss per slot of in-order held-out sequences (one panel per sequence kind), one line per
+    pretrained arm with K > 1, mean over seeds: a line that falls means later images are
+    predicted better because of the earlier ones."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in result["runs"] if r["diagnostics"] and "ordered_slot_loss" in r["diagnostics"]]
+    if not rows:
+        return
+    kinds = ("random", "clip", "same_class")
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=120)
+    for ax, kind in zip(axes, kinds):
+        for a in result["summary"]:
+            ds = [r["diagnostics"]["ordered_slot_loss"][kind] for r in rows if r["arm"] == a]
+            if ds:
+                mean = [statistics.fmean(d[i] for d in ds) for i in range(len(ds[0]))]
+                ax.plot(range(len(mean)), mean, marker="o", label=a)
+        ax.set_title(f"held-out {kind.replace('_', ' ')} sequences")
+        ax.set_xlabel("image slot in the sequence")
+        ax.set_ylabel("loss (per-patch MSE)")
+        ax.set_xticks(range(4))
+    axes[0].legend(fontsize=7)
+    fig.suptitle("loss per slot, in order (mean over pretraining seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
