@@ -5,10 +5,13 @@
   star-mamba linprobe  [-c CONFIG] [--pretrained CKPT] [--set ...] converged linear probe + k-NN
   star-mamba eval --checkpoint CKPT [-c CONFIG] [--set ...] [--ema] top-1 / top-5 of a classifier
   star-mamba export --checkpoint CKPT --out FILE.safetensors [--ema]
+  star-mamba prepare-data SRC OUT [--short-side N] [--shard-size BYTES] [--workers W]
+                                                                   ImageFolder splits -> shards
   star-mamba bench [--quick]                                       benchmarks
+  star-mamba bench --data [--quick]                                input pipeline benchmark
   star-mamba bench --gpu [--output-dir D] [--dry-run]              GPU acceptance run
   star-mamba ablate [--out DIR] [--axis NAME=V1,V2] [--full]       ablation grid (resumable)
-  star-mamba viz --checkpoint CKPT [--out DIR]                     prediction grid + loss plot
+  star-mamba viz --checkpoint CKPT [--out DIR]                     predictions, losses, diagnostics
   star-mamba convert-arm SRC --out FILE.pth [--set model.KEY=VALUE] ARM checkpoint -> ours
   star-mamba models                                                model sizes
 
@@ -111,6 +114,10 @@ def _viz_args(v: argparse.ArgumentParser) -> None:
                    help="clusters counted as 'first' in the printed summary (default 1)")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--device", default="cpu")
+    v.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
+                   help="skip diagnostics.png (the run's logged cross-image diagnostics and this "
+                        "checkpoint's values on run.diag_images held-out images of the config's "
+                        "data; pass the run's config.yaml with -c to match the logged ones)")
 
 
 def _convert_arm_args(c: argparse.ArgumentParser) -> None:
@@ -133,6 +140,10 @@ def _bench_args(b: argparse.ArgumentParser) -> None:
                    help="GPU acceptance run: device, CUDA tests, scan accuracy and speed, STAR-B "
                         "step (max batch, MFU), eager vs compile, 30-step loss check -> "
                         "gpu_acceptance.json / .md")
+    b.add_argument("--data", action="store_true",
+                   help="input pipeline: images/s per DataLoader worker for the pretraining "
+                        "transform from full-size JPEGs (ImageFolder) vs shards -> "
+                        "input_pipeline.json / .md")
     b.add_argument("--dry-run", action="store_true",
                    help="with --gpu: the same run on CPU at tiny sizes (a smoke test)")
     b.add_argument("--compile-backend", default=None,
@@ -144,6 +155,25 @@ def _bench_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--sections", default=None, metavar="A,B,...",
                    help="with --gpu: run only these sections (device, tests, scan_accuracy, "
                         "scan_speed, pretrain_step, compile, convergence)")
+
+
+def _prepare_data_args(p: argparse.ArgumentParser) -> None:
+    from .data.prepare import PrepareOptions
+    p.add_argument("src", help="ImageFolder tree: SRC/<split>/<class>/<images> for every split "
+                               "folder (train/, val/, ...)")
+    p.add_argument("out", help="output: OUT/<split>/shard-NNNNNN.tar and OUT/<split>/index.json; "
+                               "train with --set data.name=shards --set data.root=OUT")
+    p.add_argument("--short-side", type=int, default=PrepareOptions.short_side, metavar="N",
+                   help="short side of the re-encoded images in pixels, never enlarged; 0 keeps "
+                        f"their size (default {PrepareOptions.short_side})")
+    p.add_argument("--shard-size", default="128MiB", metavar="BYTES",
+                   help="target bytes per shard, e.g. 134217728, 128MiB, 100MB (default 128MiB)")
+    p.add_argument("--workers", type=int, default=None, metavar="W",
+                   help="processes writing shards in parallel (default: the CPUs available)")
+    p.add_argument("--quality", type=int, default=PrepareOptions.quality,
+                   help=f"JPEG quality (default {PrepareOptions.quality})")
+    p.add_argument("--seed", type=int, default=PrepareOptions.seed,
+                   help="seed of the shuffle of the files before sharding (default 0)")
 
 
 def _no_args(p: argparse.ArgumentParser) -> None:
@@ -205,6 +235,20 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare_data(args: argparse.Namespace) -> int:
+    import os
+
+    from .data.prepare import PrepareOptions, parse_size, prepare_data
+    options = PrepareOptions(args.short_side, parse_size(args.shard_size), args.quality, args.seed)
+    workers = args.workers if args.workers is not None else len(os.sched_getaffinity(0))
+    done = prepare_data(args.src, args.out, options, workers,
+                        echo=lambda line: print(line, flush=True))
+    splits = ", ".join(f"{split} ({index['num_samples']} images)" for split, index in done.items())
+    print(f"prepared {splits} in {args.out}; train with --set data.name=shards "
+          f"--set data.root={args.out}")
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     from .models.registry import MODEL_SIZES
     for name, size in MODEL_SIZES.items():
@@ -235,6 +279,13 @@ def _bench(args: argparse.Namespace) -> int:
                         ("--sections", args.sections)):
         if value:
             raise UserError(f"{flag} belongs to --gpu")
+    if args.data:
+        from .tools.bench_input import run_input_bench, to_markdown
+        out = args.output_dir or "benchmarks/results"
+        print(to_markdown(run_input_bench(out, quick=args.quick,
+                                          command="star-mamba " + " ".join(args.argv))), end="")
+        print(f"results written to {out}/input_pipeline.json and input_pipeline.md")
+        return 0
     from .tools.bench import run_all, to_markdown
     out = args.output_dir or "benchmarks/results"
     print(to_markdown(run_all(out, quick=args.quick, compile_backend=args.compile_backend)), end="")
@@ -263,13 +314,20 @@ def _viz(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, list(args.overrides), task="pretrain")
     r = visualize(args.checkpoint, out, cfg, num_sequences=args.num_sequences,
                   max_batches=args.max_batches, device=args.device, seed=args.seed,
-                  split=args.split, first_clusters=args.first_clusters)
+                  split=args.split, first_clusters=args.first_clusters,
+                  diagnostics=args.diagnostics)
     per_image = ", ".join(f"{v:.4f}" for v in r["mean_loss_per_image"])
     print(f"{r['sequences']} sequences of K={r['images_per_sequence']} from {r['data']} "
           f"({r['split']}): loss {r['loss']:.4f}; mean loss per image k=0..: {per_image}")
     print(f"first {r['first_clusters']} cluster(s): image 0 {r['first_cluster_loss_image0']:.4f}, "
           f"images 1.. {r['first_cluster_loss_later_images']:.4f}")
-    for key in ("predictions", "loss_plot", "loss_json"):
+    if args.diagnostics:
+        from .engine.diagnostics import summary_line
+        step = r["diagnostics_step"]
+        print(f"diagnostics{'' if step is None else f' at step {step}'} on "
+              f"{r['diagnostics']['images']} held-out images: {summary_line(r['diagnostics'])}")
+    for key in ("predictions", "loss_plot", "loss_json") + (
+            ("diagnostics_plot", "diagnostics_json") if args.diagnostics else ()):
         print(f"wrote {r[key]}")
     return 0
 
@@ -307,9 +365,12 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handle
     "ablate": ("grid over separator kind/position, K and cluster size: pretrain + probe per "
                "point, resumable, table + plot", _ablate_args, _ablate),
     "viz": ("from a pretraining checkpoint: predicted vs true clusters across image boundaries, "
-            "and the loss per sequence position", _viz_args, _viz),
+            "the loss per sequence position and the cross-image diagnostics", _viz_args, _viz),
     "convert-arm": ("an official ARM checkpoint (pretraining or fine-tuning) -> a star-mamba "
                     "checkpoint", _convert_arm_args, _convert_arm),
+    "prepare-data": ("every split folder of an ImageFolder tree as pre-resized WebDataset "
+                     "shards with an index (resumable, parallel)", _prepare_data_args,
+                     _prepare_data),
     "models": ("list the model sizes", _no_args, _models),
     "bench": ("scan backends, pretraining step and FLOP/s benchmarks; --gpu: the GPU acceptance "
               "run", _bench_args, _bench),

@@ -35,6 +35,8 @@ SEPARATOR_POSITIONS = ("SC", "CS", "SCS", "CSC")
 CLASS_TOKEN_POSITIONS = ("none", "middle", "end")
 GLOBAL_POOLS = ("avg", "cls")
 DIRECTIONS = (1, 2, 4)
+INIT_SCHEMES = ("arm", "trunc_normal")
+"""Weight initialisation schemes (``star_mamba.models.init``)."""
 
 
 def _fail(name: str, value: Any, allowed: str) -> None:
@@ -73,7 +75,10 @@ class StarConfig:
     dt_rank: Optional[int] = None  # None -> ceil(embed_dim / 16)
     mlp_ratio: float = 8.0 / 3.0
     drop_path_rate: float = 0.0
-    norm_eps: float = 1e-6
+    norm_eps: float = 1e-5  # ARM's LayerNorm eps (PyTorch's default)
+    # weight init scheme (models/init.py): 'arm' (ARM's code) or 'trunc_normal' (timm ViT style);
+    # it only decides fresh weights, so a checkpoint resumes under either
+    init: str = field(default="arm", metadata={"runtime": True})
     directions: int = 1  # 1 causal (pretraining); 2 forward + reverse; 4 also over the transposed grid
     # how the scan runs, not what the model is: a checkpoint resumes under another backend
     scan_backend: str = field(default="auto", metadata={"runtime": True})
@@ -120,6 +125,7 @@ class StarConfig:
         if not 0.0 <= self.drop_path_rate < 1.0:
             _fail("drop_path_rate", self.drop_path_rate, "expected a value in [0, 1)")
         _choice("directions", self.directions, DIRECTIONS)
+        _choice("init", self.init, INIT_SCHEMES)
         _choice("separator", self.separator, SEPARATORS)
         _choice("separator_position", self.separator_position, SEPARATOR_POSITIONS)
         _choice("class_token", self.class_token, CLASS_TOKEN_POSITIONS)

@@ -172,6 +172,20 @@ def separator_segment_mask(clusters_per_image: int, separator_position: str,
     return per_image.repeat(images_per_sequence)
 
 
+def segment_slots(clusters_per_image: int, separator_position: str, has_separator: bool,
+                  images_per_sequence: int) -> Tensor:
+    """(T,) int64: the image slot k in [0, K) that each segment of a packed sequence belongs to.
+
+    A sequence is K copies of one image's layout (:func:`segment_layout`), so segment t belongs
+    to slot ``t // len(layout)``, separators included: SC's separator opens its image, CS's
+    closes it, SCS / CSC interleave one per cluster. E.g. G = 2, K = 2: SC -> 0 0 0 1 1 1;
+    CS -> 0 0 0 1 1 1 (the separator at t = 2 closes image 0); SCS -> 0 0 0 0 1 1 1 1;
+    none -> 0 0 1 1. Target j of the model (segment j + 1) belongs to slot ``slots[j + 1]``.
+    """
+    layout = segment_layout(clusters_per_image, separator_position, has_separator)
+    return torch.arange(images_per_sequence).repeat_interleave(len(layout))
+
+
 def cluster_segment_index(image: int, cluster: int, clusters_per_image: int,
                           separator_position: str, has_separator: bool = True) -> int:
     """Segment index of image ``image``'s cluster ``cluster`` in a packed sequence.

@@ -138,7 +138,7 @@ def assert_same_tensors(a: dict, b: dict, what: str = "", **tolerance) -> None:
     assert a.keys() == b.keys(), what
     for key in a:
         if tolerance:
-            torch.testing.assert_close(a[key], b[key], **tolerance, msg=f"{what} {key}")
+            torch.testing.assert_close(a[key], b[key], **tolerance, msg=lambda m: f"{what} {key}: {m}")
         else:
             assert torch.equal(a[key], b[key]), f"{what} {key}"
 

@@ -67,7 +67,7 @@ def assert_one_error_line(capsys, command, *needles):
 
 def test_commands_are_one_table():
     assert list(COMMANDS) == ["pretrain", "finetune", "linprobe", "eval", "export", "ablate",
-                              "viz", "convert-arm", "models", "bench"]
+                              "viz", "convert-arm", "prepare-data", "models", "bench"]
     for name, (text, add_arguments, handler) in COMMANDS.items():
         assert text and callable(add_arguments) and callable(handler), name
 
@@ -84,6 +84,12 @@ def test_commands_are_one_table():
     (["pretrain", *sets("data.name=imagefolder", "model.in_chans=3", "data.root=/nowhere/data")],
      ["/nowhere/data"]),
     (["finetune", *sets("data.name=imagefolder")], ["data.root is required"]),
+    (["pretrain", *sets("data.name=shards", "model.in_chans=3", "data.root=/nowhere/shards")],
+     ["data.root=/nowhere/shards does not exist", "prepare-data"]),
+    (["finetune", *sets("data.name=hf", "model.in_chans=3", "data.root=/nowhere/hf")],
+     ["data.root=/nowhere/hf does not exist"]),
+    (["prepare-data", "/nowhere/src", "/nowhere/out"], ["SRC /nowhere/src is not a directory"]),
+    (["prepare-data", "/nowhere/src", "/nowhere/out", "--shard-size", "big"], ["--shard-size"]),
     (["eval", "--checkpoint", "/nowhere/checkpoint-best.pth"], ["/nowhere/checkpoint-best.pth"]),
     (["export", "--checkpoint", "/nowhere/c.pth", "--out", "/nowhere/c.safetensors"], ["/nowhere/c.pth"]),
     (["convert-arm", "/nowhere/arm.pth", "--out", "/nowhere/o.pth", "--set", "global_pool=cls"],

@@ -171,7 +171,9 @@ def test_accum_iter_2_equals_one_batch_of_twice_the_size(tmp_path, monkeypatch):
     model(torch.stack([images[i][0] for i in first])).loss.backward()
     expected = {n: (p - p.grad).detach() for n, p in model.named_parameters()}
     assert max((expected[n] - p).abs().max() for n, p in model.named_parameters()) > 1e-3
+    # float32 sums in another order: differences of a few 1e-6 on steps of order 0.1 (a wrong
+    # accumulation, e.g. a missing 1/accum, would be off by the step itself)
     for accum in (1, 2):
         assert_same_tensors({n: stepped[accum][n] for n in expected}, expected,
-                            f"accum {accum}", rtol=1e-5, atol=1e-6)
-    assert_same_tensors(stepped[2], stepped[1], "accum 2 vs 1", rtol=1e-5, atol=1e-6)
+                            f"accum {accum}", rtol=1e-4, atol=2e-5)
+    assert_same_tensors(stepped[2], stepped[1], "accum 2 vs 1", rtol=1e-4, atol=2e-5)

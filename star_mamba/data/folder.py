@@ -16,6 +16,7 @@ applies ``data.max_bad_fraction`` (``engine.trainer.BadImages``).
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 from pathlib import Path
 from typing import Callable, Iterator, Optional
@@ -32,6 +33,19 @@ def load_rgb(path: str) -> Image.Image:
     with open(path, "rb") as f:
         img = Image.open(f)
         img.load()
+    return to_rgb(img)
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """:func:`load_rgb` for an encoded image held in memory (a shard's or a dataset's bytes)."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """A decoded image of any mode as 8-bit RGB: 16/32-bit grey rescaled, transparency
+    composited on black, palette and grey expanded."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grey: rescale to 8 bits
         arr = np.asarray(img, dtype=np.float64)
         hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
@@ -59,42 +73,72 @@ def collect_unreadable() -> Iterator[list[tuple[int, str, str]]]:
         _reports = outer
 
 
-class SafeImageFolder(ImageFolder):
-    def __init__(self, root: str, transform: Optional[Callable] = None,
-                 max_bad_fraction: float = 0.01):
-        super().__init__(root, transform=transform, loader=load_rgb, allow_empty=True)
-        if len(self.samples) == 0:
-            raise FileNotFoundError(f"image folder {root} holds no images")
-        self.max_bad_fraction = max_bad_fraction
-        self.bad: dict[str, str] = {}  # path -> reason, in this process
+class FallbackReads:
+    """Items ``(transform(image), target)`` that survive unreadable images: one whose image does
+    not decode is recorded (logged and judged here, or collected, see
+    :func:`collect_unreadable`) and replaced by the next readable item (next index).
+
+    Subclasses give ``_name(index)`` (the file, for messages), ``_read(index)`` (``(RGB image,
+    target)``, raising on a broken image), ``__len__``, ``transform``, ``max_bad_fraction``,
+    ``where`` (the dataset, for messages) and ``bad = {}``."""
+
+    bad: dict[str, str]  # name -> reason, in this process
+    max_bad_fraction: float
+    transform: Optional[Callable]
+    where: str
+
+    def _name(self, index: int) -> str:
+        raise NotImplementedError
+
+    def _read(self, index: int) -> tuple[Image.Image, int]:
+        raise NotImplementedError
 
     def __getitem__(self, index: int):
-        for attempt in range(len(self.samples)):
-            path, target = self.samples[(index + attempt) % len(self.samples)]
-            if path not in self.bad:
+        n = len(self)
+        for attempt in range(n):
+            i = (index + attempt) % n
+            name = self._name(i)
+            if name not in self.bad:
                 try:
-                    img = load_rgb(path)
+                    img, target = self._read(i)
                 except Exception as e:  # truncated, not an image, empty, unreadable, ...
-                    self._record_bad(path, e)
+                    self._record_bad(name, e)
                 else:
                     if self.transform is not None:
                         img = self.transform(img)
                     return img, target
             if attempt == 0 and _reports is not None:  # this index's own file
-                _reports.append((index, path, self.bad[path]))
-        raise RuntimeError(f"no readable image in {self.root}")
+                _reports.append((index, name, self.bad[name]))
+        raise RuntimeError(f"no readable image in {self.where}")
 
-    def _record_bad(self, path: str, error: Exception) -> None:
-        self.bad[path] = f"{type(error).__name__}: {error}"
+    def _record_bad(self, name: str, error: Exception) -> None:
+        self.bad[name] = f"{type(error).__name__}: {error}"
         if _reports is not None:  # collected: the caller counts, names and judges
             return
-        log.warning(f"skipping unreadable image {path} ({self.bad[path]}); "
+        log.warning(f"skipping unreadable image {name} ({self.bad[name]}); "
                     f"{len(self.bad)} skipped so far")
-        if len(self.bad) > self.max_bad_fraction * len(self.samples):
+        if len(self.bad) > self.max_bad_fraction * len(self):
             raise RuntimeError(
-                f"{len(self.bad)} of {len(self.samples)} images in {self.root} are unreadable, "
-                f"more than data.max_bad_fraction={self.max_bad_fraction}; last: {path} "
-                f"({self.bad[path]})")
+                f"{len(self.bad)} of {len(self)} images in {self.where} are unreadable, "
+                f"more than data.max_bad_fraction={self.max_bad_fraction}; last: {name} "
+                f"({self.bad[name]})")
+
+
+class SafeImageFolder(FallbackReads, ImageFolder):
+    def __init__(self, root: str, transform: Optional[Callable] = None,
+                 max_bad_fraction: float = 0.01):
+        super().__init__(root, transform=transform, loader=load_rgb, allow_empty=True)
+        if len(self.samples) == 0:
+            raise FileNotFoundError(f"image folder {root} holds no images")
+        self.max_bad_fraction, self.where = max_bad_fraction, str(root)
+        self.bad: dict[str, str] = {}  # path -> reason, in this process
+
+    def _name(self, index: int) -> str:
+        return self.samples[index][0]
+
+    def _read(self, index: int) -> tuple[Image.Image, int]:
+        path, target = self.samples[index]
+        return load_rgb(path), target
 
 
 def build_image_folder(root: str | Path, split: str = "train",

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..seeding import SEQUENCE_STREAM, mix_seed, seed_everything
+from ..seeding import SEQUENCE_STREAM, mix_seed, seed_host
 
 
 def split_key(key: Any) -> tuple[int, int]:
@@ -70,7 +70,7 @@ class SequenceDataset(Dataset):
 
     def load(self, base: Dataset, image: int, aug_seed: int, check_size: bool = True) -> tuple[Tensor, int]:
         """``base[image]`` with the global RNGs reseeded first (the base's augmentation)."""
-        seed_everything(aug_seed)
+        seed_host(aug_seed)  # the CPU draws of the base's transform
         x, y = base[image]
         if not isinstance(x, Tensor) or x.ndim != 3:
             raise ValueError(f"{self.kind} sequences: base item {image} is {type(x).__name__} "

@@ -78,13 +78,18 @@ CLIP_DATASETS = ("fashion_mnist", "synthetic")  # the data.name values data.sequ
 class DataConfig:
     """``data``. All tasks read the first group; the marked fields only one kind of task."""
 
-    name: str = "fashion_mnist"  # fashion_mnist | imagefolder | synthetic (pretraining only)
-    root: Optional[str] = None  # dataset directory; None searches the usual places
+    # fashion_mnist | imagefolder | shards (star-mamba prepare-data's OUT, streamed) | hf (a
+    # saved Hugging Face dataset) | synthetic (pretraining only)
+    name: str = "fashion_mnist"
+    root: Optional[str] = None  # dataset directory (shards: or URL); None searches the usual places
     split: str = "train"  # the training split
     num_workers: int = 2
     download: bool = False  # fetch Fashion-MNIST with torchvision if it is nowhere on disk
     max_images: Optional[int] = None  # use only the first N training images (quick runs)
-    max_bad_fraction: float = 0.01  # ImageFolder: stop if more than this share is unreadable
+    max_bad_fraction: float = 0.01  # imagefolder, shards, hf: stop past this share unreadable
+    shuffle_buffer: int = 1000  # shards: samples in each worker's shuffle buffer (0: none)
+    image_column: str = "image"  # hf: the column holding the images
+    label_column: str = "label"  # hf: the column holding the class indices
     # -- pretraining only
     augment: bool = False  # light flips/shifts for the built-in data (ImageFolder always augments)
     synthetic_images: int = 2048  # size of the synthetic dataset
@@ -103,7 +108,7 @@ class DataConfig:
     clip_speed: Optional[tuple[float, float]] = None  # clip: canvas pixels per frame (2, 5)
     clip_per_epoch: Optional[bool] = None  # clip: new clips every epoch (false: fixed clips)
     # -- fine-tuning, linear probe and eval only
-    eval_split: Optional[str] = None  # null: 'val' for imagefolder, 'test' for fashion_mnist
+    eval_split: Optional[str] = None  # null: 'val' (imagefolder, shards), 'test' (fashion_mnist, hf)
     max_eval_images: Optional[int] = None
     auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; null = off
     reprob: float = 0.25  # random erasing probability
@@ -120,6 +125,11 @@ class DataConfig:
                 readers = [k for k in SEQUENCE_KINDS if option in SEQUENCE_OPTIONS[k]]
                 raise ConfigError(f"invalid config: data.{name} is read only by data.sequence="
                                   f"{', '.join(readers)}, not {self.sequence!r}; set it to null")
+        if self.name == "shards" and self.sequence != "random":
+            raise ConfigError(f"invalid config: data.sequence={self.sequence!r} draws images by "
+                              "index, which a stream of shards cannot serve; data.name=shards "
+                              "takes data.sequence=random (K consecutive images of the shuffled "
+                              "stream), or use data.name=imagefolder or hf")
         if self.sequence == "clip" and self.name not in CLIP_DATASETS:
             raise ConfigError(f"invalid config: data.sequence='clip' moves Fashion-MNIST items (or "
                               f"synthetic images) on a canvas; data.name={self.name!r} is neither "
@@ -135,7 +145,7 @@ class DataConfig:
         """``eval_split``, or the split the dataset keeps for evaluation when it is unset."""
         if self.eval_split is not None:
             return self.eval_split
-        return "val" if self.name == "imagefolder" else "test"
+        return "val" if self.name in ("imagefolder", "shards") else "test"
 
 
 @dataclass
@@ -182,11 +192,18 @@ class RunOptions:
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
     compile: bool = False  # torch.compile the model for training and evaluation
     compile_mode: Optional[str] = None  # torch.compile mode (e.g. max-autotune); null = default
+    # -- pretraining only: cross-image diagnostics (engine/diagnostics.py) on a fixed batch of
+    # held-out images of data's eval split, logged as a "diag" row of metrics.jsonl
+    diag_every: Optional[int] = 100  # optimizer steps between them; 0 or null = off
+    diag_images: int = 64  # held-out images (the largest multiple of K not above it is used)
     # -- fine-tuning and linear probe only
     # fine-tuning: the STAR pretraining checkpoint to start from; linprobe: the checkpoint whose
     # frozen backbone is probed (pretraining or fine-tuned classifier); null = random init
     pretrained: Optional[str] = None
     # -- fine-tuning only
+    # a head the pretrained checkpoint lacks is re-drawn trunc-normal with this std (ARM: 2e-5,
+    # so fine-tuning starts from near-uniform predictions); null keeps the model's init (0.02)
+    head_init_std: Optional[float] = 2e-5
     # head-only fine-tuning: freeze the backbone, train the linear head by SGD through it, with
     # the fine-tuning data pipeline (star-mamba linprobe is the converged probe instead)
     linprobe: bool = False

@@ -33,7 +33,8 @@ def build_pretrain_dataset(data: DataConfig, model: StarConfig, seed: int) -> Da
 
 def build_pretrain_images(data: DataConfig, model: StarConfig) -> Dataset:
     """The images of a pretraining run, as ``(image, label)`` items: Fashion-MNIST (built in),
-    an ImageFolder tree with ARM's transform, or synthetic images.
+    an ImageFolder tree, a saved Hugging Face dataset or shards (a :class:`ShardSet`, read as
+    a stream) with ARM's transform, or synthetic images.
 
     The sequence kinds that draw their own geometry get plain images: ``views`` (K crops of
     one image) the whole image, without ARM's crop or Fashion-MNIST's ``augment``; ``clip``
@@ -41,17 +42,14 @@ def build_pretrain_images(data: DataConfig, model: StarConfig) -> Dataset:
     if data.name not in DATASETS:
         raise ValueError(f"invalid config: data.name={data.name!r}; allowed: {', '.join(DATASETS)}")
     own_geometry = data.sequence in ("views", "clip")
-    if data.name == "imagefolder":
-        if model.in_chans != 3:
-            raise ValueError(f"invalid config: model.in_chans={model.in_chans} but ImageFolder "
-                             "images are RGB (3 channels)")
-        if data.root is None:
-            raise ValueError("invalid config: data.root is required for data.name='imagefolder' "
-                             "(a directory holding train/ and val/ class folders)")
+    if data.name in RGB_DATASETS:
+        check_rgb_data(data, model)
         transform = (build_full_image_transform() if own_geometry
                      else build_pretrain_transform(model.img_size))
-        dataset = build_dataset("imagefolder", root=data.root, split=data.split,
-                                transform=transform, max_bad_fraction=data.max_bad_fraction)
+        dataset = build_dataset(data.name, root=data.root, split=data.split, transform=transform,
+                                **rgb_options(data))
+        if data.name == "shards":  # a stream: it takes no Subset
+            return dataset.limited(check_max_images(data))
     elif data.name == "fashion_mnist":
         clip = data.sequence == "clip"  # clips read the raw items: any img_size and in_chans
         dataset = build_dataset("fashion_mnist", root=data.root, split=data.split,
@@ -61,8 +59,43 @@ def build_pretrain_images(data: DataConfig, model: StarConfig) -> Dataset:
     else:
         dataset = build_dataset("synthetic", num_images=data.synthetic_images,
                                 img_size=model.img_size, in_chans=model.in_chans)
-    if data.max_images is not None:
-        if data.max_images <= 0:
-            raise ValueError(f"invalid config: data.max_images={data.max_images}; expected > 0")
+    if check_max_images(data) is not None:
         dataset = Subset(dataset, range(min(data.max_images, len(dataset))))
     return dataset
+
+
+RGB_DATASETS = {"imagefolder": "a directory holding train/ and val/ class folders",
+                "shards": "the OUT directory (or URL) of `star-mamba prepare-data SRC OUT`",
+                "hf": "a directory written by datasets' save_to_disk"}
+"""The datasets of RGB files, and what their ``data.root`` is."""
+
+
+def check_rgb_data(data: DataConfig, model: StarConfig) -> None:
+    """The checks every task makes before reading ImageFolder, shard or HF images (one error
+    naming every field at fault)."""
+    problems = []
+    if data.root is None:
+        problems.append(f"data.root is required for data.name={data.name!r} "
+                        f"({RGB_DATASETS[data.name]})")
+    if model.in_chans != 3:
+        problems.append(f"model.in_chans={model.in_chans} but data.name={data.name} images are "
+                        "RGB (3 channels)")
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+
+
+def rgb_options(data: DataConfig) -> dict:
+    """The dataset options of ``data.name`` beyond root, split and transform."""
+    if data.name == "shards":  # unreadable images are judged by the training loop
+        return {"shuffle_buffer": data.shuffle_buffer}
+    options: dict = {"max_bad_fraction": data.max_bad_fraction}
+    if data.name == "hf":
+        options.update(image_column=data.image_column, label_column=data.label_column)
+    return options
+
+
+def check_max_images(data: DataConfig):
+    """``data.max_images`` (None or > 0)."""
+    if data.max_images is not None and data.max_images <= 0:
+        raise ConfigError(f"invalid config: data.max_images={data.max_images}; expected > 0")
+    return data.max_images

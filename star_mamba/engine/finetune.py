@@ -23,15 +23,17 @@ from timm.utils import ModelEmaV3
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..config import StarConfig
-from ..data import FashionMNIST, build_image_folder
+from ..data import FashionMNIST, ShardSet, build_dataset
 from ..data import fashion_mnist as fm
 from ..data.transforms import build_eval_transform
 from ..models.classifier import StarClassifier
 from ..models.convert import load_pretrained
+from ..models.init import init_head_
 from ..checkpoint import load_checkpoint
 from ..config import RUNTIME_FIELDS
 from ..errors import CheckpointError, ConfigError
 from .config import DataConfig, RunConfig, load_config
+from .data import RGB_DATASETS, check_rgb_data, rgb_options
 from .dist import DistInfo, all_reduce_mean
 from ..seeding import seed_everything
 from .trainer import Job, check_run_config, fit, maybe_compile, start_run
@@ -74,31 +76,32 @@ def build_datasets(data: DataConfig, model: StarConfig, train: bool = True,
         eval_set = FashionMNIST(data.root, data.resolved_eval_split, model.img_size,
                                 model.in_chans, download=data.download)
         num_classes = len(fm.CLASSES)
-    elif data.name == "imagefolder":
-        if data.root is None:
-            raise ConfigError("invalid config: data.root is required for data.name='imagefolder' "
-                              "(a directory holding train/ and val/ class folders)")
-        if model.in_chans != 3:
-            raise ConfigError(f"invalid config: model.in_chans={model.in_chans} but ImageFolder "
-                              "images are RGB (3 channels)")
+    elif data.name in RGB_DATASETS:  # imagefolder, shards, hf
+        check_rgb_data(data, model)
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
         eval_tf = build_eval_transform(model.img_size, data.crop_pct)
-        train_set = None
-        if train:
-            train_tf = (build_train_transform(data, model, IMAGENET_DEFAULT_MEAN,
-                                              IMAGENET_DEFAULT_STD) if augment else eval_tf)
-            train_set = build_image_folder(data.root, data.split, train_tf, data.max_bad_fraction)
-        eval_set = build_image_folder(data.root, data.resolved_eval_split, eval_tf,
-                                      data.max_bad_fraction)
+        train_tf = (build_train_transform(data, model, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+                    if augment else eval_tf)
+        train_set = (build_dataset(data.name, root=data.root, split=data.split,
+                                   transform=train_tf, **rgb_options(data)) if train else None)
+        eval_set = build_dataset(data.name, root=data.root, split=data.resolved_eval_split,
+                                 transform=eval_tf, **rgb_options(data))
         num_classes = len(eval_set.classes)
     else:
         raise ConfigError(f"invalid config: data.name={data.name!r} for fine-tuning, linprobe "
-                          "and eval; allowed: 'fashion_mnist', 'imagefolder'")
+                          f"and eval; allowed: 'fashion_mnist', {', '.join(map(repr, RGB_DATASETS))}")
     if train_set is not None and data.max_images is not None:
-        train_set = Subset(train_set, range(min(data.max_images, len(train_set))))
+        train_set = _first(train_set, data.max_images)
     if data.max_eval_images is not None:
-        eval_set = Subset(eval_set, range(min(data.max_eval_images, len(eval_set))))
+        eval_set = _first(eval_set, data.max_eval_images)
     return train_set, eval_set, num_classes
+
+
+def _first(dataset, n: int):
+    """The first ``n`` items of a dataset (of a shard stream: in index order)."""
+    if isinstance(dataset, ShardSet):
+        return dataset.limited(n)
+    return Subset(dataset, range(min(n, len(dataset))))
 
 
 # ------------------------------------------------------------------------------ evaluation
@@ -127,7 +130,10 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, device: torch.device,
 
 
 def eval_loader(dataset: Dataset, batch_size: int, info: DistInfo, num_workers: int) -> DataLoader:
-    """Each rank takes every world_size-th image, so the summed counts are exact."""
+    """Each rank takes every world_size-th image (a shard stream: a contiguous share), so the
+    summed counts are exact."""
+    if isinstance(dataset, ShardSet):
+        return dataset.eval_loader(batch_size, info.rank, info.world_size, num_workers)
     indices = list(range(info.rank, len(dataset), info.world_size))
     return DataLoader(dataset, batch_size=batch_size, sampler=indices, num_workers=num_workers)
 
@@ -170,6 +176,8 @@ def finetune(cfg: RunConfig) -> dict[str, Any]:
     if r.pretrained:
         report = load_pretrained(model, r.pretrained)
         log.info(f"loaded {r.pretrained}: {report.summary()}")
+        if r.head_init_std is not None and "head.weight" in report.new:
+            init_head_(model.head, r.head_init_std)
     if r.linprobe:
         for name, p in model.named_parameters():
             p.requires_grad = name.startswith("head.")

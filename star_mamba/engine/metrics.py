@@ -11,7 +11,10 @@ log = logging.getLogger("star_mamba")
 
 
 class MetricWriter:
-    """Rank 0 appends one JSON object per logged step to ``metrics.jsonl`` (and TensorBoard)."""
+    """Rank 0 appends one JSON object per logged step to ``metrics.jsonl`` (and TensorBoard).
+
+    Numbers become TensorBoard scalars under their key; a dict of numbers (the pretraining
+    diagnostics' ``diag``) one scalar per entry, tagged ``key/entry``. None is skipped there."""
 
     def __init__(self, output_dir: Path, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
@@ -31,7 +34,11 @@ class MetricWriter:
             f.write(json.dumps({"step": step, **values}) + "\n")
         if self.tb is not None:
             for key, value in values.items():
-                if isinstance(value, (int, float)) and key != "epoch":
+                if isinstance(value, dict):
+                    for name, v in value.items():
+                        if isinstance(v, (int, float)) and not isinstance(v, bool):
+                            self.tb.add_scalar(f"{key}/{name}", v, step)
+                elif isinstance(value, (int, float)) and key != "epoch":
                     self.tb.add_scalar(key, value, step)
 
     def drop_after(self, step: int) -> None:

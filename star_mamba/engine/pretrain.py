@@ -8,6 +8,7 @@ import torch
 from ..models.pretrain import StarPretrain
 from .config import RunConfig
 from .data import build_pretrain_dataset
+from .diagnostics import TrainingDiagnostics, check_diagnostics_config
 from ..seeding import seed_everything
 from .trainer import Job, check_run_config, fit, start_run
 
@@ -28,10 +29,16 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
                          "sequence)")
     # images, or whole sequences for data.sequence != random; fails early on missing data
     dataset = build_pretrain_dataset(cfg.data, model_cfg, cfg.run.seed)
+    if cfg.run.diag_every:
+        check_diagnostics_config(cfg.run.diag_images, model_cfg)
     ctx = start_run(cfg)
     seed_everything(cfg.run.seed)  # same initial weights on every rank
     model = StarPretrain(model_cfg)
     describe = (f", {k} images x {model_cfg.segments_per_image} segments = {model_cfg.seq_len} "
                 f"tokens per sequence ({cfg.data.sequence} sequences)")
+    # every run.diag_every steps on rank 0, as many sequences per forward as a micro-batch
+    diagnose = (TrainingDiagnostics(cfg.data, model_cfg, cfg.run.diag_images,
+                                    max(1, cfg.optim.batch_size // k), ctx.amp_dtype)
+                if cfg.run.diag_every else None)
     return fit(cfg, ctx, Job("STAR pretraining", model, model_cfg, dataset, pretrain_loss,
-                             describe=describe))
+                             describe=describe, diagnose=diagnose))

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
 from ..data.folder import collect_unreadable
-from ..seeding import sample_seed, seed_everything  # every seed stream: star_mamba/seeding.py
+from ..seeding import sample_seed, seed_host  # every seed stream: star_mamba/seeding.py
 
 
 class BlockShardSampler(Sampler[int]):
@@ -101,7 +101,7 @@ class SeededDataset(Dataset):
 
     def __getitem__(self, key: tuple[int, int]) -> tuple[Any, list[tuple[int, str, str]]]:
         epoch, index = key
-        seed_everything(sample_seed(self.seed, epoch, index))
+        seed_host(sample_seed(self.seed, epoch, index))  # the CPU draws of its transform
         with collect_unreadable() as reports:
             sample = self.dataset[index]
         return sample, reports

@@ -29,6 +29,7 @@ from tqdm import tqdm
 from ..config import StarConfig
 from .. import checkpoint as ckpt
 from ..data.sequences import ReportedSequences, SequenceDataset, collate_sequences_reported
+from ..data.shards import ShardSet
 from .config import RunConfig, RunOptions, save_config
 from .dist import (DistInfo, all_reduce_mean, all_reduce_sum, barrier, cleanup, env_local_rank,
                    init_distributed, resolve_device)
@@ -152,9 +153,18 @@ def check_run_config(cfg: RunConfig) -> None:
         raise ValueError(f"invalid config: optim.clip_grad={o.clip_grad!r}; expected > 0 or null")
     if r.seed < 0:
         raise ValueError(f"invalid config: run.seed={r.seed!r}; expected an integer >= 0")
+    if r.head_init_std is not None and not r.head_init_std > 0:
+        raise ValueError(f"invalid config: run.head_init_std={r.head_init_std!r}; expected a "
+                         "positive std or null (keep the model's head init)")
     if r.save_every <= 0 or r.save_every_steps <= 0 or r.log_every <= 0 or r.eval_every <= 0:
         raise ValueError("invalid config: run.save_every, run.save_every_steps, run.log_every and "
                          "run.eval_every must be positive")
+    if r.diag_every is not None and r.diag_every < 0:
+        raise ValueError(f"invalid config: run.diag_every={r.diag_every!r}; expected steps >= 1, "
+                         "or 0 / null for no diagnostics")
+    if r.diag_images <= 0:
+        raise ValueError(f"invalid config: run.diag_images={r.diag_images!r}; expected a positive "
+                         "number of held-out images")
 
 
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, optimizer, scaler,
@@ -300,6 +310,9 @@ class Job:
     extras: dict[str, Any] = field(default_factory=dict)  # more state_dict()-able things to save
     after_step: Optional[Callable[[], None]] = None  # e.g. an EMA update
     evaluate: Optional[Callable[[int], dict[str, float]]] = None  # epoch -> metrics incl. "score"
+    # model -> numbers for metrics.jsonl's "diag" (None: nothing to log), every run.diag_every
+    # steps, on rank 0 only (so it must not use collectives); it logs its own summary
+    diagnose: Optional[Callable[[torch.nn.Module], Optional[dict[str, Any]]]] = None
 
 
 def start_run(cfg: RunConfig, record: bool = True) -> RunContext:
@@ -378,6 +391,31 @@ def training_items(dataset: Dataset, batch_size: int, seed: int, world_size: int
                          f"{len(dataset) * k} images ({len(dataset)} {dataset.kind} sequences of {k})")
 
 
+def training_loader(dataset: Any, cfg: RunConfig, info: DistInfo, device: torch.device
+                    ) -> tuple[Any, int, str]:
+    """(loader, images per epoch, what for the log). The loader yields ``((images, targets),
+    reports)`` and its ``sampler`` places each batch (``set_epoch``, ``global_block``, ...):
+    a :class:`EpochIndexSampler` over a map-style dataset, or, for shards
+    (:class:`~star_mamba.data.shards.ShardSet`), the stream's own plan, which gives every rank
+    the same number of batches."""
+    o, r, workers = cfg.optim, cfg.run, cfg.data.num_workers
+    if isinstance(dataset, ShardSet):
+        loader = dataset.train_loader(o.batch_size, info.rank, info.world_size, workers, r.seed,
+                                      pin_memory=device.type == "cuda")
+        return loader, len(dataset), (f"{len(dataset)} images in {len(dataset.index.shards)} "
+                                      f"shards (streamed, buffer {dataset.shuffle_buffer})")
+    items = training_items(dataset, o.batch_size, r.seed, info.world_size)
+    sampler = EpochIndexSampler(len(items.dataset), items.batch_size, info.rank, info.world_size,
+                                r.seed, shuffle=items.shuffle)
+    loader = DataLoader(items.dataset, batch_size=items.batch_size,
+                        sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
+                        collate_fn=items.collate,  # (images, targets), unreadable-image reports
+                        drop_last=True, persistent_workers=workers > 0,
+                        # the workers' base seed comes from here, not from the global RNG
+                        generator=torch.Generator().manual_seed(r.seed))
+    return loader, items.num_images, items.what
+
+
 def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
     """Train ``job`` for ``optim.epochs`` epochs (or ``run.max_steps``), resuming if asked."""
     r, o = cfg.run, cfg.optim
@@ -411,22 +449,14 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
         log.info(f"resumed from {resume_path} at epoch {state.epoch}, step {state.step}")
 
     trained = wrap_for_training(model, cfg.run, device, info)
-    items = training_items(job.dataset, o.batch_size, r.seed, info.world_size)
-    sampler = EpochIndexSampler(len(items.dataset), items.batch_size, info.rank, info.world_size,
-                                r.seed, shuffle=items.shuffle)
-    workers = cfg.data.num_workers
-    loader = DataLoader(items.dataset, batch_size=items.batch_size,
-                        sampler=sampler, num_workers=workers, pin_memory=device.type == "cuda",
-                        collate_fn=items.collate,  # (images, targets), unreadable-image reports
-                        drop_last=True, persistent_workers=workers > 0,
-                        # the workers' base seed comes from here, not from the global RNG
-                        generator=torch.Generator().manual_seed(r.seed))
+    loader, num_images, what = training_loader(job.dataset, cfg, info, device)
+    sampler = loader.sampler
     steps_per_epoch = sampler.batches_per_epoch // o.accum_iter
     if steps_per_epoch == 0:
         raise ValueError(f"an epoch of {sampler.batches_per_epoch} batches is shorter than "
                          f"optim.accum_iter={o.accum_iter}")
     log.info(f"{job.title}: {cfg.model.name} ({n_params / 1e6:.2f}M params, "
-             f"{n_train / 1e6:.2f}M trained){job.describe}, {items.what}, "
+             f"{n_train / 1e6:.2f}M trained){job.describe}, {what}, "
              f"{info.world_size} process(es) on {device}, effective batch {eff_batch}, "
              f"lr {base_lr:.3e}, {steps_per_epoch} steps/epoch, amp {amp_dtype}"
              f"{', torch.compile' if r.compile else ''}")
@@ -434,7 +464,7 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
     writer = MetricWriter(output_dir, enabled=info.is_main, tensorboard=r.tensorboard)
     if resume_path is not None:
         writer.drop_after(state.step)  # rows of steps the resumed run redoes
-    bad_images = BadImages(cfg.data.max_bad_fraction, items.num_images)
+    bad_images = BadImages(cfg.data.max_bad_fraction, num_images)
 
     def save(names: list[str]) -> None:
         if not info.is_main:
@@ -450,9 +480,19 @@ def fit(cfg: RunConfig, ctx: RunContext, job: Job) -> dict[str, Any]:
     def on_step() -> None:
         if job.after_step is not None:
             job.after_step()
+        if job.diagnose is not None and r.diag_every and state.step % r.diag_every == 0:
+            diagnose()
         if state.step % r.save_every_steps == 0:
             save([ckpt.LATEST])
         _maybe_inject_fault(state.step, info)
+
+    def diagnose() -> None:
+        """Rank 0 only: the others go on to the next step's all-reduce and wait for it there."""
+        if not info.is_main:
+            return
+        values = job.diagnose(model)
+        if values is not None:
+            writer.write(state.step, dict(epoch=state.epoch, diag=values))
 
     epoch_loss = None
     start = time.perf_counter()

@@ -9,11 +9,12 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-from timm.layers import PatchEmbed, trunc_normal_
+from timm.layers import PatchEmbed
 from torch import Tensor, nn
 
 from ..config import StarConfig
 from .blocks import MambaMLPBlock
+from .init import init_backbone_
 from .mamba import MambaState
 from .pos_embed import sincos_2d
 
@@ -37,9 +38,7 @@ class StarBackbone(nn.Module):
             for i in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
         self.grad_checkpointing = False
-        self.apply(_init_weights)
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear on the flattened patch
+        init_backbone_(self, cfg.init)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -92,15 +91,3 @@ class StarBackbone(nn.Module):
         names |= {n for n, _ in self.named_parameters() if n.endswith((".A_log", ".D"))}
         return names
 
-
-def _init_weights(module: nn.Module) -> None:
-    """timm-style init; Mamba's dt_proj keeps its own (flagged ``_no_reinit``)."""
-    if isinstance(module, nn.Linear):
-        if getattr(module.weight, "_no_reinit", False):
-            return
-        trunc_normal_(module.weight, std=0.02)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)

@@ -15,7 +15,7 @@ class MambaMLPBlock(nn.Module):
 
     def __init__(self, dim: int, mlp_hidden: int, d_state: int = 16, d_conv: int = 4,
                  expand: int = 1, dt_rank: Optional[int] = None, directions: int = 1,
-                 drop_path: float = 0.0, norm_eps: float = 1e-6, scan_backend: str = "auto"):
+                 drop_path: float = 0.0, norm_eps: float = 1e-5, scan_backend: str = "auto"):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.mixer = Mamba(dim, d_state, d_conv, expand, dt_rank, directions, scan_backend)
@@ -44,20 +44,36 @@ class CrossAttention(nn.Module):
         self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, memory: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        """mask: (Lq, Lk) bool, True = may attend."""
+    def heads(self, x: Tensor, memory: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: (B, Lq, D), memory: (B, Lk, D) -> q (B, h, Lq, D/h), k and v (B, h, Lk, D/h)."""
         b, lq, d = x.shape
         h = self.num_heads
         q = self.q(x).reshape(b, lq, h, d // h).transpose(1, 2)  # (B, h, Lq, d/h)
         k, v = self.kv(memory).reshape(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)  # (B, h, Lk, d/h)
+        return q, k, v
+
+    def forward(self, x: Tensor, memory: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """mask: (Lq, Lk) bool, True = may attend."""
+        b, lq, d = x.shape
+        q, k, v = self.heads(x, memory)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, Lq, d/h)
         return self.proj(out.transpose(1, 2).reshape(b, lq, d))
+
+    def attention_probs(self, x: Tensor, memory: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """The softmax weights :meth:`forward` applies (SDPA returns none), (B, h, Lq, Lk) float32:
+        each row sums to 1 over the keys ``mask`` allows and is 0 on the others. For
+        diagnostics; ``forward`` is ``proj`` of these weights times v, heads merged."""
+        q, k, _ = self.heads(x, memory)
+        scores = q.float() @ k.float().transpose(-2, -1) * q.shape[-1] ** -0.5  # (B, h, Lq, Lk)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return scores.softmax(dim=-1)
 
 
 class CrossAttentionBlock(nn.Module):
     """Decoder block without self-attention: x = x + Attn(LN(x), LN(mem)); x = x + MLP(LN(x))."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-6):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-5):
         super().__init__()
         self.norm_q = nn.LayerNorm(dim, eps=norm_eps)
         self.norm_kv = nn.LayerNorm(dim, eps=norm_eps)

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from ..config import StarConfig
 from ..sequence import direction_orders
 from .backbone import StarBackbone
+from .init import TOKEN_STD, init_head_
 
 
 class StarClassifier(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
@@ -40,10 +41,8 @@ class StarClassifier(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
         self.feature_info = [dict(num_chs=cfg.embed_dim, reduction=cfg.patch_size,
                                   module=f"backbone.blocks.{i}") for i in range(cfg.depth)]
         if self.cls_token is not None:
-            trunc_normal_(self.cls_token, std=0.02)
-        if isinstance(self.head, nn.Linear):
-            trunc_normal_(self.head.weight, std=0.02)
-            nn.init.zeros_(self.head.bias)
+            trunc_normal_(self.cls_token, std=TOKEN_STD)
+        init_head_(self.head)
 
     def _insert_cls(self, x: Tensor) -> Tensor:
         if self.cls_token is None:

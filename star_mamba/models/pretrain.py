@@ -14,14 +14,14 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
-from timm.layers import trunc_normal_
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
 from ..config import StarConfig
 from .. import sequence as seq
-from .backbone import StarBackbone, _init_weights
+from .backbone import StarBackbone
 from .blocks import CrossAttentionBlock
+from .init import init_decoder_, init_separator_
 from .pos_embed import sincos_2d
 
 
@@ -98,12 +98,8 @@ class StarPretrain(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
                                             cfg.has_separator, cfg.images_per_sequence)
         weight = (~is_sep[1:] | cfg.separator_loss).float()  # (T-1,) targets that count
         self.register_buffer("loss_weight", weight, persistent=False)
-        self.decoder.apply(_init_weights)
-        trunc_normal_(self.decoder.query_token, std=0.02)
-        if self.sep_query_pos is not None:
-            trunc_normal_(self.sep_query_pos, std=0.02)
-        if self.sep_embed is not None:
-            trunc_normal_(self.sep_embed.weight, std=0.02)
+        init_decoder_(self.decoder, cfg.init)
+        init_separator_(self.sep_query_pos, self.sep_embed, cfg.init)
 
     # ----------------------------------------------------------------- pipeline pieces
     def _pack(self, per_image: Tensor, separator: Optional[Tensor]) -> Tensor:

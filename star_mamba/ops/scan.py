@@ -9,12 +9,19 @@ A (dim, N); B, C (batch, N, L); D, delta_bias (dim,).
 Backends:
 
 * ``reference``: a Python loop under autograd (:mod:`.scan_reference`), the ground truth.
-* ``torch``, ``numba``, ``triton``: fused *kernels*, each a module with ``forward``,
-  ``backward`` and ``saved_shape`` for the core recurrence y_t = <C_t, h_t>. They run behind
-  one pair of ``torch.library`` custom ops (``star_mamba::scan_fwd`` / ``scan_bwd``) with a
-  fake implementation and registered autograd, so ``torch.compile(fullgraph=True)`` sees one
-  opaque node per scan. A kernel that fails at run time (forward or backward: a Triton compile
-  or launch error on an unknown GPU) falls back to the ``torch`` kernel with one warning.
+* ``torch``, ``numba``: fused *kernels* for the core recurrence y_t = <C_t, h_t>, each a
+  module with ``forward``, ``backward`` and ``saved_shape``, behind one pair of
+  ``torch.library`` custom ops (``star_mamba::scan_fwd`` / ``scan_bwd``); bias, softplus, D and
+  the z gate run around them in PyTorch.
+* ``triton``: the whole scan (bias, softplus, recurrence, D, gate) in one kernel each way,
+  behind ``star_mamba::scan_fused_fwd`` / ``scan_fused_bwd``; it reads u, delta, z, B, C in
+  their own dtypes and strides (no casts, no copies) and returns y stored time-major. Float64
+  inputs go to the torch kernel instead (Triton computes in float32).
+
+  Both pairs have a fake implementation and registered autograd, so
+  ``torch.compile(fullgraph=True)`` sees one opaque node per scan. A kernel that fails at run
+  time (forward or backward: a Triton compile or launch error on an unknown GPU) falls back to
+  the ``torch`` kernel with one warning.
 * ``cuda``: mamba-ssm's compiled kernel, called as is (its own autograd; under
   ``torch.compile`` a graph break).
 
@@ -31,6 +38,7 @@ from types import ModuleType
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .scan_reference import _finish, _prepare_delta, compute_dtype, scan_reference
@@ -87,10 +95,9 @@ def _fall_back(name: str, stage: str, error: Exception) -> None:
 
 
 def _triton_checkpoints(hs: Tensor, chunk: int) -> Tensor:
-    """All states (L, b, d, N) -> the Triton kernel's checkpoints (b, d, cdiv(L, chunk), N):
-    the state entering each chunk (zeros for the first)."""
-    entering = torch.cat([torch.zeros_like(hs[:1]), hs[chunk - 1:hs.shape[0] - 1:chunk]])
-    return entering.permute(1, 2, 0, 3).contiguous()
+    """All states (L, b, d, N) -> the Triton kernel's checkpoints (its saved_shape): the state
+    entering each chunk (zeros for the first)."""
+    return load_kernel("triton").checkpoints_from_states(hs, chunk)
 
 
 def _saved_shape(name: str, b: int, d: int, L: int, N: int) -> tuple[int, ...]:
@@ -104,9 +111,7 @@ def _kernel_forward(name: str, u, delta, A, B, C) -> tuple[Tensor, Tensor, Tenso
         except Exception as e:
             _fall_back(name, "forward", e)
     y, last, hs = load_kernel("torch").forward(u, delta, A, B, C)
-    if name == "triton":
-        hs = _triton_checkpoints(hs, load_kernel("triton").CHUNK)
-    elif name != "torch":
+    if name != "torch":
         hs = u.new_empty(_saved_shape(name, *u.shape, A.shape[1]))
     return y, last, hs
 
@@ -174,21 +179,176 @@ def _scan_fwd_backward(ctx, dy, dlast, _dsaved):
 scan_fwd.register_autograd(_scan_fwd_backward, setup_context=_setup_context)
 
 
+def _core_path(kernel: str, u, delta, A, B, C, D, z, delta_bias, delta_softplus
+               ) -> tuple[Tensor, Tensor]:
+    """A core kernel through scan_fwd, with bias, softplus, D and the z gate around it under
+    plain autograd -> y, last in the compute dtype."""
+    ct = compute_dtype(u.dtype)
+    u32, A32, B32, C32, delta = (t.to(ct).contiguous() for t in (u, A, B, C, delta))
+    # delta contiguous before softplus: AOT autograd mis-traces softplus_backward's strides
+    # for a transposed input (a PyTorch bug that breaks torch.compile(backend="aot_eager"))
+    delta = _prepare_delta(delta, None if delta_bias is None else delta_bias.to(ct),
+                           delta_softplus).contiguous()
+    y, last, _ = scan_fwd(u32, delta, A32, B32, C32, kernel)
+    y = _finish(y, u32, None if D is None else D.to(ct), None if z is None else z.to(ct))
+    return y, last
+
+
+def _fused(kernel: str, u: Tensor) -> bool:
+    return kernel == "triton" and compute_dtype(u.dtype) == torch.float32
+
+
 def scan_kernel(kernel: str, u, delta, A, B, C, D=None, z=None, delta_bias=None,
                 delta_softplus=False, return_last_state=False):
-    """One of :data:`KERNELS` through the custom op, with bias, softplus, D and the z gate
-    around it under plain autograd."""
+    """One of :data:`KERNELS` through its custom op: ``triton`` fused (scan_fused_fwd), the
+    others (and float64 inputs) as core kernel + PyTorch around it."""
     dtype = u.dtype
-    ct = compute_dtype(dtype)
     with torch.autocast(u.device.type, enabled=False):
-        u32, A32, B32, C32, delta = (t.to(ct).contiguous() for t in (u, A, B, C, delta))
-        # delta contiguous before softplus: AOT autograd mis-traces softplus_backward's strides
-        # for a transposed input (a PyTorch bug that breaks torch.compile(backend="aot_eager"))
-        delta = _prepare_delta(delta, None if delta_bias is None else delta_bias.to(ct),
-                               delta_softplus).contiguous()
-        y, last, _ = scan_fwd(u32, delta, A32, B32, C32, kernel)
-        y = _finish(y, u32, None if D is None else D.to(ct), None if z is None else z.to(ct))
+        if _fused(kernel, u):
+            f32 = lambda t: None if t is None else t.float()  # noqa: E731
+            y, last, _ = scan_fused_fwd(u, delta, A.float(), B, C, f32(D), z, f32(delta_bias),
+                                        bool(delta_softplus), kernel)
+        else:
+            y, last = _core_path("torch" if kernel == "triton" else kernel, u, delta, A, B, C, D,
+                                 z, delta_bias, delta_softplus)
     return (y.to(dtype), last.to(dtype)) if return_last_state else y.to(dtype)
+
+
+# ----------------------------------------------------------------------------- fused op (triton)
+#
+# Optional inputs (D, z, delta_bias) are Optional[Tensor]; the backward returns an empty tensor
+# for the gradient of an absent one. Outputs are fresh tensors whose strides the fake
+# implementations reproduce exactly: y time-major, gradients torch.empty_like their input.
+
+def _time_major_like(u: Tensor) -> Tensor:
+    """Empty (b, d, L) in u's dtype, stored (b, L, d): strides (L*d, 1, d)."""
+    b, d, L = u.shape
+    return torch.empty_strided((b, d, L), (L * d, 1, d), dtype=u.dtype, device=u.device)
+
+
+def _fused_forward(kernel, u, delta, A, B, C, D, z, delta_bias, delta_softplus):
+    if kernel not in _FALLEN_BACK:
+        try:
+            return load_kernel(kernel).forward(u, delta, A, B, C, D, z, delta_bias,
+                                               delta_softplus)  # y already time-major
+        except Exception as e:
+            _fall_back(kernel, "forward", e)
+    with torch.no_grad():  # the torch kernel; its backward recomputes from the inputs
+        y, last = _core_path("torch", u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+    out = _time_major_like(u)
+    out.copy_(y)
+    return out, last.float(), u.new_zeros(_saved_shape(kernel, *u.shape, A.shape[1]),
+                                          dtype=torch.float32)
+
+
+def _fused_backward_torch(u, delta, A, B, C, D, z, delta_bias, dy, dlast, delta_softplus):
+    """The fallback: the torch kernel, with the gradients of bias, softplus, D and the gate by
+    hand (a custom op's implementation runs below autograd). Float32 results."""
+    f32 = lambda t: None if t is None else t.float().contiguous()  # noqa: E731
+    u, A, B, C, D, z, delta_bias, dy = (f32(t) for t in (u, A, B, C, D, z, delta_bias, dy))
+    raw = delta.float() + (0 if delta_bias is None else delta_bias[:, None])
+    dt = (F.softplus(raw) if delta_softplus else raw).contiguous()
+    torch_kernel = load_kernel("torch")
+    yc, _, hs = torch_kernel.forward(u, dt, A, B, C)
+    dyc, dz = dy, None
+    if z is not None:  # y = (yc + D u) silu(z)
+        sz = torch.sigmoid(z)
+        dz = dy * (yc if D is None else yc + D[:, None] * u) * sz * (1 + z * (1 - sz))
+        dyc = dy * z * sz
+    dlast = u.new_zeros(hs.shape[1:]) if dlast is None else dlast.float()
+    du, ddt, dA, dB, dC = torch_kernel.backward(u, dt, A, B, C, hs, dyc.contiguous(), dlast)
+    dD = None if D is None else (dyc * u).sum((0, 2))
+    if D is not None:
+        du = du + dyc * D[:, None]
+    dr = ddt * torch.sigmoid(raw) if delta_softplus else ddt
+    dbias = None if delta_bias is None else dr.sum((0, 2))
+    return du, dr, dA, dB, dC, dD, dz, dbias
+
+
+def _fused_backward(kernel, u, delta, A, B, C, D, z, delta_bias, saved, dy, dlast,
+                    delta_softplus):
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    grads = None
+    if kernel not in _FALLEN_BACK:
+        try:
+            du, ddelta, dA, dB, dC, dD, dz, dbias = load_kernel(kernel).backward(
+                u, delta, A, B, C, saved, dy, dlast, D, z, delta_bias, delta_softplus)
+            grads = (du, ddelta, dA, dB, dC, dD, dz, dbias)
+        except Exception as e:
+            _fall_back(kernel, "backward", e)
+    if grads is None:
+        grads = _fused_backward_torch(*inputs, dy, dlast, delta_softplus)
+    return tuple(u.new_empty(0) if t is None else _like(t, g) for t, g in zip(inputs, grads))
+
+
+def _like(t: Tensor, g: Optional[Tensor]) -> Tensor:
+    """g with the dtype and strides of torch.empty_like(t) (what the fake returns): as is when
+    it has them (the Triton kernel allocates its gradients that way), else copied."""
+    if g is not None and g.dtype == t.dtype and g.stride() == torch.empty_like(
+            t, device="meta").stride():
+        return g
+    return torch.empty_like(t).copy_(torch.zeros_like(t) if g is None else g)
+
+
+@torch.library.custom_op("star_mamba::scan_fused_fwd", mutates_args=())
+def scan_fused_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                   D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
+                   delta_softplus: bool, kernel: str) -> tuple[Tensor, Tensor, Tensor]:
+    """The whole scan -> y (b, d, L) in u's dtype stored time-major, last state (b, d, N)
+    float32, what the kernel keeps for its backward."""
+    with torch.autocast(u.device.type, enabled=False):
+        return _fused_forward(kernel, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
+
+
+@scan_fused_fwd.register_fake
+def _scan_fused_fwd_fake(u, delta, A, B, C, D, z, delta_bias, delta_softplus, kernel):
+    b, d, L = u.shape
+    N = A.shape[1]
+    f32 = dict(dtype=torch.float32)
+    return (_time_major_like(u), u.new_empty(b, d, N, **f32),
+            u.new_empty(_saved_shape(kernel, b, d, L, N), **f32))
+
+
+@torch.library.custom_op("star_mamba::scan_fused_bwd", mutates_args=())
+def scan_fused_bwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
+                   D: Optional[Tensor], z: Optional[Tensor], delta_bias: Optional[Tensor],
+                   saved: Tensor, dy: Tensor, dlast: Optional[Tensor], delta_softplus: bool,
+                   kernel: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                         Tensor]:
+    """Gradients of (y, last) -> (du, ddelta, dA, dB, dC, dD, dz, ddelta_bias), each shaped
+    (and strided) as its input; an empty tensor for an absent input."""
+    with torch.autocast(u.device.type, enabled=False):
+        return _fused_backward(kernel, u, delta, A, B, C, D, z, delta_bias, saved, dy, dlast,
+                               delta_softplus)
+
+
+@scan_fused_bwd.register_fake
+def _scan_fused_bwd_fake(u, delta, A, B, C, D, z, delta_bias, saved, dy, dlast, delta_softplus,
+                         kernel):
+    return tuple(u.new_empty(0) if t is None else torch.empty_like(t)
+                 for t in (u, delta, A, B, C, D, z, delta_bias))
+
+
+def _fused_setup_context(ctx, inputs, output) -> None:
+    u, delta, A, B, C, D, z, delta_bias, delta_softplus, kernel = inputs
+    ctx.delta_softplus, ctx.kernel = delta_softplus, kernel
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, output[2])
+    ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)
+
+
+def _scan_fused_fwd_backward(ctx, dy, dlast, _dsaved):
+    u, delta, A, B, C, D, z, delta_bias, saved = ctx.saved_tensors
+    if dy is None:
+        dy = torch.zeros_like(u)
+    grads = scan_fused_bwd(u, delta, A, B, C, D, z, delta_bias, saved, dy, dlast,
+                           ctx.delta_softplus, ctx.kernel)
+    grads = [None if t is None else g for t, g in zip((u, delta, A, B, C, D, z, delta_bias),
+                                                       grads)]
+    return (*grads, None, None)
+
+
+scan_fused_fwd.register_autograd(_scan_fused_fwd_backward, setup_context=_fused_setup_context)
 
 
 # ----------------------------------------------------------------------------- cuda (mamba-ssm)

@@ -1,6 +1,6 @@
 """Look inside a STAR pretraining checkpoint: what it predicts, and where the loss is.
 
-Two figures (plus the numbers behind the second):
+Three figures (plus the numbers behind the last two):
 
 - ``predictions.png``: for a few packed sequences, the K input images side by side, the model's
   prediction of every image cluster (each prediction made from the segments before it) and the
@@ -8,7 +8,10 @@ Two figures (plus the numbers behind the second):
 - ``loss_per_position.png`` / ``loss_per_position.json``: the prediction loss of cluster g of the
   k-th image of a sequence, averaged over some batches. Images after the first can use what the
   earlier images of their sequence showed, so their first clusters may be easier (whether they
-  are depends on the model and on how related the images packed together are).
+  are depends on the model and on how related the images packed together are);
+- ``diagnostics.png`` / ``diagnostics.json``: the cross-image diagnostics
+  (``engine/diagnostics.py``: loss per image slot, paired first/last gap, decoder attention on
+  the current image) the run logged over its steps, and their values for this checkpoint.
 
 The pure helpers (:func:`unnormalize_patches`, :func:`segments_to_images`,
 :func:`loss_per_position`) work on the tensors of :class:`~star_mamba.models.pretrain.PretrainOutput`
@@ -20,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import Tensor
@@ -29,7 +32,8 @@ from .. import sequence as seq
 from ..config import StarConfig
 
 __all__ = ["unnormalize_patches", "segment_index_table", "segments_to_images",
-           "unpredicted_clusters", "loss_per_position", "load_pretrain_checkpoint", "visualize"]
+           "unpredicted_clusters", "loss_per_position", "diagnostic_series",
+           "load_pretrain_checkpoint", "visualize"]
 
 
 # ---------------------------------------------------------------------------- pure helpers
@@ -110,11 +114,17 @@ def loss_per_position(pred: Tensor, target: Tensor, cfg: StarConfig) -> Tensor:
 
 def load_pretrain_checkpoint(checkpoint: str | Path, device: str | torch.device = "cpu"):
     """A STAR pretraining checkpoint (``.pth`` from ``star-mamba pretrain``, ``.safetensors``, or
-    a run directory holding ``checkpoint-latest.pth``) -> ``StarPretrain`` in eval mode.
+    a run directory holding ``checkpoint-latest.pth``) -> (``StarPretrain`` in eval mode, path).
 
     Loads with ``weights_only`` (no code runs). A missing file raises ``FileNotFoundError``; a
     classifier checkpoint or one without a model config raises ``ValueError``.
     """
+    model, path, _ = _load_pretrain(checkpoint, device)
+    return model, path
+
+
+def _load_pretrain(checkpoint: str | Path, device: str | torch.device):
+    """(model, path, the optimizer step it was saved at or None when it does not say)."""
     from ..checkpoint import LATEST, load_checkpoint
     from ..models.convert import read_pretrained
     from ..models.pretrain import StarPretrain
@@ -124,7 +134,10 @@ def load_pretrain_checkpoint(checkpoint: str | Path, device: str | torch.device 
         path = path / LATEST
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    state, model_config = read_pretrained(load_checkpoint(path))
+    payload = load_checkpoint(path)
+    state, model_config = read_pretrained(payload)
+    saved_state = payload.get("state") if isinstance(payload, dict) else None
+    step = saved_state.get("step") if isinstance(saved_state, dict) else None
     is_classifier = "head.weight" in state or any(k.startswith("backbone.") for k in state)
     if is_classifier or not any(k.startswith("decoder.") for k in state):
         kind = "a classifier (fine-tuning) checkpoint" if is_classifier else "not a STAR model"
@@ -135,7 +148,7 @@ def load_pretrain_checkpoint(checkpoint: str | Path, device: str | torch.device 
     cfg = StarConfig.from_dict(model_config)
     model = StarPretrain(cfg)
     model.load_state_dict(state)
-    return model.to(device).eval(), path
+    return model.to(device).eval(), path, step
 
 
 def _denormalizer(data_name: str, in_chans: int) -> Callable[[Tensor], Tensor]:
@@ -236,6 +249,108 @@ def _plot_loss(path: Path, table: Tensor, cfg: StarConfig, title: str) -> None:
     fig.savefig(path)
 
 
+def diagnostic_series(rows: Iterable[dict[str, Any]]) -> dict[str, list]:
+    """The cross-image diagnostics a run logged (the ``diag`` rows of its metrics.jsonl, see
+    ``engine/diagnostics.py``), in step order: ``{"step": [...], key: [value or None, ...]}``
+    for every key any row holds."""
+    logged = sorted((r for r in rows if isinstance(r.get("diag"), dict)), key=lambda r: r["step"])
+    keys = list(dict.fromkeys(key for r in logged for key in r["diag"]))
+    series: dict[str, list] = {"step": [r["step"] for r in logged]}
+    for key in keys:
+        series[key] = [r["diag"].get(key) for r in logged]
+    return series
+
+
+def _present(xs: list, ys: list) -> tuple[list, list]:
+    """The (x, y) pairs whose y is a number (a diagnostic undefined at a step is None)."""
+    pairs = [(x, y) for x, y in zip(xs, ys) if isinstance(y, (int, float))]
+    return [x for x, _ in pairs], [y for _, y in pairs]
+
+
+def _plot_diagnostics(path: Path, series: dict[str, list], current: Optional[dict[str, Any]],
+                      current_step: Optional[int], title: str) -> dict[str, tuple[list, list]]:
+    """Three panels over training steps: loss per image slot, paired gap with its +-SEM band,
+    attention share on the current image per decoder block vs the uniform share; ``current``
+    (values recomputed for a checkpoint) as stars at ``current_step``. Returns every plotted
+    series as ``label -> (x, y)``, the checkpoint's under ``current/<key>``."""
+    from matplotlib.figure import Figure
+
+    steps = series.get("step", [])
+    keys = list(dict.fromkeys([*series, *(current or {})]))
+    x_now = current_step if current_step is not None else (steps[-1] if steps else 0)
+    drawn: dict[str, tuple[list, list]] = {}
+    fig = Figure(figsize=(13, 3.8), dpi=110)
+    slots_ax, gap_ax, attn_ax = fig.subplots(1, 3)
+
+    def line(ax, key: str, **style) -> None:
+        xs, ys = _present(steps, series.get(key, []))
+        if xs:
+            ax.plot(xs, ys, **style)
+            drawn[key] = (xs, ys)
+
+    def star(ax, key: str, color=None) -> None:
+        value = (current or {}).get(key)
+        if isinstance(value, (int, float)):
+            ax.plot([x_now], [value], marker="*", markersize=11, linestyle="none", color=color,
+                    markeredgecolor="black", zorder=5)
+            drawn[f"current/{key}"] = ([x_now], [value])
+
+    slot_keys = sorted((k for k in keys if k.startswith("slot_loss/")),
+                       key=lambda k: int(k.split("/")[1]))
+    for i, key in enumerate(slot_keys):
+        color = f"C{i % 10}"
+        line(slots_ax, key, color=color, marker="o", markersize=3,
+             label=f"slot {key.split('/')[1]}")
+        star(slots_ax, key, color)
+    slots_ax.set_title("loss per image slot (held-out, image clusters)", fontsize=9)
+    slots_ax.set_ylabel("MSE per patch")
+
+    line(gap_ax, "paired_gap_mean", color="C3", marker="o", markersize=3, label="mean")
+    means, sems = series.get("paired_gap_mean", []), series.get("paired_gap_sem", [])
+    both = [(x, m, e) for x, m, e in zip(steps, means, sems) if m is not None and e is not None]
+    if both:
+        xs = [x for x, _, _ in both]
+        low, high = [m - e for _, m, e in both], [m + e for _, m, e in both]
+        gap_ax.fill_between(xs, low, high, color="C3", alpha=0.25, label="± SEM")
+        drawn["paired_gap_low"], drawn["paired_gap_high"] = (xs, low), (xs, high)
+    gap = (current or {}).get("paired_gap_mean")
+    if isinstance(gap, (int, float)):
+        gap_ax.errorbar([x_now], [gap], yerr=[(current or {}).get("paired_gap_sem") or 0.0],
+                        marker="*", markersize=11, color="C3", markeredgecolor="black", capsize=3)
+        drawn["current/paired_gap_mean"] = ([x_now], [gap])
+    gap_ax.axhline(0.0, color="0.5", linewidth=0.8)
+    gap_ax.set_title("paired gap: loss(last slot) - loss(first slot)", fontsize=9)
+
+    block_keys = sorted((k for k in keys if k.startswith("attn_share/block")),
+                        key=lambda k: int(k[len("attn_share/block"):]))
+    for i, key in enumerate(block_keys):
+        line(attn_ax, key, color=f"C{i % 10}", linewidth=0.9, alpha=0.7,
+             label=f"block {key[len('attn_share/block'):]}")
+    line(attn_ax, "attn_share_mean", color="black", linewidth=2.0, label="mean over blocks")
+    line(attn_ax, "attn_uniform_mean", color="black", linestyle="--", linewidth=1.2,
+         label="uniform over visible keys")
+    star(attn_ax, "attn_share_mean", "black")
+    star(attn_ax, "attn_uniform_mean", "white")
+    attn_ax.set_title("decoder attention on the current image", fontsize=9)
+    attn_ax.set_ylabel("share of attention")
+
+    undefined = not any(k in drawn for k in ("paired_gap_mean", "current/paired_gap_mean"))
+    for ax, empty in ((gap_ax, undefined),
+                      (attn_ax, not any(k.startswith(("attn_", "current/attn_")) for k in drawn))):
+        if empty:
+            ax.text(0.5, 0.5, "not defined here\n(K = 1, or no query sees its own image)",
+                    ha="center", va="center", transform=ax.transAxes, fontsize=8, color="0.4")
+    for ax in (slots_ax, gap_ax, attn_ax):
+        ax.set_xlabel("optimizer step" + ("; stars: this checkpoint" if current else ""))
+        ax.grid(True, alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    return drawn
+
+
 def _nan_to_none(x: Any) -> Any:
     if isinstance(x, list):
         return [_nan_to_none(v) for v in x]
@@ -251,9 +366,10 @@ def _nanmean(t: Tensor) -> float:
 @torch.no_grad()
 def visualize(checkpoint: str | Path, out_dir: str | Path, config: Any = None,
               num_sequences: int = 2, max_batches: int = 4, device: str | torch.device = "cpu",
-              seed: int = 0, split: Optional[str] = None, first_clusters: int = 1
-              ) -> dict[str, Any]:
-    """Write ``predictions.png``, ``loss_per_position.png`` and ``loss_per_position.json``.
+              seed: int = 0, split: Optional[str] = None, first_clusters: int = 1,
+              diagnostics: bool = True) -> dict[str, Any]:
+    """Write ``predictions.png``, ``loss_per_position.png`` and ``loss_per_position.json``, and
+    with ``diagnostics`` ``diagnostics.png`` / ``diagnostics.json`` (:func:`write_diagnostics`).
 
     ``checkpoint``: a STAR pretraining checkpoint (or a run directory). ``config``: a loaded
     ``RunConfig``, a config path / built-in name, or None for the built-in
@@ -274,7 +390,7 @@ def visualize(checkpoint: str | Path, out_dir: str | Path, config: Any = None,
 
     if num_sequences < 1 or max_batches < 1 or first_clusters < 1:
         raise ValueError("num_sequences, max_batches and first_clusters must be >= 1")
-    model, path = load_pretrain_checkpoint(checkpoint, device)
+    model, path, step = _load_pretrain(checkpoint, device)
     cfg = model.cfg
     run_cfg = config if isinstance(config, RunConfig) else load_config(
         str(config) if config is not None else "pretrain/fashion_mnist")
@@ -362,4 +478,36 @@ def visualize(checkpoint: str | Path, out_dir: str | Path, config: Any = None,
     with open(json_path, "w") as f:
         json.dump({key: _nan_to_none(v) for key, v in result.items()}, f, indent=1)
     result.update(predictions=str(pred_png), loss_plot=str(loss_png), loss_json=str(json_path))
+    if diagnostics:
+        result.update(write_diagnostics(model, path, step, run_cfg, out_dir))
     return result
+
+
+def write_diagnostics(model, path: Path, step: Optional[int], run_cfg: Any, out_dir: Path
+                      ) -> dict[str, Any]:
+    """``diagnostics.png`` and ``diagnostics.json``: the cross-image diagnostics the run logged
+    over its steps (``metrics.jsonl`` next to the checkpoint, if any) and their values for this
+    checkpoint, recomputed on the held-out batch ``run_cfg`` describes (``data`` and
+    ``run.diag_images``, as in training: the same numbers as the run's row at this step when
+    ``run_cfg`` is the run's config). Returns the current values, the plotted series and paths.
+    """
+    from ..engine.diagnostics import cross_image_diagnostics, held_out_images, held_out_source
+    from ..engine.metrics import read_metrics
+
+    cfg = model.cfg
+    held_out = held_out_images(run_cfg.data, cfg, run_cfg.run.diag_images)
+    per_forward = max(1, run_cfg.optim.batch_size // cfg.images_per_sequence)
+    current = cross_image_diagnostics(model, held_out, per_forward)
+    metrics = path.parent / "metrics.jsonl"
+    series = diagnostic_series(read_metrics(metrics)) if metrics.is_file() else {"step": []}
+    png = out_dir / "diagnostics.png"
+    drawn = _plot_diagnostics(png, series, current, step,
+                              f"{path.name}: cross-image diagnostics on {len(held_out)} held-out "
+                              f"images ({held_out_source(run_cfg.data)}), K="
+                              f"{cfg.images_per_sequence}; lines: logged in training")
+    json_path = out_dir / "diagnostics.json"
+    with open(json_path, "w") as f:
+        json.dump(dict(checkpoint=str(path), step=step, current=current, logged=series), f,
+                  indent=1)
+    return dict(diagnostics=current, diagnostics_step=step, diagnostics_series=drawn,
+                diagnostics_plot=str(png), diagnostics_json=str(json_path))

@@ -1,0 +1,504 @@
+"""Evidence v2: does STAR pretraining help on Fashion-MNIST, and when?
+
+Arms (one small model, one pretraining budget; each arm pretrained once per seed):
+
+  scratch             no pretraining: the randomly initialised backbone (seeded like the others)
+  arm_k1              ARM-style: K = 1 image per sequence, no separator
+  star_k2             STAR, K = 2 random images per sequence, identity separators before each (SC)
+  star_k4             STAR, K = 4 random images per sequence (the paper's setting)
+  star_k4_clip        STAR, K = 4 consecutive frames of a moving-Fashion-MNIST clip
+  star_k4_same_class  STAR, K = 4 images of one class
+
+Pairing: seed s means the same initial weights (``run.seed``) and, for the random-sequence arms,
+the same images in the same steps (the batch is counted in images: 64 per step for every K).
+
+Each run, resumable step by step (a finished step is read back from its JSON file):
+  1. pretrain   ``runs/star_evidence/<arm>/seed<s>/pretrain/`` (the engine resumes mid-epoch)
+  2. probe      converged linear probe (L-BFGS logistic regression, weight-decay sweep on a
+                held-out 10% of the training set) and 20-NN on frozen features of all 60,000
+                training and 10,000 test images (``engine/probe.py``) -> ``probe.json``
+  3. finetune   a short fine-tune of the main arms (scratch, arm_k1, star_k2, star_k4) ->
+                ``finetune/result.json``
+  4. diag       cross-image diagnostics of the final checkpoint on held-out test sequences
+                (``engine/diagnostics.py``): loss per image slot, paired slot gap, decoder
+                attention share on the current image -> ``diag.json``
+  5. report     ``--out``: star_evidence.json (every run), star_evidence.md (tables: means,
+                paired differences with 95% t intervals), star_evidence.png; the raw-pixel
+                baseline is computed once (``runs/star_evidence/raw_pixels.json``).
+
+    .venv/bin/python experiments/star_evidence.py                 # everything, resumable
+    .venv/bin/python experiments/star_evidence.py --phase pretrain --arms star_k4 --seeds 0
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from star_mamba.engine.config import load_config
+from star_mamba.tools.runner import write_json
+
+PHASES = ("pretrain", "probe", "finetune", "diag", "report")
+
+
+@dataclass(frozen=True)
+class Arm:
+    k: int
+    sequence: str = "random"
+    separator: str = "identity"
+    pretrained: bool = True
+    finetune: bool = False  # one of the main arms, also scored by a short fine-tune
+
+
+ARMS: dict[str, Arm] = {
+    "scratch": Arm(k=1, separator="none", pretrained=False, finetune=True),
+    "arm_k1": Arm(k=1, separator="none", finetune=True),
+    "star_k2": Arm(k=2, finetune=True),
+    "star_k4": Arm(k=4, finetune=True),
+    "star_k4_clip": Arm(k=4, sequence="clip"),
+    "star_k4_same_class": Arm(k=4, sequence="same_class"),
+}
+BASELINE_ARM = "arm_k1"  # paired differences are taken against it (and against scratch)
+
+# The model, sized for the budget (about two hours on 2 CPU cores for the pretrainings, README
+# "Evidence"): star_tiny's layout at D 64, 4 blocks, a 2-block decoder 64 wide (taps 2 and 4),
+# 32 px (Fashion-MNIST padded), 4 px patches, 2 x 2 clusters. One torch thread per process: two
+# processes side by side (disjoint --arms) use 2 cores better than one with 2 threads.
+MODEL = ["model.embed_dim=64", "model.depth=4", "model.decoder_dim=64", "model.decoder_depth=2",
+         "model.decoder_heads=4"]
+# One pass over all 60,000 training images per epoch, 64 images per step (937 steps),
+# lr 1e-3 (blr 4e-3 x 64 / 256), 5% warm-up, cosine to 0.
+PRETRAIN = ["data.max_images=null", "optim.batch_size=64", "optim.blr=4e-3",
+            "optim.warmup_epochs=0.05", "run.progress=false", "run.log_every=25",
+            "run.save_every_steps=100", "run.tensorboard=false", "run.threads=1"]
+EPOCHS = 1
+# Short fine-tune: 2 scan directions, one pass over the 60,000 training images (937 steps; a
+# first try with 10,000 images, 156 steps, stopped far from convergence: training loss 1.33 and
+# 60-65% top-1 where the frozen features' linear probe gives 81%), all 10,000 test images.
+FINETUNE = ["model.directions=2", "model.drop_path_rate=0.0", "data.max_images=null",
+            "data.max_eval_images=null", "data.scale=[0.8, 1.0]", "optim.epochs=1",
+            "optim.batch_size=64", "optim.blr=8e-3", "optim.layer_decay=0.9",
+            "run.progress=false", "run.log_every=50", "run.tensorboard=false", "run.threads=1"]
+DIAG_SEQUENCES = 64  # held-out test sequences for the diagnostics (K images each)
+DIAG_SEED = 1234  # draws of the held-out diagnostic sequences (the same for every run)
+
+
+def arm_overrides(name: str) -> list[str]:
+    arm = ARMS[name]
+    return [f"model.images_per_sequence={arm.k}", f"model.separator={arm.separator}",
+            f"data.sequence={arm.sequence}"]
+
+
+def pretrain_config(name: str, seed: int, run_dir: Path, epochs: int, *extra: str):
+    return load_config("pretrain/fashion_mnist", [*MODEL, *PRETRAIN, *arm_overrides(name),
+                                                  f"optim.epochs={epochs}", f"run.seed={seed}",
+                                                  f"run.output_dir={run_dir}", *extra])
+
+
+def run_path(runs: Path, name: str, seed: int) -> Path:
+    return runs / name / f"seed{seed}"
+
+
+def save(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, obj)
+
+
+def read_json(path: Path) -> Optional[Any]:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# ------------------------------------------------------------------------------ steps
+
+def pretrain_step(name: str, seed: int, runs: Path, epochs: int, *extra: str) -> Optional[dict]:
+    """Pretrain (or resume); returns the saved summary. None for the scratch arm."""
+    if not ARMS[name].pretrained:
+        return None
+    from star_mamba.engine.pretrain import pretrain
+    from star_mamba.tools.runner import tail_loss
+    out = run_path(runs, name, seed)
+    done = out / "pretrain.json"
+    if (summary := read_json(done)) is not None:
+        return summary
+    run_dir = out / "pretrain"
+    result = pretrain(pretrain_config(name, seed, run_dir, epochs, *extra))
+    summary = dict(seconds=result["seconds"], steps=result.get("step"),
+                   final_loss=tail_loss(run_dir / "metrics.jsonl"))
+    save(done, summary)
+    return summary
+
+
+def checkpoint_source(name: str, seed: int, runs: Path, epochs: int):
+    """What the probes start from: the pretraining checkpoint, or (scratch) the model's
+    initialisation under ``seed`` as a {"model", "model_config"} dict: exactly the initial
+    weights of arm_k1's pretraining with the same seed (built the way ``pretrain`` builds them)."""
+    if ARMS[name].pretrained:
+        return run_path(runs, name, seed) / "pretrain" / "checkpoint-latest.pth"
+    from star_mamba.models.pretrain import StarPretrain
+    from star_mamba.seeding import seed_everything
+    cfg = pretrain_config(name, seed, run_path(runs, name, seed) / "pretrain", epochs)
+    seed_everything(seed)
+    model = StarPretrain(cfg.model.star_config())
+    return {"model": model.state_dict(), "model_config": model.cfg.to_dict()}
+
+
+def probe_datasets(data_root: Optional[str]):
+    """All 60,000 training and 10,000 test images, no augmentation, as the model sees them."""
+    from star_mamba.data import FashionMNIST
+    return (FashionMNIST(data_root, "train", img_size=32, in_chans=1),
+            FashionMNIST(data_root, "test", img_size=32, in_chans=1))
+
+
+def probe_step(name: str, seed: int, runs: Path, epochs: int, data_root: Optional[str]) -> dict:
+    from star_mamba.engine.probe import evaluate_representation
+    done = run_path(runs, name, seed) / "probe.json"
+    if (result := read_json(done)) is not None:
+        return result
+    train_set, test_set = probe_datasets(data_root)
+    result = evaluate_representation(checkpoint_source(name, seed, runs, epochs), train_set,
+                                     test_set, batch_size=500, device="cpu", seed=seed,
+                                     progress=False)
+    save(done, result)
+    return result
+
+
+def finetune_step(name: str, seed: int, runs: Path, epochs: int, data_root: Optional[str],
+                  *extra: str) -> Optional[dict]:
+    if not ARMS[name].finetune:
+        return None
+    from star_mamba.tools.runner import Probe, train_classifier
+    out = run_path(runs, name, seed) / "finetune"
+    if (result := read_json(out / "result.json")) is not None:
+        return result
+    pretrained = (run_path(runs, name, seed) / "pretrain" / "checkpoint-latest.pth"
+                  if ARMS[name].pretrained else None)
+    extra = [*extra, *([f"data.root={data_root}"] if data_root else [])]
+    t = time.perf_counter()
+    result = train_classifier(Probe("finetune", "finetune/fashion_mnist",
+                                    (*MODEL[:2], *FINETUNE, *extra, f"run.seed={seed}")),
+                              pretrained, out)
+    if result["top1"] is None:  # stopped by --max-steps before its evaluation
+        from star_mamba.engine.finetune import evaluate_checkpoint
+        result["top1"] = evaluate_checkpoint(out / "checkpoint-latest.pth", None, False)["top1"]
+    result["seconds"] = round(time.perf_counter() - t, 1)
+    save(out / "result.json", result)
+    return result
+
+
+def held_out_sequences(kind: str, k: int, n: int, data_root: Optional[str]) -> torch.Tensor:
+    """``n`` held-out sequences of ``kind`` (random, clip, same_class) built from the 10,000
+    test images with a fixed seed: (n*K, 1, 32, 32), sequence b's image k at b*K + k."""
+    from star_mamba.config import StarConfig
+    from star_mamba.data.sequences import build_sequence_dataset
+    from star_mamba.engine.config import DataConfig
+    from star_mamba.engine.data import build_pretrain_images
+    geometry = dict(img_size=32, patch_size=4, in_chans=1, cluster_size=2)
+    images = build_pretrain_images(DataConfig(root=data_root, split="test", sequence=kind),
+                                   StarConfig(**geometry, images_per_sequence=k))
+    sequences = build_sequence_dataset(kind, images, k, 32, 1, seed=DIAG_SEED)
+    return torch.cat([sequences[i][0] for i in range(n)])  # (n*K, 1, 32, 32)
+
+
+@torch.no_grad()
+def ordered_slot_losses(model, images: torch.Tensor, batch: int = 32) -> list[float]:
+    """Mean loss of each image slot over sequences taken in the order given (no rotation):
+    in a clip, slot k is frame k, so a falling curve means earlier frames are used."""
+    from star_mamba.engine.diagnostics import per_slot_losses
+    k = model.cfg.images_per_sequence
+    rows = []
+    for i in range(0, images.shape[0], batch * k):
+        out = model(images[i:i + batch * k])
+        rows.append(per_slot_losses(out.pred, out.target, model.cfg)[0])  # (B, K)
+    return torch.cat(rows).mean(0).tolist()
+
+
+def diag_step(name: str, seed: int, runs: Path, epochs: int,
+              data_root: Optional[str]) -> Optional[dict]:
+    """The cross-image diagnostics of engine/diagnostics.py on held-out random test images
+    (rotated so that every image is in every slot), plus the loss per slot of in-order held-out
+    sequences of each kind (random, clip, same_class) for K > 1."""
+    if not ARMS[name].pretrained:
+        return None
+    from star_mamba.engine.diagnostics import cross_image_diagnostics
+    from star_mamba.models.convert import read_pretrained
+    from star_mamba.models.pretrain import StarPretrain
+    done = run_path(runs, name, seed) / "diag.json"
+    if (result := read_json(done)) is not None:
+        return result
+    state, cfg = read_pretrained(checkpoint_source(name, seed, runs, epochs))
+    model = StarPretrain(cfg)
+    model.load_state_dict(state)
+    model.eval()
+    k = model.cfg.images_per_sequence
+    _, test_set = probe_datasets(data_root)
+    images = torch.stack([test_set[i][0] for i in range(DIAG_SEQUENCES * k)])  # (N*K, 1, 32, 32)
+    result = cross_image_diagnostics(model, images)
+    if k > 1:
+        result["ordered_slot_loss"] = {
+            kind: ordered_slot_losses(model, held_out_sequences(kind, k, DIAG_SEQUENCES,
+                                                                data_root))
+            for kind in ("random", "clip", "same_class")}
+    save(done, result)
+    return result
+
+
+def raw_pixels(runs: Path, data_root: Optional[str]) -> dict:
+    from star_mamba.engine.probe import raw_pixel_baseline
+    done = runs / "raw_pixels.json"
+    if (result := read_json(done)) is not None:
+        return result
+    train_set, test_set = probe_datasets(data_root)
+    result = raw_pixel_baseline(train_set, test_set, device="cpu")
+    save(done, result)
+    return result
+
+
+# ------------------------------------------------------------------------------ statistics
+
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and the two-sided Student-t confidence interval of ``values``."""
+    from scipy.stats import t
+    n = len(values)
+    mean = statistics.fmean(values)
+    if n < 2:
+        return mean, math.nan, math.nan
+    half = t.ppf(0.5 + level / 2, n - 1) * statistics.stdev(values) / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def paired(rows: list[dict], metric: str, arm: str, base: str) -> Optional[dict]:
+    """Paired differences arm - base of ``metric`` over the seeds both have."""
+    a = {r["pretrain_seed"]: r[metric] for r in rows if r["arm"] == arm and r[metric] is not None}
+    b = {r["pretrain_seed"]: r[metric] for r in rows if r["arm"] == base and r[metric] is not None}
+    seeds = sorted(set(a) & set(b))
+    if not seeds:
+        return None
+    diffs = [a[s] - b[s] for s in seeds]
+    mean, lo, hi = t_interval(diffs)
+    return dict(arm=arm, base=base, metric=metric, seeds=seeds, diffs=diffs, mean=mean,
+                ci95=[lo, hi])
+
+
+# ------------------------------------------------------------------------------ report
+
+def collect(runs: Path, seeds: list[int], arms: list[str]) -> list[dict]:
+    rows = []
+    for name in arms:
+        for seed in seeds:
+            d = run_path(runs, name, seed)
+            probe, pre = read_json(d / "probe.json"), read_json(d / "pretrain.json")
+            ft, diag = read_json(d / "finetune" / "result.json"), read_json(d / "diag.json")
+            if probe is None:
+                continue
+            rows.append(dict(arm=name, K=ARMS[name].k, sequence=ARMS[name].sequence,
+                             separator=ARMS[name].separator, pretrain_seed=seed,
+                             pretrained=ARMS[name].pretrained,
+                             linear_probe_top1=probe["linear_probe_top1"],
+                             knn_top1=probe["knn_top1"], probe_weight_decay=probe["weight_decay"],
+                             finetune_top1=ft["top1"] if ft else None,
+                             pretrain_loss=pre["final_loss"] if pre else None,
+                             pretrain_seconds=pre["seconds"] if pre else None,
+                             diagnostics=diag))
+    return rows
+
+
+def write_report(rows: list[dict], raw: dict, out: Path, command: str, epochs: int) -> None:
+    arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
+    metrics = ("linear_probe_top1", "knn_top1", "finetune_top1")
+    summary = {}
+    for a in arms:
+        summary[a] = {}
+        for m in metrics:
+            vals = [r[m] for r in rows if r["arm"] == a and r[m] is not None]
+            if vals:
+                mean, lo, hi = t_interval(vals)
+                summary[a][m] = dict(mean=mean, ci95=[lo, hi], values=vals)
+    diffs = [d for m in metrics for a in arms for base in (BASELINE_ARM, "scratch")
+             if a != base and (d := paired(rows, m, a, base)) is not None]
+    result = dict(command=command, epochs=epochs, model=MODEL, pretrain=PRETRAIN,
+                  finetune=FINETUNE, raw_pixels=dict(linear_probe_top1=raw["linear_probe_top1"],
+                                                     knn_top1=raw["knn_top1"]),
+                  runs=rows, summary=summary, paired_differences=diffs)
+    save(out / "star_evidence.json", result)
+    (out / "star_evidence.md").write_text(to_markdown(result))
+    plot(result, out / "star_evidence.png")
+    plot_slots(result, out / "star_evidence_slots.png")
+
+
+def _fmt(s: Optional[dict]) -> str:
+    if not s:
+        return "-"
+    lo, hi = s["ci95"]
+    ci = "" if math.isnan(lo) else f" [{lo:.2f}, {hi:.2f}]"
+    return f"{s['mean']:.2f}{ci} (n={len(s['values'])})"
+
+
+def to_markdown(result: dict) -> str:
+    raw = result["raw_pixels"]
+    lines = ["# STAR evidence v2 (Fashion-MNIST)", "",
+             f"Command: `{result['command']}`", "",
+             "Top-1 (%) on the 10,000 test images: mean [95% t interval] (n = pretraining seeds). "
+             f"Raw pixels: linear probe {raw['linear_probe_top1']:.2f}, 20-NN {raw['knn_top1']:.2f}.",
+             "", "| arm | K | sequence | linear probe | 20-NN | fine-tune |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for a, s in result["summary"].items():
+        lines.append(f"| {a} | {ARMS[a].k} | {ARMS[a].sequence if ARMS[a].pretrained else '-'} | "
+                     f"{_fmt(s.get('linear_probe_top1'))} | {_fmt(s.get('knn_top1'))} | "
+                     f"{_fmt(s.get('finetune_top1'))} |")
+    lines += ["", "Paired differences (same seed), in points: mean [95% t interval]; per seed.", "",
+              "| metric | arm - base | mean | 95% CI | per seed |", "| --- | --- | --- | --- | --- |"]
+    for d in result["paired_differences"]:
+        lo, hi = d["ci95"]
+        ci = "-" if math.isnan(lo) else f"[{lo:+.2f}, {hi:+.2f}]"
+        lines.append(f"| {d['metric']} | {d['arm']} - {d['base']} | {d['mean']:+.2f} | {ci} | "
+                     + ", ".join(f"{x:+.2f}" for x in d["diffs"]) + " |")
+    diag_rows = [r for r in result["runs"] if r["diagnostics"]]
+    if diag_rows:
+        lines += ["", "Cross-image diagnostics of the final checkpoints (held-out test sequences), "
+                  "mean over seeds:", "",
+                  "| arm | loss per slot | paired gap (last - first) | attention share / uniform |",
+                  "| --- | --- | --- | --- |"]
+        for a in result["summary"]:
+            ds = [r["diagnostics"] for r in diag_rows if r["arm"] == a]
+            if not ds:
+                continue
+            k = ARMS[a].k
+            slots = [statistics.fmean(d[f"slot_loss/{i}"] for d in ds) for i in range(k)]
+            gap = [d.get("paired_gap_mean") for d in ds if d.get("paired_gap_mean") is not None]
+            ratio = [d.get("attn_ratio_mean") for d in ds if d.get("attn_ratio_mean") is not None]
+            lines.append(f"| {a} | {' / '.join(f'{x:.3f}' for x in slots)} | "
+                         f"{f'{statistics.fmean(gap):+.4f}' if gap else '-'} | "
+                         f"{f'{statistics.fmean(ratio):.2f}' if ratio else '-'} |")
+        lines += ["", "Loss per slot of in-order held-out sequences (slot 0 .. K-1; in a clip slot k "
+                  "is frame k), mean over seeds:", "", "| arm | random | clip | same class |",
+                  "| --- | --- | --- | --- |"]
+        for a in result["summary"]:
+            ds = [r["diagnostics"]["ordered_slot_loss"] for r in diag_rows
+                  if r["arm"] == a and "ordered_slot_loss" in r["diagnostics"]]
+            if ds:
+                cells = [" / ".join(f"{statistics.fmean(d[kind][i] for d in ds):.3f}"
+                                    for i in range(ARMS[a].k))
+                         for kind in ("random", "clip", "same_class")]
+                lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    metrics = [("linear_probe_top1", "linear probe"), ("knn_top1", "20-NN"),
+               ("finetune_top1", "fine-tune")]
+    arms = list(result["summary"])
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=120)
+    for ax, (m, title) in zip(axes, metrics):
+        names = [a for a in arms if m in result["summary"][a]]
+        for i, a in enumerate(names):
+            s = result["summary"][a][m]
+            lo, hi = s["ci95"]
+            ax.bar(i, s["mean"], color="tab:gray" if a == "scratch" else
+                   "tab:blue" if a == BASELINE_ARM else "tab:orange", alpha=0.75)
+            if not math.isnan(lo):
+                ax.errorbar(i, s["mean"], yerr=[[s["mean"] - lo], [hi - s["mean"]]], color="k",
+                            capsize=4)
+            ax.scatter([i] * len(s["values"]), s["values"], color="k", s=10, zorder=3)
+        raw = result["raw_pixels"].get(m)
+        if raw is not None:
+            ax.axhline(raw, color="tab:red", ls="--", lw=1, label="raw pixels")
+            ax.legend(loc="lower right", fontsize=7)
+        vals = [v for a in names for v in result["summary"][a][m]["values"]]
+        if vals:
+            ax.set_ylim(min(vals + ([raw] if raw else [])) - 3, max(vals + ([raw] if raw else [])) + 2)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.set_ylabel("test top-1 (%)")
+    fig.suptitle("STAR evidence v2: bars = mean over pretraining seeds, whiskers = 95% t interval, "
+                 "dots = seeds", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_slots(result: dict, path: Path) -> None:
+    """Loss per slot of in-order held-out sequences (one panel per sequence kind), one line per
+    pretrained arm with K > 1, mean over seeds: a line that falls means later images are
+    predicted better because of the earlier ones."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = [r for r in result["runs"] if r["diagnostics"] and "ordered_slot_loss" in r["diagnostics"]]
+    if not rows:
+        return
+    kinds = ("random", "clip", "same_class")
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=120)
+    for ax, kind in zip(axes, kinds):
+        for a in result["summary"]:
+            ds = [r["diagnostics"]["ordered_slot_loss"][kind] for r in rows if r["arm"] == a]
+            if ds:
+                mean = [statistics.fmean(d[i] for d in ds) for i in range(len(ds[0]))]
+                ax.plot(range(len(mean)), mean, marker="o", label=a)
+        ax.set_title(f"held-out {kind.replace('_', ' ')} sequences")
+        ax.set_xlabel("image slot in the sequence")
+        ax.set_ylabel("loss (per-patch MSE)")
+        ax.set_xticks(range(4))
+    axes[0].legend(fontsize=7)
+    fig.suptitle("loss per slot, in order (mean over pretraining seeds)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------ main
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--phase", choices=[*PHASES, "all"], default="all")
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=EPOCHS, help="pretraining epochs over 60,000 images")
+    p.add_argument("--runs", default="runs/star_evidence", help="checkpoints, logs, per-run JSON")
+    p.add_argument("--out", default="experiments/results", help="where the report goes")
+    p.add_argument("--data-root", default=None, help="Fashion-MNIST folder (default: searched)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the probes")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop each pretraining and fine-tuning after this many steps (a smoke "
+                        "run: use another --runs directory)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    runs, phases = Path(args.runs), PHASES if args.phase == "all" else (args.phase,)
+    extra = [f"run.max_steps={args.max_steps}"] if args.max_steps else []
+    data = [f"data.root={args.data_root}"] if args.data_root else []
+    steps = {"pretrain": lambda a, s: pretrain_step(a, s, runs, args.epochs, *extra, *data),
+             "probe": lambda a, s: probe_step(a, s, runs, args.epochs, args.data_root),
+             "finetune": lambda a, s: finetune_step(a, s, runs, args.epochs, args.data_root,
+                                                    *extra),
+             "diag": lambda a, s: diag_step(a, s, runs, args.epochs, args.data_root)}
+    for phase in phases:
+        if phase == "report":
+            continue
+        for seed in args.seeds:  # seed-major: a partial run still has every arm of seed 0
+            for name in args.arms:
+                t = time.perf_counter()
+                steps[phase](name, seed)
+                print(f"[{phase}] {name} seed {seed}: {time.perf_counter() - t:.0f} s", flush=True)
+    if "report" in phases:
+        raw = raw_pixels(runs, args.data_root)
+        rows = collect(runs, args.seeds, args.arms)
+        command = "python experiments/star_evidence.py " + " ".join(sys.argv[1:] if argv is None
+                                                                     else argv)
+        write_report(rows, raw, Path(args.out), command.strip(), args.epochs)
+        print((Path(args.out) / "star_evidence.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

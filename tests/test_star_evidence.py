@@ -1,0 +1,85 @@
+"""experiments/star_evidence.py end to end at a smoke budget (2 steps per training, probes on a
+few hundred images): every phase, the result file's fields, paired statistics, resumption."""
+import importlib.util
+import json
+import math
+import statistics
+import sys
+
+import pytest
+import torch
+from torch.utils.data import Subset
+
+from .conftest import ROOT, requires_fashion_mnist
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("star_evidence",
+                                                  ROOT / "experiments" / "star_evidence.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_t_interval_matches_the_student_t_quantile():
+    se = load_script()
+    mean, lo, hi = se.t_interval([1.0, 2.0, 3.0])  # sd 1, n 3: t(0.975, 2) = 4.3027
+    assert mean == 2.0
+    assert hi - mean == pytest.approx(4.302653 / math.sqrt(3), rel=1e-5)
+    assert mean - lo == pytest.approx(hi - mean)
+    assert math.isnan(se.t_interval([5.0])[1])
+
+
+@requires_fashion_mnist
+def test_every_phase_at_smoke_budget_and_resume(tmp_path, monkeypatch):
+    se = load_script()
+    full = se.probe_datasets
+
+    def small(root):
+        train, test = full(root)
+        return Subset(train, range(300)), Subset(test, range(100))
+
+    monkeypatch.setattr(se, "probe_datasets", small)
+    monkeypatch.setattr(se, "DIAG_SEQUENCES", 4)
+    monkeypatch.setattr(se, "FINETUNE", [*se.FINETUNE, "data.max_eval_images=64"])
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    argv = ["--arms", "scratch", "arm_k1", "star_k2", "--seeds", "0", "1", "--max-steps", "2",
+            "--runs", str(runs), "--out", str(out)]
+    assert se.main(argv) == 0
+
+    result = json.loads((out / "star_evidence.json").read_text())
+    rows = result["runs"]
+    assert sorted((r["arm"], r["pretrain_seed"]) for r in rows) == sorted(
+        (a, s) for a in ("scratch", "arm_k1", "star_k2") for s in (0, 1))
+    for r in rows:
+        assert {"arm", "K", "sequence", "pretrain_seed", "linear_probe_top1", "knn_top1",
+                "finetune_top1"} <= set(r)
+        assert 0 <= r["linear_probe_top1"] <= 100 and 0 <= r["knn_top1"] <= 100
+        assert r["finetune_top1"] is not None  # scratch, arm_k1, star_k2 are fine-tuned
+        assert r["K"] == {"scratch": 1, "arm_k1": 1, "star_k2": 2}[r["arm"]]
+        assert (r["diagnostics"] is None) == (r["arm"] == "scratch")
+    star = next(r for r in rows if r["arm"] == "star_k2")
+    assert len(star["diagnostics"]["ordered_slot_loss"]["clip"]) == 2
+    assert star["diagnostics"]["paired_gap_mean"] is not None
+
+    # paired differences are the per-seed differences, and their mean
+    by = {(r["arm"], r["pretrain_seed"]): r for r in rows}
+    d = next(x for x in result["paired_differences"]
+             if x["metric"] == "knn_top1" and x["arm"] == "star_k2" and x["base"] == "arm_k1")
+    expected = [by["star_k2", s]["knn_top1"] - by["arm_k1", s]["knn_top1"] for s in (0, 1)]
+    assert d["diffs"] == pytest.approx(expected)
+    assert d["mean"] == pytest.approx(statistics.fmean(expected))
+    assert "| star_k2 | 2 | random |" in (out / "star_evidence.md").read_text()
+    assert (out / "star_evidence.png").stat().st_size > 10_000
+
+    # the scratch arm's backbone is arm_k1's initial weights for the same seed
+    src = se.checkpoint_source("scratch", 1, runs, 1)["model"]
+    torch.manual_seed(12345)  # the source re-seeds itself: global state must not matter
+    again = se.checkpoint_source("scratch", 1, runs, 1)["model"]
+    assert all(torch.equal(src[k], again[k]) for k in src)
+
+    # everything is read back: a second call trains nothing
+    stamps = {p: p.stat().st_mtime_ns for p in runs.rglob("*.pth")}
+    assert se.main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("*.pth")} == stamps
