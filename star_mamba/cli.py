@@ -2,7 +2,7 @@
 
   star-mamba pretrain  [-c CONFIG] [--set section.key=value ...]   STAR pretraining
   star-mamba finetune  [-c CONFIG] [--set ...]                     fine-tune the classifier
-  star-mamba linprobe  [-c CONFIG] [--set ...]                     linear probe (frozen backbone)
+  star-mamba linprobe  [-c CONFIG] [--pretrained CKPT] [--set ...] converged linear probe + k-NN
   star-mamba eval --checkpoint CKPT [-c CONFIG] [--set ...] [--ema] top-1 / top-5 of a classifier
   star-mamba export --checkpoint CKPT --out FILE.safetensors [--ema]
   star-mamba prepare-data SRC OUT [--short-side N] [--shard-size BYTES] [--workers W]
@@ -36,8 +36,6 @@ checkpoint mistakes (:class:`UserError`, and the ``ValueError`` of any validatio
 are missing or cannot be read, and a run stopped by non-finite losses (its message says what to
 change). Any other exception is a bug and keeps its traceback."""
 
-TASKS = {"pretrain": "pretrain", "finetune": "finetune", "linprobe": "finetune"}
-
 
 # ------------------------------------------------------------------ arguments of each command
 
@@ -56,6 +54,14 @@ def _train_args(default_config: str) -> Callable[[argparse.ArgumentParser], None
         p.add_argument("--resume", help="checkpoint to resume from; 'never' to start over "
                                         "(default: the latest checkpoint in the output directory)")
     return add
+
+
+def _linprobe_args(p: argparse.ArgumentParser) -> None:
+    _config_args(p, "linprobe/fashion_mnist")
+    p.add_argument("--pretrained", metavar="CKPT",
+                   help="shortcut for --set run.pretrained=CKPT: a STAR pretraining checkpoint "
+                        "or a fine-tuned classifier; 'null' probes a randomly initialised backbone")
+    p.add_argument("--output-dir", help="shortcut for --set run.output_dir=DIR")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -80,13 +86,15 @@ def _ablate_args(a: argparse.ArgumentParser) -> None:
     a.add_argument("--full", action="store_true",
                    help="the full product of the axes instead of one factor at a time")
     a.add_argument("--no-scratch", action="store_true", help="skip the no-pretraining row")
-    a.add_argument("--probe", choices=["linprobe", "finetune"], default="linprobe")
+    a.add_argument("--probe", choices=["linprobe", "finetune"], default="linprobe",
+                   help="linprobe (default): star-mamba linprobe's converged linear probe and "
+                        "k-NN of the frozen backbone; finetune: a one-pass fine-tune")
     a.add_argument("--depth", type=int, default=Budget.depth)
     a.add_argument("--pretrain-images", type=int, default=Budget.pretrain_images)
     a.add_argument("--probe-images", type=int, default=Budget.probe_images)
     a.add_argument("--eval-images", type=int, default=Budget.eval_images)
     a.add_argument("--probe-blr", type=float, default=None,
-                   help="probe base lr (default 0.1 linear probe, 8e-3 fine-tune)")
+                   help="the fine-tune's base lr (--probe finetune only; default 8e-3)")
     a.add_argument("--seed", type=int, default=Budget.seed)
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="extra override for every pretraining and probe run")
@@ -181,15 +189,31 @@ def _train(args: argparse.Namespace) -> int:
         overrides.append(f"run.output_dir={args.output_dir}")
     if args.resume:
         overrides.append(f"run.resume={args.resume}")
-    if args.command == "linprobe":
-        overrides.append("run.linprobe=true")
-    cfg = load_config(args.config, overrides, task=TASKS[args.command])
+    cfg = load_config(args.config, overrides, task=args.command)
     if args.command == "pretrain":
         from .engine.pretrain import pretrain
         pretrain(cfg)
     else:
         from .engine.finetune import finetune
         finetune(cfg)
+    return 0
+
+
+def _linprobe(args: argparse.Namespace) -> int:
+    from .engine.config import load_config
+    from .engine.linprobe import RESULT, linprobe
+    overrides = list(args.overrides)
+    if args.pretrained:
+        overrides.append(f"run.pretrained={args.pretrained}")
+    if args.output_dir:
+        overrides.append(f"run.output_dir={args.output_dir}")
+    r = linprobe(load_config(args.config, overrides, task="linprobe"))
+    source = r["checkpoint"] or f"random backbone (seed {r['random_init_seed']})"
+    print(f"{source}: linear probe top-1 {r['linear_probe_top1']:.2f}% (weight decay "
+          f"{r['weight_decay']:g}), {r['knn_k']}-NN top-1 {r['knn_top1']:.2f}%; "
+          f"{r['n_train']} train / {r['n_test']} {r['eval_split']} images, "
+          f"{r['feature_dim']} features, {r['seconds']:.0f} s")
+    print(f"wrote {r['config']['run']['output_dir']}/{RESULT}")
     return 0
 
 
@@ -332,8 +356,9 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handle
                  _train_args("pretrain/fashion_mnist"), _train),
     "finetune": ("fine-tune the classifier from a pretraining checkpoint",
                  _train_args("finetune/fashion_mnist"), _train),
-    "linprobe": ("linear probe: frozen backbone, trained linear head",
-                 _train_args("linprobe/fashion_mnist"), _train),
+    "linprobe": ("linear probe of a frozen backbone: features extracted once, logistic "
+                 "regression to convergence with a weight-decay sweep, and k-NN",
+                 _linprobe_args, _linprobe),
     "eval": ("top-1/top-5 of a fine-tuned checkpoint, by default on the data of the run that "
              "made it", _eval_args, _eval),
     "export": ("checkpoint weights + model config -> .safetensors", _export_args, _export),

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from star_mamba.tools.ablate import AXES, BASE, Budget, Point, ablate, check_point, grid_points, parse_axes
+from star_mamba.tools.ablate import (AXES, BASE, Budget, Point, ablate, check_point, grid_points,
+                                     parse_axes, to_markdown)
 from star_mamba.cli import main
 
 
@@ -42,6 +43,9 @@ def test_check_point_rejects_impossible_settings():
     assert "not a multiple of K=8" in check_point(Point(images_per_sequence=8), 32, 4, 36)
     with pytest.raises(ValueError, match="probe"):
         Budget(probe="knn").validate()
+    with pytest.raises(ValueError, match="the linear probe is fitted to convergence"):
+        Budget(probe_blr=0.1).validate()
+    Budget(probe="finetune", probe_blr=0.1).validate()
 
 
 TINY = Budget(depth=2, pretrain_images=64, probe_images=128, eval_images=64,
@@ -53,17 +57,28 @@ def test_tiny_grid_runs_writes_the_report_and_resumes(tmp_path):
     rows = ablate(tmp_path, TINY, axes)
     assert [r["name"] for r in rows] == ["sep-identity_pos-SC_K-4_c-2", "sep-none_pos-SC_K-4_c-2",
                                          "scratch"]
-    for r in rows:
-        assert 0 <= r["top1"] <= 100
+    for r in rows:  # the converged linear probe and k-NN of each backbone
+        assert 0 <= r["top1"] <= 100 and r["top1"] == r["linear_probe_top1"]
+        assert 0 <= r["knn_top1"] <= 100 and r["n_train"] == 128 and r["n_test"] == 64
         assert (r["pretrain_loss"] is None) == r["scratch"]
+    pixels = json.loads((tmp_path / "raw_pixels.json").read_text())["result"]
+    assert (pixels["n_train"], pixels["n_test"], pixels["feature_dim"]) == (128, 64, 32 * 32)
     md = (tmp_path / "ablation.md").read_text()
     assert "| separator | none |" in md and "no pretraining" in md and "depth 2" in md
+    assert "| linear probe top-1 (%) | k-NN top-1 (%) |" in md
+    assert (f"| - | raw pixels | {pixels['linear_probe_top1']:.2f} | "
+            f"{pixels['knn_top1']:.2f} | - |") in md
     assert (tmp_path / "ablation.png").stat().st_size > 5000
-    assert json.loads((tmp_path / "ablation.json").read_text()) == json.loads(json.dumps(rows))
+    report = json.loads((tmp_path / "ablation.json").read_text())
+    assert report == json.loads(json.dumps(dict(points=rows, raw_pixels=pixels)))
     assert "batch 16" in md
 
-    # interrupted after the second point's pretraining: its probe and result are gone
-    point = tmp_path / "runs" / "sep-none_pos-SC_K-4_c-2"
+    # interrupted: the first point after its probe's features, the second after its pretraining
+    first, point = (tmp_path / "runs" / r["name"] for r in rows[:2])
+    features = first / "probe" / "features-train.pt"
+    stamps = [f.stat().st_mtime_ns for f in (features, tmp_path / "raw_pixels.json")]
+    (first / "result.json").unlink()
+    (first / "probe" / "linprobe.json").unlink()
     ckpt = point / "pretrain" / "checkpoint-latest.pth"
     stamp = ckpt.stat().st_mtime_ns
     (point / "result.json").unlink()
@@ -72,7 +87,10 @@ def test_tiny_grid_runs_writes_the_report_and_resumes(tmp_path):
             f.unlink()
     again = ablate(tmp_path, TINY, axes)
     assert ckpt.stat().st_mtime_ns == stamp  # the finished pretraining was not redone
+    # nor the first point's extraction, nor the baseline
+    assert [f.stat().st_mtime_ns for f in (features, tmp_path / "raw_pixels.json")] == stamps
     assert [r["top1"] for r in again] == [r["top1"] for r in rows]  # deterministic on CPU
+    assert [r["knn_top1"] for r in again] == [r["knn_top1"] for r in rows]
     assert (point / "result.json").exists()
 
     with pytest.raises(ValueError, match="another budget"):
@@ -119,5 +137,28 @@ def test_runner_shares_a_pretraining_takes_any_probe_and_resumes(tmp_path):
     assert len(calls) == 2
     scratch = pretrain_then_probe(tmp_path / "s", Probe(steps_probe))
     assert calls[-1] == (None, tmp_path / "s" / "probe") and scratch["pretrain_loss"] is None
-    with pytest.raises(ValueError, match="invalid probe kind 'knn'; allowed: finetune"):
+    with pytest.raises(ValueError, match="invalid probe kind 'knn'; allowed: representation, "
+                                         "finetune"):
         pretrain_then_probe(tmp_path / "c", Probe("knn"), pre)
+
+
+def test_report_of_each_probe_shows_the_raw_pixel_baseline():
+    row = dict(name="sep-identity_pos-SC_K-4_c-2", scratch=False, **BASE, top1=61.5,
+               knn_top1=58.25, pretrain_loss=0.5, seconds=120)
+    scratch = dict(row, name="scratch", scratch=True, top1=40.0, knn_top1=35.5,
+                   pretrain_loss=None)
+    pixels = dict(linear_probe_top1=84.74, knn_top1=86.17, knn_k=20, seconds=397)
+    md = to_markdown([row, scratch], Budget(), "star-mamba ablate", 32, pixels)
+    lines = md.splitlines()
+    assert lines[0] == ("| axis | setting | linear probe top-1 (%) | k-NN top-1 (%) | "
+                        "pretrain loss | minutes |")
+    assert "| base | sep=identity, pos=SC, K=4, c=2 | 61.50 | 58.25 | 0.5000 | 2.0 |" in lines
+    assert "| - | no pretraining | 40.00 | 35.50 | - | 2.0 |" in lines
+    assert "| - | raw pixels | 84.74 | 86.17 | - | 6.6 |" in lines
+    assert "20-NN (cosine)" in md
+    finetuned = [dict(r, knn_top1=None) for r in (row, scratch)]
+    md = to_markdown(finetuned, Budget(probe="finetune"), "star-mamba ablate", 32, pixels)
+    lines = md.splitlines()
+    assert lines[0] == "| axis | setting | fine-tune top-1 (%) | pretrain loss | minutes |"
+    assert "| base | sep=identity, pos=SC, K=4, c=2 | 61.50 | 0.5000 | 2.0 |" in lines
+    assert "| - | raw pixels (linear probe) | 84.74 | - | 6.6 |" in lines

@@ -35,7 +35,7 @@ def test_builtin_configs_load_and_overrides_apply():
                                         for p in CONFIG_DIR.rglob("*.yaml")))
 def test_every_builtin_config_loads_and_names_its_task(name):
     cfg = load_config(name)
-    assert cfg.task == ("pretrain" if name.startswith("pretrain/") else "finetune")
+    assert cfg.task == name.split("/")[0]  # pretrain/, finetune/, linprobe/
     assert load_config(None, base=cfg.to_dict()) == cfg  # the saved form reads back the same
 
 
@@ -117,6 +117,27 @@ def test_sections_are_plain_dataclasses_and_task_defaults_live_in_yaml():
     model = fine.model.star_config(num_classes=10)
     assert (model.directions, model.learnable_pos_embed, model.num_classes) == (4, True, 10)
     assert "num_classes" not in fine.model.fields  # follows the dataset
+
+
+def test_probe_section_is_typed_checked_and_defaults_to_the_protocol():
+    cfg = load_config("linprobe/fashion_mnist", ["probe.layers=[2, 4]", "probe.knn_k=10.0",
+                                                 "probe.weight_decays=[1e-3, 0]",
+                                                 "probe.knn_temperature=null"])
+    p = cfg.probe
+    assert p.layers == (2, 4) and p.knn_k == 10 and isinstance(p.knn_k, int)
+    assert p.weight_decays == (1e-3, 0.0) and p.knn_temperature is None
+    default = load_config("pretrain/fashion_mnist").probe  # every config has the section
+    assert (default.pool, default.layers, default.heldout_fraction, default.knn_k,
+            default.knn_temperature, default.precision) == ("avg", None, 0.1, 20, 0.07, "float64")
+    assert default.weight_decays == (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+    with pytest.raises(ConfigError, match=r"probe.pool='mean'; allowed: avg, cls"):
+        load_config("linprobe/fashion_mnist", ["probe.pool=mean"])
+    with pytest.raises(ConfigError, match=r"probe.weight_decays=\[\]; expected a non-empty"):
+        load_config("linprobe/fashion_mnist", ["probe.weight_decays=[]"])
+    with pytest.raises(ConfigError, match="did you mean 'knn_k'"):
+        load_config("linprobe/fashion_mnist", ["probe.knn=5"])
+    with pytest.raises(ConfigError, match="config is for task 'linprobe', not 'finetune'"):
+        load_config("linprobe/fashion_mnist", task="finetune")
 
 
 def test_eval_split_follows_the_dataset_unless_set():

@@ -10,8 +10,11 @@ import star_mamba
 from star_mamba.cli import main
 from star_mamba.engine import finetune as finetune_module
 from star_mamba.engine.finetune import evaluate_checkpoint, finetune
+from star_mamba.checkpoint import load_checkpoint
+from star_mamba.models.classifier import StarClassifier
 from star_mamba.models.convert import interpolate_pos_embed, load_pretrained
 from star_mamba.models.pos_embed import sincos_2d
+from star_mamba.seeding import seed_everything
 from star_mamba.sequence import direction_orders, inverse_order
 
 from .conftest import (MICRO_DECODER, TINY, finetune_config, make_noise_images, make_shapes,
@@ -115,6 +118,29 @@ def test_finetuning_learns_a_tiny_problem_and_eval_agrees(tmp_path):
     assert result["top1"] == pytest.approx(rows[-1]["top1"])
     ema = evaluate_checkpoint(tmp_path / "out" / "checkpoint-latest.pth", cfg, use_ema=True)
     assert ema["top1"] == pytest.approx(rows[-1]["ema_top1"])
+
+
+def test_head_only_finetuning_trains_the_head_and_leaves_the_backbone_as_loaded(shapes_8,
+                                                                                tmp_path):
+    """run.linprobe (``finetune --set run.linprobe=true``): SGD on the head through the frozen
+    backbone, no EMA; the backbone ends bit-identical to the loaded checkpoint."""
+    torch.manual_seed(0)
+    pre = star_mamba.create_pretrain_model("star_tiny", img_size=32, patch_size=8, in_chans=3,
+                                           embed_dim=32, depth=2, **MICRO_DECODER)
+    torch.save({"model": pre.state_dict(), "model_config": pre.cfg.to_dict()}, tmp_path / "p.pth")
+    cfg = finetune_config(shapes_8, tmp_path / "out", "run.linprobe=true", "optim.mixup=0",
+                          "optim.cutmix=0", "optim.batch_size=8",
+                          f"run.pretrained={tmp_path / 'p.pth'}")
+    finetune(cfg)
+    seed_everything(cfg.run.seed)  # the start finetune() made
+    start = StarClassifier(finetune_module.classifier_config(cfg, 4))
+    load_pretrained(start, tmp_path / "p.pth")
+    saved = load_checkpoint(tmp_path / "out" / "checkpoint-latest.pth")
+    assert "ema" not in saved.get("extras", {})
+    for key, value in start.state_dict().items():
+        if key.startswith("backbone."):
+            assert torch.equal(saved["model"][key], value), key
+    assert not torch.equal(saved["model"]["head.weight"], start.head.weight)
 
 
 def test_eval_refuses_a_pretraining_checkpoint(tmp_path, capsys):

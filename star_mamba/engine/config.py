@@ -1,8 +1,8 @@
 """Run configuration: YAML files plus ``--set section.key=value`` overrides.
 
-A run config has four sections: ``model`` (a size ``name`` plus any :class:`StarConfig` field),
-``data``, ``optim`` and ``run`` (the dataclasses below; each lists every field any task reads,
-with a comment on which task reads it). Every section is checked by the same helper,
+A run config has five sections: ``model`` (a size ``name`` plus any :class:`StarConfig` field),
+``data``, ``optim``, ``run`` and ``probe`` (the dataclasses below; each lists every field any
+task reads, with a comment on which task reads it). Every section is checked by the same helper,
 :func:`star_mamba.config.typed_values`: unknown keys fail with a "did you mean" hint and values
 are converted to the field's type ('1e-1' -> 0.1 for a float, a list for a tuple, null for an
 Optional) before anything runs. The resolved config is written next to every run's outputs.
@@ -14,8 +14,9 @@ Where defaults live:
   unset follows the dataset when fine-tuning.
 * ``data`` / ``optim`` / ``run``: the dataclass defaults below (STAR pretraining's values for the
   fields every task reads, ARM fine-tuning's for the fields only fine-tuning reads), then the YAML
-  file and ``--set``. Each task's recipe is its YAML file under ``configs/`` (``pretrain/``,
-  ``finetune/``, ``linprobe/``): a new config should start from a copy of one.
+  file and ``--set``. ``probe`` (read by ``linprobe`` only): the protocol's defaults below.
+  Each task's recipe is its YAML file under ``configs/`` (``pretrain/``, ``finetune/``,
+  ``linprobe/``): a new config should start from a copy of one.
 """
 from __future__ import annotations
 
@@ -30,11 +31,13 @@ from ..config import StarConfig, did_you_mean, field_types, typed_values
 from ..data.sequences import SEQUENCE_KINDS, SEQUENCE_OPTIONS
 from ..errors import ConfigError
 from ..models.registry import model_config
+from .probe import POOLS, PRECISIONS, WEIGHT_DECAYS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-TASKS = ("pretrain", "finetune")
-"""``finetune`` covers fine-tuning, linear probing (``run.linprobe``) and evaluation."""
+TASKS = ("pretrain", "finetune", "linprobe")
+"""``finetune`` covers fine-tuning (and head-only fine-tuning, ``run.linprobe``) and evaluation;
+``linprobe`` is the converged probe of a frozen backbone (``engine/linprobe.py``)."""
 
 
 @dataclass
@@ -194,16 +197,65 @@ class RunOptions:
     diag_every: Optional[int] = 100  # optimizer steps between them; 0 or null = off
     diag_images: int = 64  # held-out images (the largest multiple of K not above it is used)
     # -- fine-tuning and linear probe only
-    pretrained: Optional[str] = None  # STAR pretraining checkpoint to start from; null = scratch
+    # fine-tuning: the STAR pretraining checkpoint to start from; linprobe: the checkpoint whose
+    # frozen backbone is probed (pretraining or fine-tuned classifier); null = random init
+    pretrained: Optional[str] = None
+    # -- fine-tuning only
     # a head the pretrained checkpoint lacks is re-drawn trunc-normal with this std (ARM: 2e-5,
     # so fine-tuning starts from near-uniform predictions); null keeps the model's init (0.02)
     head_init_std: Optional[float] = 2e-5
-    linprobe: bool = False  # freeze the backbone, train only the linear head
+    # head-only fine-tuning: freeze the backbone, train the linear head by SGD through it, with
+    # the fine-tuning data pipeline (star-mamba linprobe is the converged probe instead)
+    linprobe: bool = False
     ema_decay: Optional[float] = 0.99992  # null = no EMA
     eval_every: int = 1  # epochs between evaluations
 
 
-SECTIONS = {"data": DataConfig, "optim": OptimConfig, "run": RunOptions}
+@dataclass
+class ProbeConfig:
+    """``probe``: the converged linear probe and k-NN of ``star-mamba linprobe`` (and of
+    ``ablate``'s default probe); ``engine/probe.py`` describes the protocol. The device, autocast,
+    threads and seed (of the held-out split and of a random backbone) are ``run``'s; the
+    images are ``data``'s (no augmentation: the evaluation transform for both splits)."""
+
+    pool: str = "avg"  # avg (mean of the patch tokens) | cls (the class token, if there is one)
+    layers: Optional[tuple[int, ...]] = None  # 1-based blocks, pooled and concatenated; null = last
+    batch_size: int = 256  # images per forward pass while extracting features
+    weight_decays: tuple[float, ...] = WEIGHT_DECAYS  # the L2 sweep (on standardised features)
+    heldout_fraction: float = 0.1  # stratified share of the training set that picks the decay
+    max_iter: int = 1000  # L-BFGS iterations per fit
+    tolerance: float = 1e-4  # a fit is converged when max |gradient| is below this
+    precision: str = "float64"  # float64 | float32: the logistic regression's arithmetic
+    knn_k: int = 20  # neighbours of the k-NN vote (cosine similarity)
+    knn_temperature: Optional[float] = 0.07  # vote weight exp(sim / T); null = plain majority
+    cache_features: bool = True  # keep the features in run.output_dir for a re-run
+
+    def __post_init__(self) -> None:
+        def bad(name: str, what: str) -> ConfigError:
+            value = getattr(self, name)
+            shown = list(value) if isinstance(value, tuple) else value  # as it was written
+            return ConfigError(f"invalid config: probe.{name}={shown!r}; {what}")
+        if self.pool not in POOLS:
+            raise bad("pool", f"allowed: {', '.join(POOLS)}{did_you_mean(self.pool, POOLS)}")
+        if self.layers is not None and (not self.layers or min(self.layers) < 1):
+            raise bad("layers", "expected 1-based block indices, e.g. [6, 12], or null for the "
+                                "last block")
+        if not self.weight_decays or min(self.weight_decays) < 0:
+            raise bad("weight_decays", "expected a non-empty list of values >= 0")
+        if not 0 < self.heldout_fraction < 1:
+            raise bad("heldout_fraction", "expected a fraction in (0, 1)")
+        if self.precision not in PRECISIONS:
+            raise bad("precision", f"allowed: {', '.join(PRECISIONS)}")
+        for name in ("batch_size", "max_iter", "knn_k"):
+            if getattr(self, name) < 1:
+                raise bad(name, "expected a positive integer")
+        if not self.tolerance > 0:
+            raise bad("tolerance", "expected a number > 0")
+        if self.knn_temperature is not None and not self.knn_temperature > 0:
+            raise bad("knn_temperature", "expected a number > 0, or null for a plain majority")
+
+
+SECTIONS = {"data": DataConfig, "optim": OptimConfig, "run": RunOptions, "probe": ProbeConfig}
 
 
 @dataclass
@@ -212,6 +264,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunOptions = field(default_factory=RunOptions)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     task: str = "pretrain"
 
     def to_dict(self) -> dict[str, Any]:
@@ -226,7 +279,7 @@ class RunConfig:
 def from_dict(values: Mapping[str, Any], task: Optional[str] = None) -> RunConfig:
     """Build a RunConfig from nested dicts, rejecting unknown sections and keys.
 
-    ``task`` (``pretrain`` or ``finetune``) is what the caller runs; a config file may name its
+    ``task`` (one of :data:`TASKS`) is what the caller runs; a config file may name its
     own task, which must then agree.
     """
     if values is not None and not isinstance(values, Mapping):

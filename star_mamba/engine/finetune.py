@@ -1,10 +1,13 @@
-"""Fine-tuning, linear probing and evaluation of the STAR classifier (ARM's recipe, timm's APIs).
+"""Fine-tuning and evaluation of the STAR classifier (ARM's recipe, timm's APIs).
 
 ``finetune``: classifier (4 directions by default) initialised from a pretraining checkpoint
 (positions interpolated, mixers widened), RandAugment, random erasing, mixup/cutmix, label
 smoothing, drop path, layer-wise lr decay, EMA evaluated beside the raw weights, best-checkpoint
-keeping. ``run.linprobe`` freezes everything but the linear head. ``evaluate_checkpoint``: top-1
-and top-5 of a saved classifier, on the data of the run that made it unless told otherwise.
+keeping. ``run.linprobe`` freezes everything but the linear head (head-only fine-tuning by SGD
+through the frozen backbone, with the training data pipeline: for data whose features do not
+fit in memory; ``star-mamba linprobe``, ``engine/linprobe.py``, is the converged probe).
+``evaluate_checkpoint``: top-1 and top-5 of a saved classifier, on the data of the run that made
+it unless told otherwise. :func:`build_datasets` is also the probe's data.
 """
 from __future__ import annotations
 
@@ -60,11 +63,14 @@ def build_train_transform(data: DataConfig, model: StarConfig, mean, std):
     return T.Compose([T.Lambda(lambda im: im.convert("RGB")), t, _ToChannels(model.in_chans)])
 
 
-def build_datasets(data: DataConfig, model: StarConfig, train: bool = True
-                   ) -> tuple[Optional[Dataset], Dataset, int]:
-    """(train set or None, eval set, number of classes)."""
+def build_datasets(data: DataConfig, model: StarConfig, train: bool = True,
+                   augment: bool = True) -> tuple[Optional[Dataset], Dataset, int]:
+    """(train set or None, eval set, number of classes), ``data.max_images`` /
+    ``data.max_eval_images`` applied. ``augment=False``: the training split goes through the
+    evaluation transform (a probe's features)."""
     if data.name == "fashion_mnist":
-        tf = build_train_transform(data, model, (fm.MEAN,), (fm.STD,)) if train else None
+        augmented = train and augment
+        tf = build_train_transform(data, model, (fm.MEAN,), (fm.STD,)) if augmented else None
         train_set = (FashionMNIST(data.root, data.split, model.img_size, model.in_chans,
                                   download=data.download, pil_transform=tf) if train else None)
         eval_set = FashionMNIST(data.root, data.resolved_eval_split, model.img_size,
@@ -73,17 +79,17 @@ def build_datasets(data: DataConfig, model: StarConfig, train: bool = True
     elif data.name in RGB_DATASETS:  # imagefolder, shards, hf
         check_rgb_data(data, model)
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+        eval_tf = build_eval_transform(model.img_size, data.crop_pct)
+        train_tf = (build_train_transform(data, model, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+                    if augment else eval_tf)
         train_set = (build_dataset(data.name, root=data.root, split=data.split,
-                                   transform=build_train_transform(
-                                       data, model, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-                                   **rgb_options(data)) if train else None)
+                                   transform=train_tf, **rgb_options(data)) if train else None)
         eval_set = build_dataset(data.name, root=data.root, split=data.resolved_eval_split,
-                                 transform=build_eval_transform(model.img_size, data.crop_pct),
-                                 **rgb_options(data))
+                                 transform=eval_tf, **rgb_options(data))
         num_classes = len(eval_set.classes)
     else:
-        raise ConfigError(f"invalid config: data.name={data.name!r} for fine-tuning and eval; "
-                          f"allowed: 'fashion_mnist', {', '.join(map(repr, RGB_DATASETS))}")
+        raise ConfigError(f"invalid config: data.name={data.name!r} for fine-tuning, linprobe "
+                          f"and eval; allowed: 'fashion_mnist', {', '.join(map(repr, RGB_DATASETS))}")
     if train_set is not None and data.max_images is not None:
         train_set = _first(train_set, data.max_images)
     if data.max_eval_images is not None:
@@ -152,7 +158,8 @@ def classifier_config(cfg: RunConfig, num_classes: int) -> StarConfig:
 
 
 def finetune(cfg: RunConfig) -> dict[str, Any]:
-    """Fine-tune (or linearly probe) a classifier; returns a summary with the best top-1."""
+    """Fine-tune a classifier (only its head with ``run.linprobe``); returns a summary with the
+    best top-1."""
     if cfg.task != "finetune":
         raise ValueError(f"finetune() needs a fine-tuning config, got task {cfg.task!r}")
     check_run_config(cfg)
@@ -201,7 +208,7 @@ def finetune(cfg: RunConfig) -> dict[str, Any]:
         metrics["score"] = max(metrics["top1"], metrics.get("ema_top1", 0.0))
         return metrics
 
-    job = Job("STAR linear probe" if r.linprobe else "STAR fine-tuning", model, model_cfg,
+    job = Job("STAR head-only fine-tuning" if r.linprobe else "STAR fine-tuning", model, model_cfg,
               train_set, loss_fn, describe=f", {model_cfg.directions} directions, "
               f"class token {model_cfg.class_token}, {num_classes} classes",
               extras={"ema": ema} if ema is not None else {},

@@ -1,7 +1,6 @@
 """Frozen-representation evaluation: features extracted once, a converged linear probe, k-NN.
 
-Today's ``run.linprobe`` trains a linear head with one SGD pass through the frozen backbone,
-which is far from converged. This module is the standard protocol instead:
+The protocol behind ``star-mamba linprobe`` (``engine/linprobe.py``) and ``ablate``:
 
 1. :func:`extract_features`: the frozen backbone (eval mode, no grad) over a dataset, once;
    pooled tokens of the last block (or the concatenation of several block taps).
@@ -11,18 +10,20 @@ which is far from converged. This module is the standard protocol instead:
    training set, then refitted on the whole training set with the best one.
 3. :func:`knn_accuracy`: DINO's weighted k-NN vote over cosine similarities.
 4. :func:`evaluate_representation`: 1-3 for a pretraining checkpoint (or any classifier) on a
-   train and a test split; :func:`raw_pixel_baseline`: the same probes on flattened pixels.
+   train and a test split, the features optionally cached on disk (:func:`cached_features`);
+   :func:`raw_pixel_baseline`: the same probes on flattened pixels.
 
-Imports only from ``models`` and ``config`` (no engine, tools or CLI code), so the CLI and the
-ablation tool can both call it.
+Imports only from ``models``, ``config`` and ``checkpoint`` (no other engine module, no tools or
+CLI code).
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
+from ..checkpoint import atomic_save
+from ..errors import CheckpointError
 from ..config import StarConfig
 from ..models.classifier import StarClassifier
 from ..models.convert import load_pretrained, read_pretrained
@@ -40,6 +43,8 @@ WEIGHT_DECAYS: tuple[float, ...] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 """The default L2 sweep (on standardised features; the loss is the *mean* cross-entropy)."""
 
 POOLS = ("avg", "cls")
+PRECISIONS = {"float64": torch.float64, "float32": torch.float32}
+"""The logistic regression's arithmetic (features, weights, L-BFGS state)."""
 
 
 # ------------------------------------------------------------------------------ features
@@ -188,42 +193,120 @@ def _objective(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, wd: float) ->
     return F.cross_entropy(x @ weight.T + bias, y) + 0.5 * wd * weight.pow(2).sum()
 
 
-def _lbfgs(x: Tensor, y: Tensor, num_classes: int, wd: float,
+@dataclass
+class Eigenbasis:
+    """Features in the eigenbasis of their second moment, where L-BFGS is preconditioned.
+
+    ``x^T x / n = U diag(lam) U^T``, ``rotated = x U``. For a weight decay wd, L-BFGS runs on
+    ``V = W U diag(d)^(1/2)`` with ``d = lam + 4 wd``: the features become ``z = x U d^(-1/2)``,
+    the penalty ``wd / 2 * sum_j ||V_j||^2 / d_j``, so the objective and its minimiser are the
+    same, but its Hessian (cross-entropy curvature at most 1/4 per unit of variance, plus the
+    decay) is close to a multiple of the identity: correlated features (a random backbone's
+    eigenvalues span 15 decades) converge in tens of iterations instead of thousands.
+    :meth:`identity` leaves the features as they are (plain L-BFGS).
+    """
+
+    rotated: Tensor  # (n, F) x U, the fit's dtype
+    lam: Optional[Tensor]  # (F,) float64 eigenvalues; None: no rotation
+    basis: Optional[Tensor]  # (F, F) float64 U; None: the identity
+
+    @classmethod
+    def of(cls, x: Tensor, chunk: int = 8192) -> "Eigenbasis":
+        second = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        for block in x.split(chunk):  # (b, F): the float64 product without a float64 copy of x
+            second += block.double().T @ block.double()
+        lam, basis = torch.linalg.eigh(second / max(len(x), 1))
+        return cls(x @ basis.to(x.dtype), lam.clamp_min(0), basis)
+
+    @classmethod
+    def identity(cls, x: Tensor) -> "Eigenbasis":
+        return cls(x, None, None)
+
+    def scales(self, wd: float) -> Optional[Tensor]:
+        """sqrt(lam + 4 wd) (F,) float64, floored where wd = 0 meets a constant direction."""
+        if self.lam is None:
+            return None
+        floor = 1e-12 * max(self.lam.max().item(), 1.0)
+        return (self.lam + 4 * wd).clamp_min(floor).sqrt()
+
+    def to_v(self, weight: Tensor, scale: Optional[Tensor]) -> Tensor:
+        """W (C, F) -> V."""
+        return weight if scale is None else (weight.double() @ self.basis) * scale
+
+    def to_w(self, v: Tensor, scale: Optional[Tensor]) -> Tensor:
+        """V (C, F) -> W."""
+        return v if scale is None else (v.double() / scale) @ self.basis.T
+
+    def grad_to_w(self, grad_v: Tensor, scale: Optional[Tensor]) -> Tensor:
+        """The gradient in V (C, F) -> the gradient in W: d/dW = d/dV d^(1/2) U^T."""
+        return grad_v if scale is None else (grad_v.double() * scale) @ self.basis.T
+
+
+def _lbfgs(data: Eigenbasis, y: Tensor, num_classes: int, wd: float,
            init: Optional[tuple[Tensor, Tensor]], max_iter: int, tolerance_grad: float,
            tolerance_change: float, history_size: int) -> tuple[Tensor, Tensor, Convergence]:
-    """Full-batch multinomial logistic regression with L-BFGS: (W (C, F), b (C,), report)."""
+    """Full-batch multinomial logistic regression with L-BFGS, preconditioned by ``data``'s
+    basis: (W (C, F) and b (C,) in float64, report).
+
+    Converged means: the largest entry of the gradient with respect to (W, b) is at most
+    ``tolerance_grad``. L-BFGS stops on the gradient in V, so when that one met the tolerance
+    but the gradient in W did not, it resumes with a 10x tighter tolerance; it ends when the
+    gradient in W meets it, when ``max_iter`` iterations (1.25 x as many evaluations) in all
+    are spent, or when L-BFGS stopped without meeting its tolerance (the loss or the step
+    changed less than ``tolerance_change``: no progress left at this precision).
+    """
+    dtype, device = data.rotated.dtype, data.rotated.device
+    num_features = data.rotated.shape[1]
+    scale = data.scales(wd)
+    x = data.rotated if scale is None else data.rotated / scale.to(dtype)  # (n, F) z
+    penalty = None if scale is None else scale.pow(-2).to(dtype)  # (F,) 1 / d
     if init is None:
-        weight = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device)
-        bias = torch.zeros(num_classes, dtype=x.dtype, device=x.device)
+        v = torch.zeros(num_classes, num_features, dtype=dtype, device=device)
+        bias = torch.zeros(num_classes, dtype=dtype, device=device)
     else:
-        weight, bias = (t.detach().to(x.device, x.dtype).clone() for t in init)
-    weight.requires_grad_(True)
+        v = data.to_v(init[0].to(device), scale).to(dtype).clone()
+        bias = init[1].detach().to(device, dtype).clone()
+    v.requires_grad_(True)
     bias.requires_grad_(True)
     max_eval = int(max_iter * 1.25) + 1
-    opt = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=max_iter,
-                            max_eval=max_eval, tolerance_grad=tolerance_grad,
-                            tolerance_change=tolerance_change, history_size=history_size,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS([v, bias], lr=1.0, max_iter=max_iter, max_eval=max_eval,
+                            tolerance_grad=tolerance_grad, tolerance_change=tolerance_change,
+                            history_size=history_size, line_search_fn="strong_wolfe")
+
+    def objective() -> Tensor:
+        decay = v.pow(2).sum() if penalty is None else (v.pow(2) * penalty).sum()
+        return F.cross_entropy(x @ v.T + bias, y) + 0.5 * wd * decay
 
     def closure() -> Tensor:
         opt.zero_grad(set_to_none=False)
-        loss = _objective(x, y, weight, bias, wd)
+        loss = objective()
         loss.backward()
         return loss
 
+    state, group = opt.state[v], opt.param_groups[0]
     with torch.enable_grad():
-        opt.step(closure)
-        loss = _objective(x, y, weight, bias, wd)
-        grads = torch.autograd.grad(loss, [weight, bias])
-    state = opt.state[weight]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    grad_max = flat.abs().max().item()
-    iterations, evals = int(state.get("n_iter", 0)), int(state.get("func_evals", 0))
+        while True:
+            done = int(state.get("n_iter", 0))
+            opt.step(closure)
+            loss = objective()
+            grad_v, grad_b = torch.autograd.grad(loss, [v, bias])
+            grad_w = data.grad_to_w(grad_v, scale)
+            flat = torch.cat([grad_w.reshape(-1).double(), grad_b.double()])
+            grad_max = flat.abs().max().item()
+            iterations, evals = int(state.get("n_iter", 0)), int(state.get("func_evals", 0))
+            stalled = max(grad_v.abs().max().item(), grad_b.abs().max().item()) > \
+                group["tolerance_grad"]
+            if (grad_max <= tolerance_grad or iterations >= max_iter or evals >= max_eval
+                    or iterations == done or stalled):
+                break
+            group.update(tolerance_grad=group["tolerance_grad"] / 10,
+                         max_iter=max_iter - iterations, max_eval=max_eval - evals)
     stop = ("gradient" if grad_max <= tolerance_grad else
             "max_iter" if iterations >= max_iter or evals >= max_eval else "no_progress")
-    report = Convergence(iterations, evals, loss.item(),
-                         flat.norm().item(), grad_max, grad_max <= tolerance_grad, stop)
-    weight, bias = weight.detach(), bias.detach()
+    report = Convergence(iterations, evals, loss.item(), flat.norm().item(), grad_max,
+                         grad_max <= tolerance_grad, stop)
+    weight = data.to_w(v.detach(), scale).double()
+    bias = bias.detach().double()
     return weight, bias - bias.mean(), report  # the softmax ignores a common shift of the bias
 
 
@@ -295,7 +378,7 @@ def fit_logistic_regression(train_x: Tensor, train_y: Tensor, val_x: Optional[Te
                             val_fraction: float = 0.1, seed: int = 0, max_iter: int = 1000,
                             tolerance_grad: float = 1e-4, tolerance_change: float = 1e-12,
                             history_size: int = 20, num_classes: Optional[int] = None,
-                            dtype: torch.dtype = torch.float64,
+                            dtype: torch.dtype = torch.float64, precondition: bool = True,
                             device: Optional[Union[str, torch.device]] = None
                             ) -> LogisticRegression:
     """Multinomial logistic regression with an L2 sweep, trained to convergence with L-BFGS.
@@ -306,7 +389,9 @@ def fit_logistic_regression(train_x: Tensor, train_y: Tensor, val_x: Optional[Te
     ``history_size``) until the max-abs gradient is below ``tolerance_grad`` (1e-4, sklearn's
     ``tol`` for its lbfgs solver on the same mean loss; on Fashion-MNIST pixels, going on to a
     gradient 10x smaller moved test top-1 by 0.02 points) or ``max_iter`` iterations, in
-    ``dtype`` (float64 by default) on ``device`` (default CPU).
+    ``dtype`` (float64 by default) on ``device`` (default CPU). ``precondition``: L-BFGS runs in
+    the eigenbasis of the features (:class:`Eigenbasis`): the same objective and minimiser,
+    reached in far fewer iterations on correlated features.
 
     Sweep: without ``val_x``, a seeded stratified ``val_fraction`` of the training set is held
     out (:func:`heldout_split`); each weight decay, from the largest down (each fit warm-started
@@ -343,13 +428,14 @@ def fit_logistic_regression(train_x: Tensor, train_y: Tensor, val_x: Optional[Te
         x_val, y_val = standardizer(val_x.to(device), dtype), val_y.long().to(device)
     opts = dict(max_iter=max_iter, tolerance_grad=tolerance_grad,
                 tolerance_change=tolerance_change, history_size=history_size)
+    basis = Eigenbasis.of if precondition else Eigenbasis.identity
 
-    sweep, fits, init = [], {}, None
+    sweep, fits, init, fit_data = [], {}, None, basis(x_fit)
     for wd in sorted({float(w) for w in weight_decays}, reverse=True):
-        w, b, conv = _lbfgs(x_fit, y_fit, num_classes, wd, init, **opts)
+        w, b, conv = _lbfgs(fit_data, y_fit, num_classes, wd, init, **opts)
         init = (w, b)
         with torch.no_grad():
-            logits = x_val @ w.T + b
+            logits = x_val.double() @ w.T + b
             top1 = 100.0 * (logits.argmax(1) == y_val).double().mean().item()
             val_loss = F.cross_entropy(logits, y_val).item()
         fits[wd] = (w, b, conv)
@@ -361,7 +447,8 @@ def fit_logistic_regression(train_x: Tensor, train_y: Tensor, val_x: Optional[Te
     best = max(sweep, key=lambda r: (r["val_top1"], -r["val_loss"]))["weight_decay"]
     w, b, conv = fits[best]
     if val_x is None:  # refit on the whole training set, from the sweep's solution
-        w, b, conv = _lbfgs(x_all, y_all, num_classes, best, (w, b), **opts)
+        del fit_data
+        w, b, conv = _lbfgs(basis(x_all), y_all, num_classes, best, (w, b), **opts)
     if not conv.converged:
         log.warning(f"logistic regression (wd {best:g}) stopped by {conv.stop} after "
                     f"{conv.iterations} iterations with max |grad| {conv.grad_max:.2e} > "
@@ -429,11 +516,13 @@ def knn_accuracy(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tenso
 # ------------------------------------------------------------------------------ top level
 
 def probe_features(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Tensor, *,
-                   weight_decays: Sequence[float] = WEIGHT_DECAYS, max_iter: int = 1000,
-                   seed: int = 0, knn_k: int = 20, knn_temperature: Optional[float] = 0.07,
-                   knn_standardize: bool = False,
+                   weight_decays: Sequence[float] = WEIGHT_DECAYS, val_fraction: float = 0.1,
+                   max_iter: int = 1000, tolerance_grad: float = 1e-4,
+                   dtype: torch.dtype = torch.float64, seed: int = 0, knn_k: int = 20,
+                   knn_temperature: Optional[float] = 0.07, knn_standardize: bool = False,
                    device: Optional[Union[str, torch.device]] = None) -> dict[str, Any]:
-    """Logistic regression (with its sweep) and k-NN on given features; a JSON-able summary.
+    """Logistic regression (with its sweep, :func:`fit_logistic_regression`) and k-NN on given
+    features; a JSON-able summary.
 
     ``knn_standardize``: run k-NN on the features standardised with the training statistics
     (the raw-pixel baseline does; backbone features go in as they are, as in DINO).
@@ -441,8 +530,9 @@ def probe_features(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Ten
     t0 = time.perf_counter()
     num_classes = int(max(train_y.max().item(), test_y.max().item())) + 1
     lr = fit_logistic_regression(train_x, train_y, weight_decays=weight_decays,
-                                 max_iter=max_iter, seed=seed, num_classes=num_classes,
-                                 device=device)
+                                 val_fraction=val_fraction, max_iter=max_iter,
+                                 tolerance_grad=tolerance_grad, seed=seed,
+                                 num_classes=num_classes, dtype=dtype, device=device)
     t1 = time.perf_counter()
     if knn_standardize:
         kx, kq = lr.standardizer(train_x, torch.float32), lr.standardizer(test_x, torch.float32)
@@ -453,11 +543,12 @@ def probe_features(train_x: Tensor, train_y: Tensor, test_x: Tensor, test_y: Ten
     t2 = time.perf_counter()
     c = lr.convergence
     return dict(linear_probe_top1=lr.accuracy(test_x, test_y), knn_top1=knn,
-                weight_decay=lr.weight_decay, n_train=len(train_y), n_test=len(test_y),
-                feature_dim=int(train_x.shape[1]),
+                weight_decay=lr.weight_decay,
+                heldout_top1={str(r["weight_decay"]): r["val_top1"] for r in lr.sweep},
+                n_train=len(train_y), n_test=len(test_y), feature_dim=int(train_x.shape[1]),
                 linear_probe_train_top1=lr.accuracy(train_x, train_y),
-                lr_iterations=c.iterations, lr_grad_norm=c.grad_norm, lr_loss=c.loss,
-                lr_converged=c.converged, sweep=lr.sweep, knn_k=knn_k,
+                lr_iterations=c.iterations, lr_grad_norm=c.grad_norm, lr_grad_max=c.grad_max,
+                lr_loss=c.loss, lr_converged=c.converged, sweep=lr.sweep, knn_k=knn_k,
                 knn_temperature=knn_temperature, seconds_linear=t1 - t0, seconds_knn=t2 - t1)
 
 
@@ -480,11 +571,72 @@ def classifier_from_pretrained(source: Union[str, Path, Mapping[str, Any]],
     report = load_pretrained(model, {"model": state, "model_config": pre_cfg})
     missing = [k for k in report.new if k.startswith("backbone.")]
     if missing:
-        raise ValueError(f"the checkpoint does not hold the backbone's {', '.join(missing[:5])}"
-                         f"{' ...' if len(missing) > 5 else ''} ({len(missing)} missing): not a "
-                         "STAR pretraining checkpoint of this model?")
+        raise CheckpointError(
+            f"the checkpoint does not hold the backbone's {', '.join(missing[:5])}"
+            f"{' ...' if len(missing) > 5 else ''} ({len(missing)} missing): not a STAR "
+            "pretraining checkpoint of this model?")
     log.info(f"probe backbone: {report.summary()}")
     return model
+
+
+def is_classifier_state(state: Mapping[str, Any]) -> bool:
+    """Whether a state dict is a classifier's (``backbone.*`` keys), not a pretraining model's."""
+    return any(k.startswith("backbone.") for k in state)
+
+
+def classifier_from_checkpoint(source: Union[str, Path, Mapping[str, Any]],
+                               **overrides: Any) -> StarClassifier:
+    """The frozen model a probe reads from any star-mamba checkpoint (path or dict).
+
+    A classifier checkpoint (``star-mamba finetune``, ``convert-arm``: ``backbone.*`` keys) is
+    rebuilt as it was trained, from its own ``model_config`` with ``overrides`` (e.g. runtime
+    fields such as ``scan_backend``), and must fit it exactly; a pretraining checkpoint goes
+    through :func:`classifier_from_pretrained`.
+    """
+    state, cfg = read_pretrained(source)
+    if not is_classifier_state(state):
+        return classifier_from_pretrained({"model": state, "model_config": cfg}, **overrides)
+    if cfg is None:
+        raise CheckpointError("the classifier checkpoint holds no model_config to rebuild it from")
+    model = StarClassifier(StarConfig.from_dict({**cfg, **overrides}))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # missing, unexpected or mis-shaped tensors
+        raise CheckpointError(f"the classifier weights do not fit their model config: "
+                              f"{' '.join(str(e).split())}") from e
+    return model
+
+
+def cached_features(path: Optional[Path], key: Mapping[str, Any],
+                    compute: Callable[[], tuple[Tensor, Tensor]]
+                    ) -> tuple[Tensor, Tensor, bool]:
+    """``compute()``'s (features, labels), kept in the file ``path`` under ``key``.
+
+    A file made with an equal ``key`` (JSON-able: what the features depend on) is read back
+    instead of computing: returns (features, labels, True). A file made with another key
+    (another checkpoint, setting or dataset), or unreadable, is recomputed and replaced,
+    atomically. ``path=None``: no cache.
+    """
+    if path is None:
+        return (*compute(), False)
+    text = json.dumps(key, sort_keys=True, default=str)
+    if path.exists():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # a damaged file: made again
+            log.warning(f"cannot read the feature cache {path} ({type(e).__name__}); "
+                        "extracting again")
+            saved = {}
+        if saved.get("key") == text:
+            log.info(f"features read back from {path}")
+            return saved["features"], saved["labels"], True
+        if "key" in saved:
+            old = json.loads(saved["key"])
+            changed = sorted(k for k in {*old, *key} if old.get(k) != json.loads(text).get(k))
+            log.info(f"{path} was made for another {', '.join(changed)}: extracting again")
+    x, y = compute()
+    atomic_save({"key": text, "features": x, "labels": y}, path)
+    return x, y, False
 
 
 def evaluate_representation(model: Union[StarClassifier, str, Path, Mapping[str, Any]],
@@ -493,43 +645,61 @@ def evaluate_representation(model: Union[StarClassifier, str, Path, Mapping[str,
                             layers: Optional[Sequence[int]] = None, pool: str = "avg",
                             amp_dtype: Optional[torch.dtype] = None, num_workers: int = 0,
                             weight_decays: Sequence[float] = WEIGHT_DECAYS,
-                            max_iter: int = 1000, seed: int = 0, knn_k: int = 20,
+                            val_fraction: float = 0.1, max_iter: int = 1000,
+                            tolerance_grad: float = 1e-4, dtype: torch.dtype = torch.float64,
+                            seed: int = 0, knn_k: int = 20,
                             knn_temperature: Optional[float] = 0.07,
                             knn_standardize: bool = False, progress: bool = True,
-                            model_overrides: Optional[Mapping[str, Any]] = None
-                            ) -> dict[str, Any]:
+                            model_overrides: Optional[Mapping[str, Any]] = None,
+                            cache_dir: Optional[Union[str, Path]] = None,
+                            cache_key: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
     """Linear probe (converged logistic regression) and k-NN of a frozen backbone.
 
-    ``model``: a built :class:`StarClassifier`, or a pretraining checkpoint (path or dict) given
-    to :func:`classifier_from_pretrained` with ``model_overrides``. Features of ``train_set`` and
+    ``model``: a built :class:`StarClassifier`, or a checkpoint (path or dict) given to
+    :func:`classifier_from_checkpoint` with ``model_overrides``. Features of ``train_set`` and
     ``test_set`` (evaluation transforms: no augmentation) are extracted once on ``device``
-    (default: CUDA when available), then probed on the same device. Returns ``dict(
-    linear_probe_top1, knn_top1, weight_decay, n_train, n_test, feature_dim, seconds, ...)``
-    (top-1 in percent; the rest: sweep, convergence, timings), JSON-serialisable.
+    (default: CUDA when available), then probed on the same device. ``cache_dir``: keep them in
+    ``features-train.pt`` / ``features-test.pt`` there (:func:`cached_features`), under
+    ``cache_key`` (required with it: what identifies the weights and the images) plus the
+    extraction settings and the split's size. Returns ``dict(linear_probe_top1, knn_top1,
+    weight_decay, heldout_top1, n_train, n_test, feature_dim, seconds, ...)`` (top-1 in percent;
+    the rest: sweep, convergence, timings, which splits came from the cache), JSON-serialisable.
     """
+    if cache_dir is not None and cache_key is None:
+        raise ValueError("cache_dir needs a cache_key naming the weights and the data")
     t0 = time.perf_counter()
     device = torch.device(device) if device is not None else torch.device(
         "cuda" if torch.cuda.is_available() else "cpu")
     if not isinstance(model, StarClassifier):
-        model = classifier_from_pretrained(model, **dict(model_overrides or {}))
+        model = classifier_from_checkpoint(model, **dict(model_overrides or {}))
     elif model_overrides:
         raise ValueError("model_overrides only apply when model is a checkpoint")
+    layers = None if layers is None else _check_layers(layers, len(model.backbone.blocks))
+    kw = dict(batch_size=batch_size, device=device, layers=layers, pool=pool,
+              amp_dtype=amp_dtype, num_workers=num_workers, progress=progress)
+    settings = dict(layers=layers, pool=pool, amp=str(amp_dtype), norm=True)
     original = next(model.parameters()).device
-    model.to(device)
+    cached = {}
+    features = {}
     try:
-        kw = dict(batch_size=batch_size, device=device, layers=layers, pool=pool,
-                  amp_dtype=amp_dtype, num_workers=num_workers, progress=progress)
-        train_x, train_y = extract_features(model, train_set, desc="features (train)", **kw)
-        test_x, test_y = extract_features(model, test_set, desc="features (test)", **kw)
+        for split, dataset in (("train", train_set), ("test", test_set)):
+            def compute(dataset=dataset, split=split) -> tuple[Tensor, Tensor]:
+                model.to(device)
+                return extract_features(model, dataset, desc=f"features ({split})", **kw)
+            path = None if cache_dir is None else Path(cache_dir) / f"features-{split}.pt"
+            key = {**dict(cache_key or {}), **settings, "split": split, "images": len(dataset)}
+            *features[split], cached[split] = cached_features(path, key, compute)
     finally:
         model.to(original)
     t1 = time.perf_counter()
+    (train_x, train_y), (test_x, test_y) = features["train"], features["test"]
     out = probe_features(train_x, train_y, test_x, test_y, weight_decays=weight_decays,
-                         max_iter=max_iter, seed=seed, knn_k=knn_k,
+                         val_fraction=val_fraction, max_iter=max_iter,
+                         tolerance_grad=tolerance_grad, dtype=dtype, seed=seed, knn_k=knn_k,
                          knn_temperature=knn_temperature, knn_standardize=knn_standardize,
                          device=device)
-    out.update(layers=list(layers) if layers is not None else None, pool=pool,
-               seconds_features=t1 - t0, seconds=time.perf_counter() - t0)
+    out.update(layers=layers, pool=pool, features_cached=cached, seconds_features=t1 - t0,
+               seconds=time.perf_counter() - t0)
     log.info(f"linear probe top-1 {out['linear_probe_top1']:.2f} (wd {out['weight_decay']:g}, "
              f"{out['lr_iterations']} L-BFGS iterations), {knn_k}-NN top-1 {out['knn_top1']:.2f}, "
              f"{out['n_train']} train / {out['n_test']} test, {out['feature_dim']} features, "
@@ -539,8 +709,10 @@ def evaluate_representation(model: Union[StarClassifier, str, Path, Mapping[str,
 
 def raw_pixel_baseline(train_set: Dataset, test_set: Dataset, *, batch_size: int = 512,
                        num_workers: int = 0, weight_decays: Sequence[float] = WEIGHT_DECAYS,
-                       max_iter: int = 1000, seed: int = 0, knn_k: int = 20,
-                       knn_temperature: Optional[float] = 0.07, knn_standardize: bool = True,
+                       val_fraction: float = 0.1, max_iter: int = 1000,
+                       tolerance_grad: float = 1e-4, dtype: torch.dtype = torch.float64,
+                       seed: int = 0, knn_k: int = 20, knn_temperature: Optional[float] = 0.07,
+                       knn_standardize: bool = True,
                        device: Optional[Union[str, torch.device]] = None,
                        progress: bool = False) -> dict[str, Any]:
     """The probes of :func:`evaluate_representation` on flattened raw pixels (standardised with
@@ -549,7 +721,8 @@ def raw_pixel_baseline(train_set: Dataset, test_set: Dataset, *, batch_size: int
     train_x, train_y = dataset_pixels(train_set, batch_size, num_workers, progress)
     test_x, test_y = dataset_pixels(test_set, batch_size, num_workers, progress)
     out = probe_features(train_x, train_y, test_x, test_y, weight_decays=weight_decays,
-                         max_iter=max_iter, seed=seed, knn_k=knn_k,
+                         val_fraction=val_fraction, max_iter=max_iter,
+                         tolerance_grad=tolerance_grad, dtype=dtype, seed=seed, knn_k=knn_k,
                          knn_temperature=knn_temperature, knn_standardize=knn_standardize,
                          device=device)
     out.update(seconds=time.perf_counter() - t0)

@@ -3,7 +3,7 @@ experiments in ``experiments/``.
 
     pretrain (config + overrides, into its run dir; skipped for a from-scratch run)
       -> the checkpoint it left (``checkpoint-latest.pth`` by default)
-      -> a probe scores a classifier started from it (fine-tune, linear probe, ...)
+      -> a probe scores its backbone (the converged linear probe, a fine-tune, ...)
       -> a result dict, written atomically to ``<run_dir>/result.json``
 
 Run again with the same ``run_dir``, a finished run is read back from ``result.json``; an
@@ -13,7 +13,11 @@ a pretraining that has finished returns at once). Several runs may share one pre
 
 The probe is a parameter: ``Probe.kind`` names an entry of :data:`PROBES` (add one with
 :func:`register_probe`) or is a callable ``fn(probe, pretrained, out_dir) -> {"top1": ..., ...}``
-where ``pretrained`` is the checkpoint path (None: from scratch).
+where ``pretrained`` is the checkpoint path (None: from scratch). Built in:
+``representation`` (``star-mamba linprobe``: converged logistic regression and k-NN of the
+frozen backbone; from scratch, a randomly initialised one) and ``finetune``.
+:func:`pixel_baseline` scores raw pixels with the representation probe's settings, once per
+directory.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 from ..checkpoint import LATEST
 
 RESULT = "result.json"
+PIXELS = "raw_pixels.json"
 
 ProbeFn = Callable[["Probe", Optional[Path], Path], dict[str, Any]]
 PROBES: dict[str, ProbeFn] = {}
@@ -50,9 +55,10 @@ class Pretraining:
 @dataclass(frozen=True)
 class Probe:
     """How a (pretrained or fresh) backbone is scored: ``kind`` (a name in :data:`PROBES` or a
-    callable, see the module docstring), and the config and overrides it runs with."""
+    callable, see the module docstring), and the config and overrides it runs with (a
+    ``linprobe`` config for ``representation``, a ``finetune`` one for ``finetune``)."""
 
-    kind: Union[str, ProbeFn] = "finetune"
+    kind: Union[str, ProbeFn] = "representation"
     config: str = "linprobe/fashion_mnist"
     overrides: tuple[str, ...] = ()
 
@@ -73,17 +79,46 @@ def register_probe(name: str) -> Callable[[ProbeFn], ProbeFn]:
     return add
 
 
+def probe_config(probe: Probe, pretrained: Optional[Path], out_dir: Path, task: str):
+    """The probe's run config: its config and overrides, then the checkpoint and directory."""
+    from ..engine.config import load_config
+    return load_config(probe.config, [*probe.overrides,
+                                      f"run.pretrained={pretrained if pretrained else 'null'}",
+                                      f"run.output_dir={out_dir}"], task=task)
+
+
+@register_probe("representation")
+def frozen_representation(probe: Probe, pretrained: Optional[Path], out_dir: Path
+                          ) -> dict[str, Any]:
+    """``star-mamba linprobe`` (``engine/linprobe.py``) on the frozen backbone: ``top1`` is the
+    converged linear probe's test top-1, beside ``knn_top1`` and the chosen ``weight_decay``;
+    the whole result is in ``out_dir/linprobe.json`` (its features cached there too)."""
+    from ..engine.linprobe import linprobe
+
+    r = linprobe(probe_config(probe, pretrained, out_dir, "linprobe"))
+    keys = ("linear_probe_top1", "knn_top1", "weight_decay", "heldout_top1", "feature_dim",
+            "n_train", "n_test", "knn_k", "lr_converged", "seconds_features")
+    return dict(top1=r["linear_probe_top1"], **{k: r[k] for k in keys})
+
+
 @register_probe("finetune")
 def train_classifier(probe: Probe, pretrained: Optional[Path], out_dir: Path) -> dict[str, Any]:
-    """The engine's ``finetune()`` (``star-mamba finetune`` / ``linprobe``: a linear probe when the
-    config sets ``run.linprobe``); the score is its best top-1 on the evaluation split."""
-    from ..engine.config import load_config
+    """The engine's ``finetune()`` (``star-mamba finetune``); the score is its best top-1 on the
+    evaluation split."""
     from ..engine.finetune import finetune
 
-    cfg = load_config(probe.config, [*probe.overrides,
-                                     f"run.pretrained={pretrained if pretrained else 'null'}",
-                                     f"run.output_dir={out_dir}"], task="finetune")
-    return dict(top1=finetune(cfg)["best"]["score"])
+    return dict(top1=finetune(probe_config(probe, pretrained, out_dir, "finetune"))["best"]["score"])
+
+
+def pixel_baseline(directory: str | Path, probe: Probe = Probe()) -> dict[str, Any]:
+    """The representation probe on raw pixels of the images ``probe`` reads (its linprobe
+    config and overrides: data, budget, probe settings, seed), computed once: kept in
+    ``directory/raw_pixels.json`` and read back while data and settings are the same.
+    Returns ``linear_probe_top1``, ``knn_top1``, ``weight_decay``, ... (engine/probe.py)."""
+    from ..engine.linprobe import pixel_baseline as baseline
+
+    cfg = probe_config(probe, None, Path(directory), "linprobe")
+    return baseline(cfg, Path(directory) / PIXELS)
 
 
 def pretrain_then_probe(run_dir: str | Path, probe: Probe,
