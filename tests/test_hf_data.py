@@ -93,14 +93,27 @@ def test_pretraining_on_a_saved_dataset(saved, tmp_path):
     assert state["step"] == 4 and state["epoch"] == 1
 
 
-def test_linear_probe_and_eval_on_a_saved_dataset(saved, tmp_path):
+HF_CLASSIFIER = ["model.name=star_tiny", "model.img_size=16", "model.patch_size=4",
+                 "model.in_chans=3", "model.embed_dim=16", "model.depth=1", "data.name=hf",
+                 "data.image_column=img", "data.label_column=y", "data.num_workers=0",
+                 "data.max_bad_fraction=0.1", "run.pretrained=null", "run.progress=false",
+                 "run.tensorboard=false"]
+
+
+def test_converged_linear_probe_on_a_saved_dataset(saved, tmp_path):
+    from star_mamba.engine.linprobe import linprobe
+    result = linprobe(load_config("linprobe/fashion_mnist", [
+        *HF_CLASSIFIER, f"data.root={saved}", "probe.knn_k=3", f"run.output_dir={tmp_path}"]))
+    assert (result["n_train"], result["n_test"], result["feature_dim"]) == (16, 4, 16)
+    for key in ("linear_probe_top1", "knn_top1"):  # 4 test rows: multiples of 25%
+        assert result[key] in (0.0, 25.0, 50.0, 75.0, 100.0), result[key]
+    assert (tmp_path / "linprobe.json").is_file()
+
+
+def test_head_only_finetune_and_eval_on_a_saved_dataset(saved, tmp_path):
     from star_mamba.engine.finetune import evaluate_checkpoint, finetune
-    finetune(load_config("linprobe/fashion_mnist", [
-        "model.name=star_tiny", "model.img_size=16", "model.patch_size=4", "model.in_chans=3",
-        "model.embed_dim=16", "model.depth=1", "data.name=hf", f"data.root={saved}",
-        "data.image_column=img", "data.label_column=y", "data.num_workers=0",
-        "data.max_bad_fraction=0.1", "optim.batch_size=4", "optim.epochs=1",
-        "run.pretrained=null", "run.linprobe=true", "run.progress=false",
-        "run.tensorboard=false", f"run.output_dir={tmp_path}"], task="finetune"))
+    finetune(load_config("finetune/fashion_mnist", [
+        *HF_CLASSIFIER, f"data.root={saved}", "optim.batch_size=4", "optim.epochs=1",
+        "run.linprobe=true", f"run.output_dir={tmp_path}"]))
     metrics = evaluate_checkpoint(tmp_path / ckpt.LATEST)  # the 'test' split, 4 rows
     assert metrics["top1"] * 4 / 100 == pytest.approx(round(metrics["top1"] * 4 / 100))
