@@ -322,7 +322,7 @@ def write_report(rows: list[dict], raw: dict, out: Path, command: str, epochs: i
                 mean, lo, hi = t_interval(vals)
                 summary[a][m] = dict(mean=mean, ci95=[lo, hi], values=vals)
     diffs = [d for m in metrics for a in arms for base in (BASELINE_ARM, "scratch")
-             if a != base and (d := paired(rows, m, a, base)) is not None]
+             if a not in (base, "scratch") and (d := paired(rows, m, a, base)) is not None]
     result = dict(command=command, epochs=epochs, model=MODEL, pretrain=PRETRAIN,
                   finetune=FINETUNE, raw_pixels=dict(linear_probe_top1=raw["linear_probe_top1"],
                                                      knn_top1=raw["knn_top1"]),
