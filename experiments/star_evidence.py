@@ -306,6 +306,9 @@ def collect(runs: Path, seeds: list[int], arms: list[str]) -> list[dict]:
                              finetune_top1=ft["top1"] if ft else None,
                              pretrain_loss=pre["final_loss"] if pre else None,
                              pretrain_seconds=pre["seconds"] if pre else None,
+                             probe_seconds={k: probe.get(f"seconds_{k}")
+                                            for k in ("features", "linear", "knn")},
+                             finetune_seconds=ft.get("seconds") if ft else None,
                              diagnostics=diag))
     return rows
 
