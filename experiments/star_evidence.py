@@ -44,7 +44,7 @@ from typing import Any, Optional
 import torch
 
 from star_mamba.engine.config import load_config
-from star_mamba.tools.runner import write_json
+from star_mamba.checkpoint import write_json
 
 PHASES = ("pretrain", "probe", "finetune", "diag", "report")
 

@@ -37,6 +37,15 @@ def atomic_save(obj: Any, path: Path) -> None:
         raise
 
 
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON atomically (a temporary file renamed over ``path``): result files
+    of probes, grids and experiments, never half-written."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
 def prune_numbered(output_dir: Path, keep_last: int) -> None:
     """Keep the ``keep_last`` newest ``checkpoint-NNNN.pth`` (latest and best are never removed)."""
     numbered = sorted(Path(output_dir).glob(NUMBERED))

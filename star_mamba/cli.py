@@ -182,14 +182,16 @@ def _no_args(p: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------ handlers (raise, never print errors)
 
+def _run_shortcuts(args: argparse.Namespace, *names: str) -> list[str]:
+    """``--set`` overrides, then ``run.<name>=<value>`` for each shortcut option given
+    (``--output-dir``, ``--resume``, ``--pretrained``)."""
+    return [*args.overrides, *(f"run.{name}={getattr(args, name)}" for name in names
+                               if getattr(args, name))]
+
+
 def _train(args: argparse.Namespace) -> int:
     from .engine.config import load_config
-    overrides = list(args.overrides)
-    if args.output_dir:
-        overrides.append(f"run.output_dir={args.output_dir}")
-    if args.resume:
-        overrides.append(f"run.resume={args.resume}")
-    cfg = load_config(args.config, overrides, task=args.command)
+    cfg = load_config(args.config, _run_shortcuts(args, "output_dir", "resume"), task=args.command)
     if args.command == "pretrain":
         from .engine.pretrain import pretrain
         pretrain(cfg)
@@ -202,12 +204,8 @@ def _train(args: argparse.Namespace) -> int:
 def _linprobe(args: argparse.Namespace) -> int:
     from .engine.config import load_config
     from .engine.linprobe import RESULT, linprobe
-    overrides = list(args.overrides)
-    if args.pretrained:
-        overrides.append(f"run.pretrained={args.pretrained}")
-    if args.output_dir:
-        overrides.append(f"run.output_dir={args.output_dir}")
-    r = linprobe(load_config(args.config, overrides, task="linprobe"))
+    r = linprobe(load_config(args.config, _run_shortcuts(args, "pretrained", "output_dir"),
+                             task="linprobe"))
     source = r["checkpoint"] or f"random backbone (seed {r['random_init_seed']})"
     print(f"{source}: linear probe top-1 {r['linear_probe_top1']:.2f}% (weight decay "
           f"{r['weight_decay']:g}), {r['knn_k']}-NN top-1 {r['knn_top1']:.2f}%; "

@@ -20,13 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from torch.utils.data import Dataset
 
+from ..checkpoint import write_json
 from ..config import RUNTIME_FIELDS, StarConfig
 from ..errors import CheckpointError, ConfigError, UserError
 from ..models.classifier import StarClassifier
@@ -187,10 +187,3 @@ def pixel_baseline(cfg: RunConfig, path: Path) -> dict[str, Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, dict(key=key, result=result))
     return result
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically (a temporary file renamed over ``path``)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)

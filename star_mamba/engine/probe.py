@@ -188,11 +188,6 @@ class Convergence:
         return dict(self.__dict__)
 
 
-def _objective(x: Tensor, y: Tensor, weight: Tensor, bias: Tensor, wd: float) -> Tensor:
-    """Mean cross-entropy + wd / 2 * ||W||^2 (the bias is not decayed)."""
-    return F.cross_entropy(x @ weight.T + bias, y) + 0.5 * wd * weight.pow(2).sum()
-
-
 @dataclass
 class Eigenbasis:
     """Features in the eigenbasis of their second moment, where L-BFGS is preconditioned.

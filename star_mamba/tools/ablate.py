@@ -41,7 +41,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ..config import SEPARATORS, SEPARATOR_POSITIONS
-from .runner import Pretraining, Probe, pixel_baseline, pretrain_then_probe, write_json
+from ..checkpoint import write_json
+from .runner import Pretraining, Probe, pixel_baseline, pretrain_then_probe
 
 log = logging.getLogger("star_mamba")
 

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Union
 
-from ..checkpoint import LATEST
+from ..checkpoint import LATEST, write_json
 
 RESULT = "result.json"
 PIXELS = "raw_pixels.json"
@@ -171,10 +170,3 @@ def tail_loss(metrics: Path, fraction: float = 0.1) -> Optional[float]:
         return None
     tail = losses[-max(1, math.ceil(len(losses) * fraction)):]
     return sum(tail) / len(tail)
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as JSON atomically (a temporary file renamed over ``path``)."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
