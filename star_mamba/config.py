@@ -29,6 +29,11 @@ from .errors import ConfigError
 SEPARATORS = ("identity", "zeros", "ones", "embedding", "none")
 """Separator kinds. ``none`` packs images back to back with no separator (ARM when K = 1)."""
 
+SEPARATOR_SPACES = ("pixel", "token")
+"""Where a zeros / ones / identity separator is written: as pixel patches through the patch
+embedding (``pixel``) or directly as D-dimensional token vectors (``token``); an ``embedding``
+separator is a learned token whichever is set."""
+
 SEPARATOR_POSITIONS = ("SC", "CS", "SCS", "CSC")
 """Separator layouts: S = separator cluster, C = image cluster(s); see ``star_mamba.sequence``."""
 
@@ -87,6 +92,7 @@ class StarConfig:
     images_per_sequence: int = 4  # K
     separator: str = "identity"
     separator_position: str = "SC"
+    separator_space: str = "pixel"  # 'pixel' (through the patch embedding) or 'token'
     separator_loss: bool = True  # do separator targets count in the loss
     norm_target: bool = True  # normalise each target patch by its own mean and variance
     # -- decoder (pretraining)
@@ -128,6 +134,10 @@ class StarConfig:
         _choice("init", self.init, INIT_SCHEMES)
         _choice("separator", self.separator, SEPARATORS)
         _choice("separator_position", self.separator_position, SEPARATOR_POSITIONS)
+        _choice("separator_space", self.separator_space, SEPARATOR_SPACES)
+        if self.separator_space == "token" and self.separator == "none":
+            _fail("separator_space", self.separator_space,
+                  "separator='none' has no separator to place in token space; use 'pixel'")
         _choice("class_token", self.class_token, CLASS_TOKEN_POSITIONS)
         _choice("global_pool", self.global_pool, GLOBAL_POOLS)
         if self.global_pool == "cls" and self.class_token == "none":

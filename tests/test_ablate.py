@@ -18,10 +18,23 @@ def test_one_factor_grid_has_base_each_other_value_and_scratch():
 
 
 def test_full_grid_merges_positions_without_separator():
-    points = grid_points(parse_axes(["sep=none,zeros", "K=1,2", "c=2"]), full=True, scratch=False)
+    points = grid_points(parse_axes(["sep=none,zeros", "K=1,2", "c=2", "space=pixel"]), full=True,
+                         scratch=False)
     # none x 4 positions collapses to one point per K; zeros keeps its 4 positions
     assert len(points) == 2 * 1 + 2 * 4
     assert {p.separator_position for p in points if p.separator == "none"} == {"SC"}
+
+
+def test_separator_space_axis_names_and_merges():
+    points = grid_points(parse_axes(["sep=identity,none,embedding", "space=pixel,token", "K=4",
+                                     "c=2", "pos=SC"]), full=True, scratch=False)
+    # none and embedding have no space of their own: one point each; identity keeps both
+    assert [p.name for p in points] == ["sep-identity_pos-SC_K-4_c-2",
+                                        "sep-identity_pos-SC_K-4_c-2_space-token",
+                                        "sep-none_pos-SC_K-4_c-2", "sep-embedding_pos-SC_K-4_c-2"]
+    assert [p.separator_space for p in points] == ["pixel", "token", "pixel", "pixel"]
+    with pytest.raises(ValueError, match="allowed separator_space values are pixel, token"):
+        parse_axes(["space=tokens"])
 
 
 def test_parse_axes_errors():
@@ -53,7 +66,7 @@ TINY = Budget(depth=2, pretrain_images=64, probe_images=128, eval_images=64,
 
 
 def test_tiny_grid_runs_writes_the_report_and_resumes(tmp_path):
-    axes = parse_axes(["sep=identity,none", "pos=SC", "K=4", "c=2"])
+    axes = parse_axes(["sep=identity,none", "pos=SC", "K=4", "c=2", "space=pixel"])
     rows = ablate(tmp_path, TINY, axes)
     assert [r["name"] for r in rows] == ["sep-identity_pos-SC_K-4_c-2", "sep-none_pos-SC_K-4_c-2",
                                          "scratch"]
@@ -99,7 +112,7 @@ def test_tiny_grid_runs_writes_the_report_and_resumes(tmp_path):
 
 def test_cli_dry_run_and_errors(capsys):
     assert main(["ablate", "--dry-run", "--axis", "K=1,8", "--axis", "sep=identity",
-                 "--axis", "pos=SC", "--axis", "c=2", "--no-scratch"]) == 0
+                 "--axis", "pos=SC", "--axis", "c=2", "--axis", "space=pixel", "--no-scratch"]) == 0
     out = capsys.readouterr().out
     assert "3 points" in out and "sep-identity_pos-SC_K-8_c-2" in out
     assert main(["ablate", "--dry-run", "--axis", "c=3"]) == 2

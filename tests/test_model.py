@@ -110,6 +110,43 @@ def test_no_information_from_later_segments(separator, position):
     assert all(seen for _, seen in report), "the prediction right after a segment ignores it"
 
 
+@pytest.mark.parametrize("separator", ["identity", "zeros", "ones"])
+@pytest.mark.parametrize("position", SEPARATOR_POSITIONS)
+def test_token_space_separators_are_causal(separator, position):
+    model = tiny_pretrain(images_per_sequence=2, separator=separator, separator_position=position,
+                          separator_space="token")
+    report = leak_report(model)
+    assert not any(leak for leak, _ in report), "a later segment changed an earlier prediction"
+    assert all(seen for _, seen in report), "the prediction right after a segment ignores it"
+
+
+@pytest.mark.parametrize("separator", ["identity", "zeros", "ones"])
+def test_token_space_separator_is_the_pattern_over_channels(separator):
+    """separator_space='token': the encoder reads the pattern itself as (c^2, D) token vectors
+    (identity: the c diagonal tokens of the cluster all ones, the others zero), not the patch
+    embedding of pixel patches; the targets stay the pixel patterns."""
+    model = tiny_pretrain(images_per_sequence=2, separator=separator, separator_space="token",
+                          norm_target=False)
+    D, c = model.cfg.embed_dim, model.cfg.cluster_size
+    tokens = model.separator_tokens()
+    diagonal = torch.eye(c).reshape(c * c, 1).expand(c * c, D)
+    expected = {"identity": diagonal, "zeros": torch.zeros(c * c, D),
+                "ones": torch.ones(c * c, D)}[separator]
+    assert torch.equal(tokens, expected)
+    with torch.no_grad():
+        model.encoder.patch_embed.proj.weight.add_(1.0)  # the patch embedding plays no part
+    assert torch.equal(model.separator_tokens(), expected)
+    pixel = tiny_pretrain(images_per_sequence=2, separator=separator, norm_target=False)
+    if separator != "zeros":  # pixel space: embedded (zeros embed to the zero bias, 0 at init)
+        assert not torch.equal(pixel.separator_tokens(), expected)
+    images = torch.rand(4, 1, 8, 8)
+    G = model.cfg.clusters_per_image
+    assert torch.equal(model(images).target[0, G], seq.separator_patches(separator, c, 4))
+    # the encoder sees the token-space separator: segment 0 of the packed input is the pattern
+    packed = model._pack(model._by_cluster(model.encoder.embed(images)), tokens)
+    assert torch.equal(packed[0, 0], expected) and torch.equal(packed[1, G + 1], expected)
+
+
 def test_leak_check_catches_a_non_causal_decoder_mask():
     model = tiny_pretrain(images_per_sequence=2)
     model.mask = torch.ones_like(model.mask)  # let queries see the future
@@ -191,6 +228,8 @@ def test_classifier_defaults_and_output():
     (dict(patch_size=0), "patch_size"),
     (dict(images_per_sequence=1, separator="none", cluster_size=4), "images_per_sequence"),
     (dict(separator="embedding", norm_target=False), "separator_loss"),
+    (dict(separator_space="tokens"), "separator_space"),
+    (dict(separator="none", separator_space="token"), "separator_space"),
 ])
 def test_bad_config_names_the_field(overrides, field):
     with pytest.raises(ValueError, match=rf"{field}="):

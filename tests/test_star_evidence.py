@@ -45,7 +45,7 @@ def test_every_phase_at_smoke_budget_and_resume(tmp_path, monkeypatch):
     monkeypatch.setattr(se, "FINETUNE", [*se.FINETUNE, "data.max_eval_images=64"])
     runs, out = tmp_path / "runs", tmp_path / "out"
     argv = ["--arms", "scratch", "arm_k1", "star_k2", "--seeds", "0", "1", "--max-steps", "2",
-            "--runs", str(runs), "--out", str(out)]
+            "--passes", "1", "--runs", str(runs), "--out", str(out)]
     assert se.main(argv) == 0
 
     result = json.loads((out / "star_evidence.json").read_text())
@@ -53,8 +53,9 @@ def test_every_phase_at_smoke_budget_and_resume(tmp_path, monkeypatch):
     assert sorted((r["arm"], r["pretrain_seed"]) for r in rows) == sorted(
         (a, s) for a in ("scratch", "arm_k1", "star_k2") for s in (0, 1))
     for r in rows:
-        assert {"arm", "K", "sequence", "pretrain_seed", "linear_probe_top1", "knn_top1",
-                "finetune_top1"} <= set(r)
+        assert {"arm", "K", "sequence", "separator", "separator_space", "passes", "pretrain_seed",
+                "linear_probe_top1", "knn_top1", "finetune_top1"} <= set(r)
+        assert r["passes"] == (0 if r["arm"] == "scratch" else 1)
         assert 0 <= r["linear_probe_top1"] <= 100 and 0 <= r["knn_top1"] <= 100
         assert r["finetune_top1"] is not None  # scratch, arm_k1, star_k2 are fine-tuned
         assert r["K"] == {"scratch": 1, "arm_k1": 1, "star_k2": 2}[r["arm"]]
@@ -70,7 +71,7 @@ def test_every_phase_at_smoke_budget_and_resume(tmp_path, monkeypatch):
     expected = [by["star_k2", s]["knn_top1"] - by["arm_k1", s]["knn_top1"] for s in (0, 1)]
     assert d["diffs"] == pytest.approx(expected)
     assert d["mean"] == pytest.approx(statistics.fmean(expected))
-    assert "| star_k2 | 2 | random |" in (out / "star_evidence.md").read_text()
+    assert "| star_k2 | 1 | 2 | random | identity (pixel) |" in (out / "star_evidence.md").read_text()
     assert (out / "star_evidence.png").stat().st_size > 10_000
 
     # the scratch arm's backbone is arm_k1's initial weights for the same seed
@@ -83,3 +84,38 @@ def test_every_phase_at_smoke_budget_and_resume(tmp_path, monkeypatch):
     stamps = {p: p.stat().st_mtime_ns for p in runs.rglob("*.pth")}
     assert se.main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("*.pth")} == stamps
+
+    # a longer budget and a token-space separator: paired with arm_k1 at the same budget, the
+    # earlier rows kept in the report, no fine-tune beyond 1 pass
+    budget = ["--arms", "arm_k1", "star_k4_token", "--seeds", "0", "1", "--max-steps", "2",
+              "--passes", "3", "--runs", str(runs), "--out", str(out)]
+    assert se.main(budget) == 0
+    result = json.loads((out / "star_evidence.json").read_text())
+    rows = result["runs"]
+    assert len(rows) == 6 + 4
+    token = [r for r in rows if r["arm"] == "star_k4_token"]
+    assert [(r["passes"], r["separator_space"], r["K"]) for r in token] == [(3, "token", 4)] * 2
+    assert all(r["finetune_top1"] is None for r in rows if r["passes"] == 3)
+    by = {(r["arm"], r["passes"], r["pretrain_seed"]): r for r in rows}
+    d = next(x for x in result["paired_differences"] if x["metric"] == "linear_probe_top1"
+             and x["arm"] == "star_k4_token" and x["base"] == "arm_k1")
+    assert (d["passes"], d["base_passes"]) == (3, 3)
+    assert d["diffs"] == pytest.approx([by["star_k4_token", 3, s]["linear_probe_top1"]
+                                        - by["arm_k1", 3, s]["linear_probe_top1"] for s in (0, 1)])
+    own = next(x for x in result["paired_differences"] if x["metric"] == "knn_top1"
+               and x["arm"] == "arm_k1" and x["base"] == "arm_k1")
+    assert (own["passes"], own["base_passes"]) == (3, 1)
+    assert (runs / "arm_k1" / "passes3" / "seed1" / "pretrain" / "checkpoint-latest.pth").exists()
+    assert (out / "star_evidence_budget.png").stat().st_size > 10_000
+
+
+def test_jobs_are_seed_major_and_shards_split_them():
+    se = load_script()
+    todo = se.jobs([0, 1], [3, 6], list(se.ARMS))
+    assert todo[:6] == [(0, 3, "arm_k1"), (0, 3, "star_k4"), (0, 3, "star_k8_embedding"),
+                        (0, 3, "star_k4_token"), (0, 6, "arm_k1"), (0, 6, "star_k4")]
+    assert len(todo) == 12 and todo[6][0] == 1
+    shards = [todo[i::2] for i in range(2)]
+    assert sorted(shards[0] + shards[1]) == sorted(todo) and not set(shards[0]) & set(shards[1])
+    with pytest.raises(Exception, match="expected I/N"):
+        se.parse_shard("2/2")

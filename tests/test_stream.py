@@ -23,10 +23,12 @@ def parallel_features(model, images):
 
 
 @pytest.mark.parametrize("separator,position", [("identity", p) for p in SEPARATOR_POSITIONS]
-                         + [("embedding", "SC"), ("none", "SC")])
+                         + [("embedding", "SC"), ("none", "SC"), ("identity-token", "SC")])
 def test_stream_equals_packed_parallel_forward(separator, position):
     K, B = 3, 2
-    model = tiny_pretrain(images_per_sequence=K, separator=separator, separator_position=position)
+    separator, _, space = separator.partition("-")
+    model = tiny_pretrain(images_per_sequence=K, separator=separator, separator_position=position,
+                          separator_space=space or "pixel")
     cfg = model.cfg
     images = torch.randn(B * K, 1, 8, 8, dtype=torch.float64)
     with torch.no_grad():

@@ -86,6 +86,12 @@ class StarPretrain(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
                       if cfg.has_separator else None)
         self.register_buffer("sep_pixels", sep_pixels, persistent=False)  # (c^2, p*p*C)
         self.sep_embed = nn.Embedding(1, cfg.embed_dim) if cfg.separator == "embedding" else None
+        # separator_space 'token': the same zeros / ones / identity pattern over the D channels
+        # of each token, given to the encoder directly (no patch embedding, no position)
+        token_space = cfg.separator_space == "token" and cfg.separator in ("zeros", "ones", "identity")
+        sep_tokens = (seq.separator_patches(cfg.separator, cfg.cluster_size, cfg.embed_dim)
+                      if token_space else None)
+        self.register_buffer("sep_tokens", sep_tokens, persistent=False)  # (c^2, D)
         # decoder queries: 2D sin-cos of the target patch, a learned table for separator targets
         dec_pos = sincos_2d(cfg.decoder_dim, (g, g))[order]  # (N, Dd) cluster order
         self.register_buffer("dec_pos", dec_pos.reshape(cfg.clusters_per_image, c2, -1),
@@ -113,11 +119,14 @@ class StarPretrain(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
                                         self.cfg.tokens_per_segment, -1)
 
     def separator_tokens(self) -> Optional[Tensor]:
-        """(c^2, D): pixel separators through the patch embedding, or the learned embedding."""
+        """(c^2, D): pixel separators through the patch embedding, token-space separators as
+        they are, or the learned embedding."""
         if not self.cfg.has_separator:
             return None
         if self.sep_embed is not None:
             return self.sep_embed.weight.expand(self.cfg.tokens_per_segment, -1)
+        if self.sep_tokens is not None:
+            return self.sep_tokens
         return self.encoder.embed_patches(self.sep_pixels)
 
     def check_images(self, images: Tensor) -> None:
@@ -149,7 +158,7 @@ class StarPretrain(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
 
     def target_pixels(self, images: Tensor) -> Tensor:
         """(B*K, C, H, W) -> raw pixels of segments 1..T-1, (B, T-1, c^2, p*p*C) (separators are
-        their pixel patterns; ``embedding`` separators are zeros)."""
+        their pixel patterns, in either ``separator_space``; ``embedding`` separators are zeros)."""
         patches = self._by_cluster(seq.patchify(images, self.cfg.patch_size))  # (B*K, G, c^2, P)
         return self._pack(patches, self.sep_pixels)[:, 1:]
 

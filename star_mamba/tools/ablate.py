@@ -10,6 +10,8 @@ held-out part of the training images) and its 20-NN accuracy, or a short fine-tu
   separator_position   SC | CS | SCS | CSC
   images_per_sequence  K = 1 | 2 | 4 | 8
   cluster_size         c = 1 | 2 | 4   (c x c patches per predicted segment)
+  separator_space      pixel | token   (zeros / ones / identity as pixel patches through the
+                                         patch embedding, or as D-dimensional token vectors)
 
 By default the grid is "one factor at a time": a base point (the default run's STAR setting)
 plus every other value of each axis with the rest held at the base, which costs
@@ -40,7 +42,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ..config import SEPARATORS, SEPARATOR_POSITIONS
+from ..config import SEPARATORS, SEPARATOR_POSITIONS, SEPARATOR_SPACES
 from ..checkpoint import write_json
 from .runner import Pretraining, Probe, pixel_baseline, pretrain_then_probe
 
@@ -51,11 +53,14 @@ AXES: dict[str, tuple] = {
     "separator_position": SEPARATOR_POSITIONS,
     "images_per_sequence": (1, 2, 4, 8),
     "cluster_size": (1, 2, 4),
+    "separator_space": SEPARATOR_SPACES,
 }
 SHORT = {"separator": "sep", "separator_position": "pos", "images_per_sequence": "K",
-         "cluster_size": "c"}
+         "cluster_size": "c", "separator_space": "space"}
 BASE = {"separator": "identity", "separator_position": "SC", "images_per_sequence": 4,
-        "cluster_size": 2}
+        "cluster_size": 2, "separator_space": "pixel"}
+NAMED_ONLY_OFF_BASE = ("separator_space",)  # left out of a point's name at its base value, so
+# the names (and run folders) of grids made before the axis existed stay the same
 
 
 @dataclass(frozen=True)
@@ -86,19 +91,21 @@ class Budget:
 
 @dataclass(frozen=True)
 class Point:
-    """One grid point: the four axis values, or ``scratch`` (no pretraining)."""
+    """One grid point: the axis values, or ``scratch`` (no pretraining)."""
 
     separator: str = BASE["separator"]
     separator_position: str = BASE["separator_position"]
     images_per_sequence: int = BASE["images_per_sequence"]
     cluster_size: int = BASE["cluster_size"]
+    separator_space: str = BASE["separator_space"]
     scratch: bool = False
 
     @property
     def name(self) -> str:
         if self.scratch:
             return "scratch"
-        return "_".join(f"{SHORT[a]}-{getattr(self, a)}" for a in AXES)
+        return "_".join(f"{SHORT[a]}-{getattr(self, a)}" for a in AXES
+                        if a not in NAMED_ONLY_OFF_BASE or getattr(self, a) != BASE[a])
 
     def settings(self) -> dict[str, Any]:
         return {a: getattr(self, a) for a in AXES}
@@ -135,7 +142,8 @@ def grid_points(axes: dict[str, tuple] = AXES, full: bool = False, scratch: bool
     """The points to run, without duplicates, base first.
 
     Points that only differ in a setting that has no effect are merged: without a separator the
-    position is meaningless (kept at the base), and so on.
+    position and the space are meaningless (kept at the base), a learned ``embedding`` separator
+    is a token whichever space is asked for (kept at the base), and so on.
     """
     if full:
         combos = [dict(zip(axes, values)) for values in itertools.product(*axes.values())]
@@ -147,6 +155,8 @@ def grid_points(axes: dict[str, tuple] = AXES, full: bool = False, scratch: bool
     for c in combos:
         if c["separator"] == "none":
             c["separator_position"] = BASE["separator_position"]
+        if c["separator"] in ("none", "embedding"):
+            c["separator_space"] = BASE["separator_space"]
         p = Point(**c)
         if p not in points:
             points.append(p)
@@ -216,13 +226,13 @@ def group_rows(rows: list[dict]) -> list[tuple[str, list[dict]]]:
     for row in rows:
         if row["scratch"]:
             continue
-        diff = [a for a in AXES if row[a] != BASE[a]]
+        diff = [a for a in AXES if row.get(a, BASE[a]) != BASE[a]]  # rows made before an axis
         if len(diff) > 1:
             return [("grid", [r for r in rows if not r["scratch"]])]
         for axis in AXES:
             if not diff or diff == [axis]:
                 groups.setdefault(axis, []).append(row)
-    varied = [(a, sorted(groups[a], key=lambda r: AXES[a].index(r[a])))
+    varied = [(a, sorted(groups[a], key=lambda r: AXES[a].index(r.get(a, BASE[a]))))
               for a in AXES if len(groups.get(a, ())) > 1]
     if varied:
         return varied
@@ -246,8 +256,10 @@ def to_markdown(rows: list[dict], budget: Budget, command: str, batch_size: int 
              "| --- | --- | --- |" + (" --- |" if linear else "") + " --- | --- |"]
     for axis, group in group_rows(rows):
         for row in group:
-            setting = (", ".join(f"{SHORT[a]}={row[a]}" for a in AXES) if axis in ("grid", "base")
-                       else f"{row[axis]}" + (" (base)" if row[axis] == BASE[axis] else ""))
+            setting = (", ".join(f"{SHORT[a]}={row.get(a, BASE[a])}" for a in AXES
+                                 if a not in NAMED_ONLY_OFF_BASE or row.get(a, BASE[a]) != BASE[a])
+                       if axis in ("grid", "base") else
+                       f"{row[axis]}" + (" (base)" if row[axis] == BASE[axis] else ""))
             loss = f"{row['pretrain_loss']:.4f}" if row["pretrain_loss"] is not None else "-"
             lines.append(f"| {axis} | {setting} | {_cells(row, linear)} | {loss} | "
                          f"{row['seconds'] / 60:.1f} |")
@@ -299,8 +311,9 @@ def plot(rows: list[dict], path: Path, pixels: Optional[dict] = None) -> None:
     scores = [r["top1"] for _, g in groups for r in g] + knn + [v for v, _ in references]
     lo, hi = min(scores), max(scores)
     for ax, (axis, group) in zip(axs[0], groups):
-        labels = [str(r[axis]) if axis in AXES else r["name"].replace("_", "\n") for r in group]
-        colors = ["tab:orange" if axis not in AXES or r[axis] == BASE[axis] else "tab:blue"
+        labels = [str(r.get(axis, BASE.get(axis))) if axis in AXES else r["name"].replace("_", "\n") for r in group]
+        colors = ["tab:orange" if axis not in AXES or r.get(axis, BASE[axis]) == BASE[axis]
+                  else "tab:blue"
                   for r in group]
         bars = ax.bar(range(len(group)), [r["top1"] for r in group], color=colors, alpha=0.85)
         ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=1)
