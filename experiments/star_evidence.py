@@ -26,11 +26,11 @@ file); the runs are taken seed by seed, each through all its steps before the ne
                 1 pass; the engine resumes mid-epoch)
   2. probe      converged linear probe (L-BFGS logistic regression, weight-decay sweep on a
                 held-out 10% of the training set) and 20-NN on frozen features of all 60,000
-                training and 10,000 test images (``engine/probe.py``) -> ``probe.json``
+                training and 10,000 test images (``tasks/linprobe.py``) -> ``probe.json``
   3. finetune   a short fine-tune of the main arms (scratch, arm_k1, star_k2, star_k4) ->
                 ``finetune/result.json``
   4. diag       cross-image diagnostics of the final checkpoint on held-out test sequences
-                (``engine/diagnostics.py``): loss per image slot, paired slot gap, decoder
+                (``evaluation/diagnostics.py``): loss per image slot, paired slot gap, decoder
                 attention share on the current image -> ``diag.json``
   5. report     ``--out``: star_evidence.json (every run), star_evidence.md (tables: means,
                 paired differences against arm_k1 at the same budget with 95% t intervals),
@@ -38,7 +38,9 @@ file); the runs are taken seed by seed, each through all its steps before the ne
                 against the budget); the raw-pixel baseline is computed once
                 (``runs/star_evidence/raw_pixels.json``). Runs found in ``--runs`` replace the
                 rows of the same (arm, passes, seed) already in ``--out``'s star_evidence.json;
-                the others are kept, so a report can grow across machines and sessions.
+                the others are kept, so a report can grow across machines and sessions. The
+                report is rewritten after every run, and runs it already holds are skipped:
+                the committed result file alone resumes a grid in a fresh checkout.
 
     .venv/bin/python experiments/star_evidence.py                 # everything, resumable
     .venv/bin/python experiments/star_evidence.py --phase pretrain --arms star_k4 --seeds 0
@@ -155,7 +157,7 @@ def pretrain_step(name: str, seed: int, runs: Path, passes: int, *extra: str) ->
     """Pretrain (or resume); returns the saved summary. None for the scratch arm."""
     if not ARMS[name].pretrained:
         return None
-    from star_mamba.engine.pretrain import pretrain
+    from star_mamba.tasks.pretrain import pretrain
     from star_mamba.tools.runner import tail_loss
     out = run_path(runs, name, seed, passes)
     done = out / "pretrain.json"
@@ -191,14 +193,15 @@ def probe_datasets(data_root: Optional[str]):
 
 
 def probe_step(name: str, seed: int, runs: Path, passes: int, data_root: Optional[str]) -> dict:
-    from star_mamba.engine.probe import evaluate_representation
+    from star_mamba.evaluation.config import ProbeConfig
+    from star_mamba.tasks.linprobe import evaluate_representation
     done = run_path(runs, name, seed, passes) / "probe.json"
     if (result := read_json(done)) is not None:
         return result
     train_set, test_set = probe_datasets(data_root)
     result = evaluate_representation(checkpoint_source(name, seed, runs, passes), train_set,
-                                     test_set, batch_size=500, device="cpu", seed=seed,
-                                     progress=False)
+                                     test_set, ProbeConfig(batch_size=500), seed=seed,
+                                     device="cpu", progress=False)
     save(done, result)
     return result
 
@@ -219,7 +222,7 @@ def finetune_step(name: str, seed: int, runs: Path, passes: int, data_root: Opti
                                     (*MODEL[:2], *FINETUNE, *extra, f"run.seed={seed}")),
                               pretrained, out)
     if result["top1"] is None:  # stopped by --max-steps before its evaluation
-        from star_mamba.engine.finetune import evaluate_checkpoint
+        from star_mamba.tasks.finetune import evaluate_checkpoint
         result["top1"] = evaluate_checkpoint(out / "checkpoint-latest.pth", None, False)["top1"]
     result["seconds"] = round(time.perf_counter() - t, 1)
     save(out / "result.json", result)
@@ -230,12 +233,12 @@ def held_out_sequences(kind: str, k: int, n: int, data_root: Optional[str]) -> t
     """``n`` held-out sequences of ``kind`` (random, clip, same_class) built from the 10,000
     test images with a fixed seed: (n*K, 1, 32, 32), sequence b's image k at b*K + k."""
     from star_mamba.config import StarConfig
+    from star_mamba.data.build import build
+    from star_mamba.data.config import DataConfig
     from star_mamba.data.sequences import build_sequence_dataset
-    from star_mamba.engine.config import DataConfig
-    from star_mamba.engine.data import build_pretrain_images
     geometry = dict(img_size=32, patch_size=4, in_chans=1, cluster_size=2)
-    images = build_pretrain_images(DataConfig(root=data_root, split="test", sequence=kind),
-                                   StarConfig(**geometry, images_per_sequence=k))
+    images = build(DataConfig(root=data_root, split="test", sequence=kind),
+                   StarConfig(**geometry, images_per_sequence=k), "train", "pretrain")
     sequences = build_sequence_dataset(kind, images, k, 32, 1, seed=DIAG_SEED)
     return torch.cat([sequences[i][0] for i in range(n)])  # (n*K, 1, 32, 32)
 
@@ -244,32 +247,28 @@ def held_out_sequences(kind: str, k: int, n: int, data_root: Optional[str]) -> t
 def ordered_slot_losses(model, images: torch.Tensor, batch: int = 32) -> list[float]:
     """Mean loss of each image slot over sequences taken in the order given (no rotation):
     in a clip, slot k is frame k, so a falling curve means earlier frames are used."""
-    from star_mamba.engine.diagnostics import per_slot_losses
+    from star_mamba.evaluation.diagnostics import per_slot_losses
     k = model.cfg.images_per_sequence
     rows = []
     for i in range(0, images.shape[0], batch * k):
         out = model(images[i:i + batch * k])
-        rows.append(per_slot_losses(out.pred, out.target, model.cfg)[0])  # (B, K)
+        rows.append(per_slot_losses(out.patch_loss, model.cfg)[0])  # (B, K)
     return torch.cat(rows).mean(0).tolist()
 
 
 def diag_step(name: str, seed: int, runs: Path, passes: int,
               data_root: Optional[str]) -> Optional[dict]:
-    """The cross-image diagnostics of engine/diagnostics.py on held-out random test images
+    """The cross-image diagnostics of evaluation/diagnostics.py on held-out random test images
     (rotated so that every image is in every slot), plus the loss per slot of in-order held-out
     sequences of each kind (random, clip, same_class) for K > 1."""
     if not ARMS[name].pretrained:
         return None
-    from star_mamba.engine.diagnostics import cross_image_diagnostics
-    from star_mamba.models.convert import read_pretrained
-    from star_mamba.models.pretrain import StarPretrain
+    from star_mamba.evaluation.diagnostics import cross_image_diagnostics
+    from star_mamba.models.io import load_pretrain
     done = run_path(runs, name, seed, passes) / "diag.json"
     if (result := read_json(done)) is not None:
         return result
-    state, cfg = read_pretrained(checkpoint_source(name, seed, runs, passes))
-    model = StarPretrain(cfg)
-    model.load_state_dict(state)
-    model.eval()
+    model = load_pretrain(checkpoint_source(name, seed, runs, passes))
     k = model.cfg.images_per_sequence
     _, test_set = probe_datasets(data_root)
     images = torch.stack([test_set[i][0] for i in range(DIAG_SEQUENCES * k)])  # (N*K, 1, 32, 32)
@@ -284,7 +283,7 @@ def diag_step(name: str, seed: int, runs: Path, passes: int,
 
 
 def raw_pixels(runs: Path, data_root: Optional[str]) -> dict:
-    from star_mamba.engine.probe import raw_pixel_baseline
+    from star_mamba.evaluation.probe import raw_pixel_baseline
     done = runs / "raw_pixels.json"
     if (result := read_json(done)) is not None:
         return result
@@ -648,6 +647,27 @@ def plot_budget(result: dict, path: Path) -> None:
 
 # ------------------------------------------------------------------------------ main
 
+def finished_runs(previous: Optional[dict]) -> set[tuple[str, int, int]]:
+    """(arm, passes, seed) of the rows an earlier report holds: those runs are not run again,
+    so a grid goes on across sessions and machines from the committed result file alone."""
+    rows = merge_previous([], previous) if previous else []
+    return {(r["arm"], r["passes"], r["pretrain_seed"]) for r in rows}
+
+
+def report(runs: Path, out: Path, args: argparse.Namespace, command: str) -> None:
+    """Merges this process's runs into ``out``'s report, under a lock: shards write in turn."""
+    import fcntl
+    out.mkdir(parents=True, exist_ok=True)
+    runs.mkdir(parents=True, exist_ok=True)
+    with open(runs / "report.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        previous = read_json(out / "star_evidence.json")
+        raw = (previous["raw_pixels"] if previous and not (runs / "raw_pixels.json").exists()
+               else raw_pixels(runs, args.data_root))
+        rows = merge_previous(collect(runs, args.seeds, args.arms, args.passes), previous)
+        write_report(rows, raw, out, command)
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     i, sep, n = text.partition("/")
     if not (sep and i.isdigit() and n.isdigit() and 0 <= int(i) < int(n)):
@@ -684,7 +704,12 @@ def main(argv: Optional[list[str]] = None) -> int:
              "finetune": lambda a, s, n: finetune_step(a, s, runs, n, args.data_root, *extra),
              "diag": lambda a, s, n: diag_step(a, s, runs, n, args.data_root)}
     shard, shards = args.shard
-    todo = jobs(args.seeds, args.passes, args.arms)[shard::shards]
+    out = Path(args.out)
+    command = "python experiments/star_evidence.py " + " ".join(sys.argv[1:] if argv is None
+                                                                 else argv)
+    reported = finished_runs(read_json(out / "star_evidence.json"))
+    todo = [job for job in jobs(args.seeds, args.passes, args.arms)[shard::shards]
+            if (job[2], budget_of(job[2], job[1]), job[0]) not in reported]
     for i, (seed, passes, name) in enumerate(todo, 1):  # each run through all its phases
         for phase in phases:
             if phase == "report":
@@ -693,15 +718,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             steps[phase](name, seed, passes)
             print(f"[{i}/{len(todo)}] [{phase}] {name} passes {passes} seed {seed}: "
                   f"{time.perf_counter() - t:.0f} s", flush=True)
+        if "report" in phases:  # after every run: a session cut off keeps what it finished
+            report(runs, out, args, command.strip())
     if "report" in phases:
-        out = Path(args.out)
-        previous = read_json(out / "star_evidence.json")
-        raw = (previous["raw_pixels"] if previous and not (runs / "raw_pixels.json").exists()
-               else raw_pixels(runs, args.data_root))
-        rows = merge_previous(collect(runs, args.seeds, args.arms, args.passes), previous)
-        command = "python experiments/star_evidence.py " + " ".join(sys.argv[1:] if argv is None
-                                                                     else argv)
-        write_report(rows, raw, out, command.strip())
+        report(runs, out, args, command.strip())
         print((out / "star_evidence.md").read_text())
     return 0
 

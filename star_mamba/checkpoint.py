@@ -1,4 +1,6 @@
-"""Checkpoints: atomic writes, a rolling ``checkpoint-latest.pth`` and numbered epoch copies."""
+"""Checkpoints: atomic writes, a rolling ``checkpoint-latest.pth`` and numbered epoch copies,
+and the layout every checkpoint of ours shares (``{"model": weights, "model_config": dict,
+...}``): :func:`model_state` and :func:`ema_state` read it; ``models/io.py`` builds the model."""
 from __future__ import annotations
 
 import json
@@ -7,11 +9,12 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
+from torch import Tensor
 
-from .errors import CheckpointError
+from .errors import CheckpointError, MissingFileError
 
 LATEST = "checkpoint-latest.pth"
 BEST = "checkpoint-best.pth"
@@ -75,16 +78,16 @@ def load_resume(output_dir: Path, resume: str) -> Optional[tuple[Path, dict[str,
     if resume != "auto":
         path = Path(resume)
         if not path.is_file():
-            raise FileNotFoundError(f"run.resume={resume!r}: no such checkpoint file")
+            raise MissingFileError(f"run.resume={resume!r}: no such checkpoint file")
         try:
             return path, load_training_checkpoint(path)
-        except ValueError as e:
-            raise ValueError(f"run.resume={resume!r}: {e}") from e
+        except CheckpointError as e:
+            raise CheckpointError(f"run.resume={resume!r}: {e}") from e
     unreadable = []
     for path in resume_candidates(output_dir):
         try:
             saved = load_training_checkpoint(path)
-        except ValueError as e:
+        except CheckpointError as e:
             unreadable.append(str(e))
             log.warning(f"{e}; left in place, trying an older checkpoint")
             continue
@@ -92,7 +95,7 @@ def load_resume(output_dir: Path, resume: str) -> Optional[tuple[Path, dict[str,
             log.warning(f"resuming from {path}, the newest checkpoint that loads")
         return path, saved
     if unreadable:
-        raise ValueError(f"no checkpoint in {output_dir} can be resumed ({'; '.join(unreadable)}); "
+        raise CheckpointError(f"no checkpoint in {output_dir} can be resumed ({'; '.join(unreadable)}); "
                          "set run.resume=PATH to another checkpoint, or run.resume=never to start "
                          "over (the run's saves then replace these files)")
     return None
@@ -108,14 +111,37 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load tensors and plain containers only (``weights_only``): a checkpoint cannot run code.
 
     ``.safetensors`` files (see :func:`export_safetensors`) load too. An unreadable file raises
-    a ValueError naming it, with the reason in one line.
-    """
+    a :class:`CheckpointError` naming it, with the reason in one line (a missing file:
+    :class:`MissingFileError`)."""
+    if not Path(path).exists():
+        raise MissingFileError(f"checkpoint {path} not found")
     if Path(path).suffix == ".safetensors":
         return load_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file or a pickle that would need arbitrary code
-        raise ValueError(f"cannot load checkpoint {path}: {_why(path, e)}") from e
+        raise CheckpointError(f"cannot load checkpoint {path}: {_why(path, e)}") from e
+
+
+def model_state(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Tensor], Optional[dict]]:
+    """A checkpoint path (``.pth`` or ``.safetensors``), a loaded checkpoint dict or a bare state
+    dict -> (the model's state dict, its ``model_config`` dict or None)."""
+    if not isinstance(source, Mapping):
+        source = load_checkpoint(Path(source))
+    if "model" in source and isinstance(source["model"], Mapping):
+        return dict(source["model"]), source.get("model_config")
+    return dict(source), None
+
+
+def ema_state(saved: Mapping[str, Any], path: Any = "the checkpoint") -> dict[str, Tensor]:
+    """The EMA weights a training checkpoint keeps (``extras.ema``, timm's ``ModelEmaV3`` layout:
+    the model under ``module.``), as the model's own state dict."""
+    extras = saved.get("extras") or {}
+    if "ema" not in extras:
+        raise CheckpointError(f"{path} holds no EMA weights (runs with run.ema_decay=null or "
+                              "run.linprobe keep none); use the weights without --ema")
+    return {k[len("module."):] if k.startswith("module.") else k: v
+            for k, v in extras["ema"].items()}
 
 
 TRAINING_KEYS = ("model", "optimizer", "state", "model_config")
@@ -126,7 +152,7 @@ def load_training_checkpoint(path: Path) -> dict[str, Any]:
     saved = load_checkpoint(path)
     missing = [k for k in TRAINING_KEYS if not isinstance(saved, dict) or k not in saved]
     if missing:
-        raise ValueError(f"cannot resume from {path}: not a training checkpoint (no "
+        raise CheckpointError(f"cannot resume from {path}: not a training checkpoint (no "
                          f"{', '.join(missing)})")
     return saved
 
@@ -165,11 +191,7 @@ def export_safetensors(checkpoint: Path, out: Path, use_ema: bool = False) -> Pa
     saved = load_checkpoint(Path(checkpoint))
     if not isinstance(saved, dict) or "model" not in saved:
         raise CheckpointError(f"{checkpoint} is not a star-mamba checkpoint (no 'model' weights)")
-    weights = saved["model"]
-    if use_ema:
-        if "ema" not in saved.get("extras", {}):
-            raise CheckpointError(f"{checkpoint} holds no EMA weights")
-        weights = {k[len("module."):]: v for k, v in saved["extras"]["ema"].items()}
+    weights = ema_state(saved, checkpoint) if use_ema else saved["model"]
     metadata = {"format": "star-mamba", "model_config": json.dumps(saved.get("model_config"))}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,10 @@
   star-mamba convert-arm SRC --out FILE.pth [--set model.KEY=VALUE] ARM checkpoint -> ours
   star-mamba models                                                model sizes
 
-A mistake in what was asked (a config value, a missing file, a checkpoint that does not fit)
-ends as one line on stderr, "star-mamba <command>: error: <message>", with exit code 2;
-star-mamba --debug <command> ... shows the traceback instead.
+A mistake in what was asked (a config value, a missing file, a checkpoint that does not fit:
+a ``star_mamba.errors.UserError``) ends as one line on stderr, "star-mamba <command>: error:
+<message>", with exit code 2; star-mamba --debug <command> ... shows the traceback instead.
+Anything else is a bug: its traceback is shown and the exit code is 1.
 """
 from __future__ import annotations
 
@@ -29,12 +30,10 @@ from typing import Callable, Optional, Sequence
 from .errors import ConfigError, UserError
 from .tools.ablate import Budget
 
-USER_ERRORS = (UserError, ValueError, FileNotFoundError, IsADirectoryError, NotADirectoryError,
-               PermissionError, FloatingPointError)
+USER_ERRORS = (UserError,)
 """What :func:`main` reports as one line (exit code 2) instead of a traceback: config, data and
-checkpoint mistakes (:class:`UserError`, and the ``ValueError`` of any validation), files that
-are missing or cannot be read, and a run stopped by non-finite losses (its message says what to
-change). Any other exception is a bug and keeps its traceback."""
+checkpoint mistakes, missing files, a run stopped by non-finite losses (``errors.py``: every one
+says what to change). Any other exception is a bug and keeps its traceback (exit code 1)."""
 
 
 # ------------------------------------------------------------------ arguments of each command
@@ -108,8 +107,8 @@ def _viz_args(v: argparse.ArgumentParser) -> None:
     v.add_argument("--out", default=None, help="output directory (default: <checkpoint dir>/viz)")
     v.add_argument("--num-sequences", type=int, default=2, help="packed sequences in the grid")
     v.add_argument("--max-batches", type=int, default=8, help="batches averaged in the loss plot")
-    v.add_argument("--split", default="test", help="data split to draw images from "
-                                                   "(default: test, images not trained on)")
+    v.add_argument("--split", default=None, help="data split to draw images from (default: the "
+                                                 "data's eval split, images not trained on)")
     v.add_argument("--first-clusters", type=int, default=1,
                    help="clusters counted as 'first' in the printed summary (default 1)")
     v.add_argument("--seed", type=int, default=0)
@@ -191,19 +190,15 @@ def _run_shortcuts(args: argparse.Namespace, *names: str) -> list[str]:
 
 def _train(args: argparse.Namespace) -> int:
     from .engine.config import load_config
-    cfg = load_config(args.config, _run_shortcuts(args, "output_dir", "resume"), task=args.command)
-    if args.command == "pretrain":
-        from .engine.pretrain import pretrain
-        pretrain(cfg)
-    else:
-        from .engine.finetune import finetune
-        finetune(cfg)
+    from .tasks import run_task
+    run_task(load_config(args.config, _run_shortcuts(args, "output_dir", "resume"),
+                         task=args.command))
     return 0
 
 
 def _linprobe(args: argparse.Namespace) -> int:
     from .engine.config import load_config
-    from .engine.linprobe import RESULT, linprobe
+    from .tasks.linprobe import RESULT, linprobe
     r = linprobe(load_config(args.config, _run_shortcuts(args, "pretrained", "output_dir"),
                              task="linprobe"))
     source = r["checkpoint"] or f"random backbone (seed {r['random_init_seed']})"
@@ -217,7 +212,7 @@ def _linprobe(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .engine.config import load_config
-    from .engine.finetune import evaluate_checkpoint
+    from .tasks.finetune import evaluate_checkpoint
     if args.config is not None:
         result = evaluate_checkpoint(args.checkpoint, load_config(args.config, args.overrides,
                                                                   task="finetune"), args.ema)
@@ -254,11 +249,40 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def gpu_harness_dir():
+    """benchmarks/gpu/ of the source checkout this star_mamba was imported from (an installed
+    wheel has none): the GPU acceptance harness, ``star-mamba bench --gpu``."""
+    from pathlib import Path
+
+    import star_mamba
+    return Path(star_mamba.__file__).resolve().parents[1] / "benchmarks" / "gpu"
+
+
+def load_gpu_harness():
+    """benchmarks/gpu/acceptance.py as a module; a :class:`UserError` when it is not there."""
+    import importlib.util
+
+    path = gpu_harness_dir() / "acceptance.py"
+    if not path.is_file():
+        raise UserError(f"the GPU acceptance run needs a source checkout ({path} is missing, as in "
+                        "an installed wheel): git clone the star-mamba repository, then from its "
+                        "root run `PYTHONPATH=. star-mamba bench --gpu` or "
+                        "`python benchmarks/gpu/acceptance.py`")
+    name = "star_mamba_gpu_acceptance"
+    module = sys.modules.get(name)
+    if module is None or getattr(module, "__file__", None) != str(path):
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # before running it: dataclasses look their module up
+        spec.loader.exec_module(module)
+    return module
+
+
 def _bench(args: argparse.Namespace) -> int:
     if args.gpu:
         import torch
 
-        from .tools.bench_gpu import run_acceptance
+        run_acceptance = load_gpu_harness().run_acceptance
         if not args.dry_run and not torch.cuda.is_available():
             raise UserError("--gpu needs a CUDA device (torch.cuda.is_available() is False); "
                             "--gpu --dry-run runs the same code on CPU at tiny sizes")
@@ -320,7 +344,7 @@ def _viz(args: argparse.Namespace) -> int:
     print(f"first {r['first_clusters']} cluster(s): image 0 {r['first_cluster_loss_image0']:.4f}, "
           f"images 1.. {r['first_cluster_loss_later_images']:.4f}")
     if args.diagnostics:
-        from .engine.diagnostics import summary_line
+        from .evaluation.diagnostics import summary_line
         step = r["diagnostics_step"]
         print(f"diagnostics{'' if step is None else f' at step {step}'} on "
               f"{r['diagnostics']['images']} held-out images: {summary_line(r['diagnostics'])}")

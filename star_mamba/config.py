@@ -347,6 +347,8 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
         raise ConfigError(f"{where}: a value is required")
     if annotation is Any:
         return value
+    if origin is typing.Literal:
+        return _choice_value(value, args, where)
     if annotation is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false")
@@ -363,6 +365,8 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
             if not math.isfinite(value) or value != int(value):
                 raise ConfigError(f"{where}: expected an integer")
             return int(value)
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}: expected a finite number")
         return float(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
@@ -386,6 +390,20 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
             raise ConfigError(f"{where}: expected a single value")
         return str(value)
     return value
+
+
+def _choice_value(value: Any, allowed: tuple, where: str) -> Any:
+    """A ``Literal[...]`` field: ``value`` (as the choices' type) if it is one of ``allowed``."""
+    kind = type(allowed[0])
+    try:
+        value = coerce(value, kind, where.partition("=")[0].removeprefix("invalid config: "))
+    except ConfigError:
+        pass
+    if value in allowed and type(value) is kind:
+        return value
+    hint = did_you_mean(str(value), [str(a) for a in allowed])
+    choices = ", ".join(map(str, allowed))
+    raise ConfigError(f"{where}{hint} (allowed: {choices})" if hint else f"{where}; allowed: {choices}")
 
 
 def _type_name(annotation: Any) -> str:

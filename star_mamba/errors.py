@@ -3,7 +3,10 @@
 Config, data and checkpoint code raise these with a message that names the field or file and
 says what to do. ``star-mamba`` prints such an error as one line
 (``star-mamba <cmd>: error: <message>``) and exits with code 2; ``--debug`` shows the traceback.
-Each class is also a ``ValueError``, so code that catches ``ValueError`` keeps working.
+Any other exception is a bug: the command line lets it through with its traceback (exit 1).
+
+Each class also derives from the builtin a caller would expect (``ValueError``,
+``FileNotFoundError``, ``FloatingPointError``), so code that catches those keeps working.
 """
 from __future__ import annotations
 
@@ -18,3 +21,24 @@ class ConfigError(UserError, ValueError):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be read, or does not fit what it is used for."""
+
+
+class DataError(UserError, ValueError):
+    """Data that cannot be used as asked: unreadable or mis-shaped files, too few images, too
+    many unreadable ones."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or directory the run needs is not there (the message names it)."""
+
+
+class DivergedError(UserError, FloatingPointError):
+    """Training stopped on non-finite losses; the message says what to change."""
+
+
+class BackendError(UserError, RuntimeError):
+    """A selective-scan backend that this machine cannot run (``model.scan_backend``)."""
+
+
+class UnreadableImagesError(DataError, RuntimeError):
+    """More unreadable images than ``data.max_bad_fraction`` allows (or none readable at all)."""

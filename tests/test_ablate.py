@@ -2,10 +2,15 @@
 import json
 
 import pytest
+import torch
 
+from star_mamba.engine.config import from_dict
+from star_mamba.evaluation.probe import probe_features
 from star_mamba.tools.ablate import (AXES, BASE, Budget, Point, ablate, check_point, grid_points,
                                      parse_axes, to_markdown)
 from star_mamba.cli import main
+
+from .conftest import requires_fashion_mnist
 
 
 def test_one_factor_grid_has_base_each_other_value_and_scratch():
@@ -65,14 +70,23 @@ TINY = Budget(depth=2, pretrain_images=64, probe_images=128, eval_images=64,
               extra=("model.decoder_depth=2", "optim.batch_size=16", "run.save_every_steps=2"))
 
 
+@requires_fashion_mnist
 def test_tiny_grid_runs_writes_the_report_and_resumes(tmp_path):
     axes = parse_axes(["sep=identity,none", "pos=SC", "K=4", "c=2", "space=pixel"])
     rows = ablate(tmp_path, TINY, axes)
     assert [r["name"] for r in rows] == ["sep-identity_pos-SC_K-4_c-2", "sep-none_pos-SC_K-4_c-2",
                                          "scratch"]
-    for r in rows:  # the converged linear probe and k-NN of each backbone
-        assert 0 <= r["top1"] <= 100 and r["top1"] == r["linear_probe_top1"]
-        assert 0 <= r["knn_top1"] <= 100 and r["n_train"] == 128 and r["n_test"] == 64
+    for r in rows:  # the converged linear probe and k-NN of each backbone, on its features
+        probe_dir = tmp_path / "runs" / r["name"] / "probe"
+        run = from_dict(json.loads((probe_dir / "linprobe.json").read_text())["config"])
+        (train_x, train_y), (test_x, test_y) = (
+            (f["features"], f["labels"]) for f in (
+                torch.load(probe_dir / f"features-{split}.pt", weights_only=True)
+                for split in ("train", "test")))
+        assert (len(train_y), len(test_y)) == (r["n_train"], r["n_test"]) == (128, 64)
+        again = probe_features(train_x, train_y, test_x, test_y, run.probe, seed=run.run.seed)
+        assert r["top1"] == r["linear_probe_top1"] == again["linear_probe_top1"]
+        assert r["knn_top1"] == again["knn_top1"]
         assert (r["pretrain_loss"] is None) == r["scratch"]
     pixels = json.loads((tmp_path / "raw_pixels.json").read_text())["result"]
     assert (pixels["n_train"], pixels["n_test"], pixels["feature_dim"]) == (128, 64, 32 * 32)
@@ -120,6 +134,7 @@ def test_cli_dry_run_and_errors(capsys):
     assert BASE["separator"] == "identity"
 
 
+@requires_fashion_mnist
 def test_runner_shares_a_pretraining_takes_any_probe_and_resumes(tmp_path):
     from star_mamba.checkpoint import load_checkpoint
     from star_mamba.tools.runner import Pretraining, Probe, pretrain_then_probe

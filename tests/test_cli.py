@@ -12,8 +12,9 @@ from PIL import Image
 
 from star_mamba import checkpoint as ckpt
 from star_mamba.cli import COMMANDS, main
-from star_mamba.data.fashion_mnist import find_fashion_mnist
 from star_mamba.errors import ConfigError
+
+from .conftest import requires_fashion_mnist
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -125,7 +126,7 @@ def test_debug_shows_the_traceback_and_bugs_are_not_swallowed(monkeypatch, capsy
     def bug(cfg):
         raise KeyError("a bug, not a user error")
 
-    monkeypatch.setattr("star_mamba.engine.pretrain.pretrain", bug)
+    monkeypatch.setattr("star_mamba.tasks.pretrain.pretrain", bug)
     with pytest.raises(KeyError):
         main(["pretrain"])
     assert capsys.readouterr().err == ""
@@ -145,6 +146,26 @@ def test_subprocess_prints_one_line_and_nothing_else():
         "'cluster_size'?"]
 
 
+def test_an_internal_value_error_shows_its_traceback_and_exits_1(tmp_path):
+    """A ValueError from inside the model is a bug, not the user's mistake: not one line."""
+    code = ("import sys\n"
+            "from star_mamba.models.pretrain import StarPretrain\n"
+            "def forward(self, images):\n"
+            "    raise ValueError('batch of 8 images against 4 targets inside the loss')\n"
+            "StarPretrain.forward = forward\n"
+            "from star_mamba.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n")
+    r = subprocess.run([sys.executable, "-c", code, "pretrain",
+                        *sets(*TINY_PRETRAIN, "run.max_steps=1"), "--output-dir", str(tmp_path)],
+                       cwd=ROOT, text=True, capture_output=True, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "Traceback (most recent call last)" in r.stderr
+    assert r.stderr.rstrip().endswith(
+        "ValueError: batch of 8 images against 4 targets inside the loss")
+    assert "star-mamba pretrain: error:" not in r.stderr
+
+
 def test_set_model_float_in_exponent_form_trains(tmp_path, capsys):
     assert main(["pretrain", *sets(*TINY_PRETRAIN, "model.drop_path_rate=1e-1", "run.max_steps=1"),
                  "--output-dir", str(tmp_path)]) == 0
@@ -159,14 +180,6 @@ def test_resume_of_another_model_is_one_line(tmp_path, capsys):
     assert main([*args, "--set", "model.embed_dim=64"]) == 2
     assert_one_error_line(capsys, "pretrain", "model.embed_dim: checkpoint 32 vs config 64",
                           "run.resume=never")
-
-
-def _fashion_available():
-    try:
-        find_fashion_mnist()
-    except FileNotFoundError:
-        return False
-    return True
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +225,7 @@ def test_eval_uses_the_checkpoint_run_config(eight_class_run, tmp_path, capsys):
     assert_one_error_line(capsys, "finetune", "model.num_classes=10", "8 classes")
 
 
-@pytest.mark.skipif(not _fashion_available(), reason="Fashion-MNIST is not installed")
+@requires_fashion_mnist
 def test_eval_with_another_config_is_a_clear_class_count_error(eight_class_run, capsys):
     """What the issue hit: the 8-class checkpoint evaluated with the Fashion-MNIST config."""
     _, out = eight_class_run

@@ -12,11 +12,15 @@ from .conftest import TINY, TINY_DECODER, tiny_classifier
 KERNELS = [b for b in available_backends("cpu") if b in ("torch", "numba")]
 
 
+SMALL = dict(depth=1)  # one block each: compiling costs time per block, the checks do not need two
+
+
 def _models(backend):
     torch.manual_seed(0)
-    pre = star_mamba.create_pretrain_model("star_tiny", scan_backend=backend, **TINY,
-                                           **TINY_DECODER)
-    cls = tiny_classifier(scan_backend=backend, num_classes=5, drop_path_rate=0.0)
+    pre = star_mamba.create_pretrain_model("star_tiny", scan_backend=backend,
+                                           **{**TINY, **TINY_DECODER, **SMALL, "decoder_depth": 1})
+    cls = tiny_classifier(scan_backend=backend, num_classes=5, drop_path_rate=0.0,
+                          directions=2, **SMALL)
     return [("pretrain", pre, torch.randn(4, 1, 16, 16)), ("classifier", cls, torch.randn(2, 1, 16, 16))]
 
 

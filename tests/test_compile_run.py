@@ -5,11 +5,15 @@ import torch
 
 from star_mamba import checkpoint as ckpt
 from star_mamba.config import StarConfig
-from star_mamba.engine.finetune import build_datasets, evaluate_checkpoint, finetune
-from star_mamba.engine.pretrain import pretrain
+from star_mamba.data.build import classification_sets
+from star_mamba.tasks.finetune import evaluate_checkpoint, finetune
+from star_mamba.tasks.pretrain import pretrain
 from star_mamba.models.classifier import StarClassifier
 
 from .conftest import finetune_config, make_shapes, pretrain_config
+
+
+SMALL = ("model.depth=1", "model.decoder_depth=1")  # compile time grows with the blocks
 
 
 def _keys(out):
@@ -21,7 +25,7 @@ def test_compiled_pretraining_writes_plain_checkpoints(tmp_path):
     runs = {}
     for compiled in (False, True):
         out = tmp_path / f"compile_{compiled}"
-        summary = pretrain(pretrain_config(out, "run.max_steps=2",
+        summary = pretrain(pretrain_config(out, "run.max_steps=2", *SMALL,
                                            f"run.compile={str(compiled).lower()}"))
         assert summary["step"] == 2
         runs[compiled] = _keys(out)
@@ -35,7 +39,8 @@ def test_compiled_finetuning_and_eval_write_plain_checkpoints(tmp_path):
     for compiled in (False, True):
         out = tmp_path / f"compile_{compiled}"
         cfg = finetune_config(tmp_path / "shapes", out, "data.num_workers=0",
-                              "optim.batch_size=4", f"run.compile={str(compiled).lower()}")
+                              "optim.batch_size=4", "model.depth=1",
+                              f"run.compile={str(compiled).lower()}")
         summary = finetune(cfg)
         assert summary["step"] == 2 and summary["best"]["epoch"] == 1
         runs[compiled] = _keys(out)
@@ -44,7 +49,7 @@ def test_compiled_finetuning_and_eval_write_plain_checkpoints(tmp_path):
         saved = ckpt.load_checkpoint(out / ckpt.LATEST)
         model = StarClassifier(StarConfig.from_dict(saved["model_config"])).eval()
         model.load_state_dict({k[len("module."):]: v for k, v in saved["extras"]["ema"].items()})
-        _, eval_set, _ = build_datasets(cfg.data, model.cfg, train=False)
+        _, eval_set, _ = classification_sets(cfg.data, model.cfg, train=False)
         images, labels = zip(*(eval_set[i] for i in range(len(eval_set))))
         with torch.no_grad():
             right = (model(torch.stack(images)).argmax(1) == torch.tensor(labels)).sum().item()

@@ -7,9 +7,10 @@ import pytest
 
 from star_mamba import checkpoint as ckpt
 from star_mamba.config import StarConfig, typed_values
-from star_mamba.engine.config import (CONFIG_DIR, SECTIONS, DataConfig, ModelSection,
+from star_mamba.data.config import DataConfig
+from star_mamba.engine.config import (CONFIG_DIR, SECTIONS, ModelSection,
                                       load_config, resolve_config_path)
-from star_mamba.engine.pretrain import pretrain
+from star_mamba.tasks.pretrain import pretrain
 from star_mamba.errors import CheckpointError, ConfigError
 
 TINY_PRETRAIN = ["model.img_size=16", "model.patch_size=4", "model.in_chans=1",

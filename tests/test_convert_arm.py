@@ -471,7 +471,8 @@ def _arm_training_checkpoint(sd):
 
 def test_convert_classifier_checkpoint_reads_back_and_evaluates(tmp_path):
     from star_mamba.engine.config import load_config
-    from star_mamba.engine.finetune import build_datasets, evaluate_checkpoint
+    from star_mamba.data.build import classification_sets
+    from star_mamba.tasks.finetune import evaluate_checkpoint
     sd = arm_classifier_state(dtype=torch.float32)
     torch.save(_arm_training_checkpoint(sd), tmp_path / "arm.pth")
     report = convert_arm_checkpoint(tmp_path / "arm.pth", tmp_path / "star.pth")
@@ -498,7 +499,7 @@ def test_convert_classifier_checkpoint_reads_back_and_evaluates(tmp_path):
         "data.num_workers=0", "data.crop_pct=1.0", "optim.batch_size=4", "run.progress=false",
         "run.tensorboard=false", "run.threads=1", f"run.output_dir={tmp_path / 'eval'}"])
     result = evaluate_checkpoint(tmp_path / "star.pth", cfg)
-    _, eval_set, _ = build_datasets(cfg.data, model.cfg, train=False)
+    _, eval_set, _ = classification_sets(cfg.data, model.cfg, train=False)
     x = torch.stack([eval_set[i][0] for i in range(len(eval_set))])
     y = torch.tensor([eval_set[i][1] for i in range(len(eval_set))])
     with torch.no_grad():

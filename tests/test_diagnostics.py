@@ -1,4 +1,4 @@
-"""Cross-image diagnostics (engine/diagnostics.py): slot tables per layout, rotations, slot
+"""Cross-image diagnostics (evaluation/diagnostics.py, data/build.py): slot tables per layout, rotations, slot
 losses against the model's loss, the paired gap against hand-built placements, attention
 weights against the module, the held-out batch, and the wiring into pretraining runs."""
 import json
@@ -11,10 +11,11 @@ import torch
 from star_mamba import sequence as seq
 from star_mamba.config import SEPARATOR_POSITIONS
 from star_mamba.data import FashionMNIST, SyntheticImages
-from star_mamba.engine import diagnostics as diag
+from star_mamba.data import build as data_build
+from star_mamba.evaluation import diagnostics as diag
 from star_mamba.engine.config import load_config
 from star_mamba.engine.metrics import read_metrics
-from star_mamba.engine.pretrain import pretrain
+from star_mamba.tasks.pretrain import pretrain
 from star_mamba.errors import ConfigError
 from star_mamba.tools.viz import loss_per_position
 
@@ -124,7 +125,7 @@ def test_slot_losses_recompose_the_model_loss(layout, separator_loss):
     rotated = images[diag.rotation_index(6, 3).reshape(-1)]
     with torch.no_grad():
         o = model(rotated)
-    table = loss_per_position(o.pred, o.target, cfg)  # (K, G), NaN: never predicted
+    table = loss_per_position(o.patch_loss, cfg)  # (K, G), NaN: never predicted
     for k in range(3):
         assert out[f"slot_loss/{k}"] == pytest.approx(torch.nanmean(table[k]).item(), rel=1e-5)
     assert out["loss"] == pytest.approx(o.loss.item(), rel=1e-5)
@@ -318,37 +319,37 @@ def test_bad_inputs_are_clear_errors():
 def test_held_out_synthetic_images_follow_the_training_ones(tmp_path):
     cfg = pretrain_config(tmp_path)  # 64 synthetic images, K = 2
     model_cfg = cfg.model.star_config()
-    held = diag.held_out_images(cfg.data, model_cfg, 11)  # 10: a multiple of K
+    held = data_build.held_out_images(cfg.data, model_cfg, 11)  # 10: a multiple of K
     assert held.shape == (10, 1, 16, 16) and held.dtype == torch.float32
-    assert torch.equal(held, diag.held_out_images(cfg.data, model_cfg, 11))
+    assert torch.equal(held, data_build.held_out_images(cfg.data, model_cfg, 11))
     every = SyntheticImages(64 + 10, img_size=16, in_chans=1)  # the generator's images 64..73
-    picks = 64 + torch.randperm(10, generator=torch.Generator().manual_seed(diag.HELD_OUT_SEED))
+    picks = 64 + torch.randperm(10, generator=torch.Generator().manual_seed(data_build.HELD_OUT_SEED))
     assert torch.equal(held, torch.stack([every[i][0] for i in picks.tolist()]))
     with pytest.raises(ConfigError,
                        match=r"run.diag_images=1 is fewer than model.images_per_sequence=2"):
-        diag.held_out_images(cfg.data, model_cfg, 1)
+        data_build.held_out_images(cfg.data, model_cfg, 1)
 
 
 @requires_fashion_mnist
 def test_held_out_fashion_mnist_images_come_from_the_test_split():
     cfg = load_config("pretrain/fashion_mnist")
     model_cfg = cfg.model.star_config()
-    held = diag.held_out_images(cfg.data, model_cfg, 8)
+    held = data_build.held_out_images(cfg.data, model_cfg, 8)
     assert held.shape == (8, 1, 32, 32)
     test = FashionMNIST(split="test", img_size=32, in_chans=1)
-    picks = torch.randperm(len(test), generator=torch.Generator().manual_seed(diag.HELD_OUT_SEED))
+    picks = torch.randperm(len(test), generator=torch.Generator().manual_seed(data_build.HELD_OUT_SEED))
     assert torch.equal(held, torch.stack([test[i][0] for i in picks[:8].tolist()]))
 
 
 def test_held_out_image_folder_uses_the_val_split(shapes_8, tmp_path):
     cfg = load_config("pretrain/fashion_mnist", [
         "data.name=imagefolder", f"data.root={shapes_8}", "model.in_chans=3", "model.img_size=32"])
-    held = diag.held_out_images(cfg.data, cfg.model.star_config(), 12)
+    held = data_build.held_out_images(cfg.data, cfg.model.star_config(), 12)
     assert held.shape == (12, 3, 32, 32)
     with pytest.raises(ConfigError,
                        match=r"diag_images=20 but the imagefolder eval split holds 16"):
-        diag.held_out_images(cfg.data, cfg.model.star_config(), 20)
-    fewer = diag.held_out_images(cfg.data, cfg.model.star_config(), 20, allow_fewer=True)
+        data_build.held_out_images(cfg.data, cfg.model.star_config(), 20)
+    fewer = data_build.held_out_images(cfg.data, cfg.model.star_config(), 20, allow_fewer=True)
     assert fewer.shape == (16, 3, 32, 32)  # the whole val split
     assert torch.equal(fewer[:12], held)  # the same seeded draw, cut shorter
 

@@ -11,12 +11,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from star_mamba import checkpoint as ckpt
-from star_mamba.engine import finetune as finetune_module
+from star_mamba.tasks import finetune as finetune_module
 from star_mamba.engine import trainer
 from star_mamba.engine.config import load_config
 from star_mamba.engine.dist import resolve_device
-from star_mamba.engine.finetune import finetune
-from star_mamba.engine.pretrain import pretrain
+from star_mamba.tasks.finetune import finetune
+from star_mamba.tasks.pretrain import pretrain
 from star_mamba.engine.sampler import (BlockShardSampler, EpochIndexSampler, SeededDataset,
                                        collate_reported)
 from star_mamba.seeding import block_seed, mix_seed, sample_seed

@@ -8,8 +8,8 @@ from timm.optim import create_optimizer_v2
 
 import star_mamba
 from star_mamba.cli import main
-from star_mamba.engine import finetune as finetune_module
-from star_mamba.engine.finetune import evaluate_checkpoint, finetune
+from star_mamba.tasks import finetune as finetune_module
+from star_mamba.tasks.finetune import evaluate_checkpoint, finetune
 from star_mamba.checkpoint import load_checkpoint
 from star_mamba.models.classifier import StarClassifier
 from star_mamba.models.convert import interpolate_pos_embed, load_pretrained

@@ -11,7 +11,7 @@ from star_mamba.data import build_dataset
 from star_mamba.data.folder import collect_unreadable
 from star_mamba.data.transforms import build_pretrain_transform
 from star_mamba.engine.config import load_config
-from star_mamba.engine.pretrain import pretrain
+from star_mamba.tasks.pretrain import pretrain
 from star_mamba.errors import ConfigError
 
 from .conftest import PRETRAIN_RUN
@@ -101,7 +101,7 @@ HF_CLASSIFIER = ["model.name=star_tiny", "model.img_size=16", "model.patch_size=
 
 
 def test_converged_linear_probe_on_a_saved_dataset(saved, tmp_path):
-    from star_mamba.engine.linprobe import linprobe
+    from star_mamba.tasks.linprobe import linprobe
     result = linprobe(load_config("linprobe/fashion_mnist", [
         *HF_CLASSIFIER, f"data.root={saved}", "probe.knn_k=3", f"run.output_dir={tmp_path}"]))
     assert (result["n_train"], result["n_test"], result["feature_dim"]) == (16, 4, 16)
@@ -111,9 +111,45 @@ def test_converged_linear_probe_on_a_saved_dataset(saved, tmp_path):
 
 
 def test_head_only_finetune_and_eval_on_a_saved_dataset(saved, tmp_path):
-    from star_mamba.engine.finetune import evaluate_checkpoint, finetune
+    from star_mamba.tasks.finetune import evaluate_checkpoint, finetune
     finetune(load_config("finetune/fashion_mnist", [
         *HF_CLASSIFIER, f"data.root={saved}", "optim.batch_size=4", "optim.epochs=1",
         "run.linprobe=true", f"run.output_dir={tmp_path}"]))
     metrics = evaluate_checkpoint(tmp_path / ckpt.LATEST)  # the 'test' split, 4 rows
     assert metrics["top1"] * 4 / 100 == pytest.approx(round(metrics["top1"] * 4 / 100))
+
+
+def test_diagnostics_and_viz_run_on_a_saved_dataset(saved, tmp_path):
+    """Held-out images are the 'test' rows through the evaluation transform; viz shows them
+    with ImageNet's mean and std undone."""
+    import json
+
+    import torchvision.transforms as T
+    from star_mamba.data.build import held_out_images
+    from star_mamba.data.transforms import build_eval_transform
+    from star_mamba.engine.metrics import read_metrics
+    from star_mamba.tools import viz
+    cfg = load_config("pretrain/fashion_mnist", [
+        *PRETRAIN_RUN, "model.in_chans=3", "data.name=hf", f"data.root={saved}",
+        "data.image_column=img", "data.label_column=y", "data.num_workers=0",
+        "data.max_bad_fraction=0.1", "optim.batch_size=4", "optim.epochs=1", "run.max_steps=2",
+        "run.diag_every=2", "run.diag_images=4", f"run.output_dir={tmp_path / 'run'}"])
+    pretrain(cfg)
+    diags = [r["diag"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "diag" in r]
+    assert len(diags) == 1 and diags[0]["images"] == 4
+
+    held = held_out_images(cfg.data, cfg.model.star_config(), 4)  # all 4 test rows, drawn
+    tf = build_eval_transform(16, cfg.data.crop_pct)
+    photos = [Image.open(io.BytesIO(row["img"]["bytes"])).convert("RGB") for row in
+              datasets.load_from_disk(str(saved))["test"].cast_column(
+                  "img", datasets.Image(decode=False))]
+    expected = torch.stack([tf(im) for im in photos])
+    order = [next(j for j in range(4) if torch.allclose(h, expected[j])) for h in held]
+    assert sorted(order) == [0, 1, 2, 3]
+    unnormalised = torch.stack([T.Compose(tf.transforms[:-1])(photos[j]) for j in order])
+    torch.testing.assert_close(cfg.data.spec.display(held), unnormalised, atol=1e-6, rtol=0)
+
+    out = viz.visualize(tmp_path / "run" / ckpt.LATEST, tmp_path / "viz", cfg, num_sequences=1,
+                        max_batches=1)
+    assert (out["data"], out["split"], out["sequences"]) == ("hf", "test", 2)
+    assert json.loads((tmp_path / "viz" / "diagnostics.json").read_text())["logged"]

@@ -11,9 +11,11 @@ from star_mamba.cli import main
 from star_mamba.data import build_image_folder
 from star_mamba.data.transforms import build_eval_transform
 from star_mamba.engine.config import load_config
-from star_mamba.engine.linprobe import RESULT, linprobe
-from star_mamba.engine.probe import (classifier_from_pretrained, extract_features,
-                                     probe_features, raw_pixel_baseline)
+from star_mamba.tasks.linprobe import RESULT, linprobe
+from star_mamba.evaluation.config import ProbeConfig
+from star_mamba.evaluation.features import extract_features
+from star_mamba.evaluation.probe import probe_features, raw_pixel_baseline
+from star_mamba.models.io import probe_classifier as classifier_from_pretrained
 from star_mamba.seeding import seed_everything
 from star_mamba.tools.runner import PIXELS, Pretraining, Probe, pixel_baseline, pretrain_then_probe
 
@@ -72,7 +74,7 @@ def test_linprobe_scores_a_pretraining_checkpoint_on_unaugmented_features(shapes
     assert torch.allclose(cached["features"], train_x, atol=1e-5)
     assert torch.equal(cached["labels"], train_y)
     expected = probe_features(train_x, train_y, test_x, test_y,
-                              weight_decays=(1e-4, 1e-2, 1.0), knn_k=5)
+                              ProbeConfig(weight_decays=(1e-4, 1e-2, 1.0), knn_k=5))
     assert r["linear_probe_top1"] == pytest.approx(expected["linear_probe_top1"])
     assert r["knn_top1"] == pytest.approx(expected["knn_top1"])
     assert r["weight_decay"] == expected["weight_decay"]
@@ -152,7 +154,7 @@ def test_pixel_baseline_is_computed_once_per_directory(shapes_8, tmp_path):
     first = pixel_baseline(tmp_path, probe)
     stamp = (tmp_path / PIXELS).stat().st_mtime_ns
     expected = raw_pixel_baseline(eval_images(shapes_8, "train"), eval_images(shapes_8, "val"),
-                                  weight_decays=(1e-4, 1e-2, 1.0), knn_k=5)
+                                  ProbeConfig(weight_decays=(1e-4, 1e-2, 1.0), knn_k=5))
     assert (first["n_train"], first["n_test"], first["feature_dim"]) == (32, 16, 3 * 16 * 16)
     assert first["linear_probe_top1"] == pytest.approx(expected["linear_probe_top1"])
     assert first["knn_top1"] == pytest.approx(expected["knn_top1"])

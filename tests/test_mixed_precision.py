@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import star_mamba
-from star_mamba.engine.pretrain import pretrain
+from star_mamba.tasks.pretrain import pretrain
 from star_mamba.ops import available_backends
 
 from .conftest import TINY, TINY_DECODER, pretrain_config, tiny_classifier

@@ -143,7 +143,7 @@ def test_token_space_separator_is_the_pattern_over_channels(separator):
     G = model.cfg.clusters_per_image
     assert torch.equal(model(images).target[0, G], seq.separator_patches(separator, c, 4))
     # the encoder sees the token-space separator: segment 0 of the packed input is the pattern
-    packed = model._pack(model._by_cluster(model.encoder.embed(images)), tokens)
+    packed = model.pack(model.by_cluster(model.encoder.embed(images)), tokens)
     assert torch.equal(packed[0, 0], expected) and torch.equal(packed[1, G + 1], expected)
 
 

@@ -12,7 +12,7 @@ from star_mamba.cli import main
 from star_mamba.checkpoint import load_checkpoint
 from star_mamba.engine.config import load_config
 from star_mamba.engine.metrics import read_metrics
-from star_mamba.engine.pretrain import pretrain
+from star_mamba.tasks.pretrain import pretrain
 
 from .conftest import (assert_same_tensors, pretrain_config, pretrain_one_and_two_processes,
                        truncate)

@@ -8,10 +8,13 @@ from torch.utils.data import TensorDataset
 
 import star_mamba
 from star_mamba.data import SyntheticImages
-from star_mamba.engine.probe import (Standardizer, classifier_from_pretrained,
-                                     evaluate_representation, extract_features,
-                                     fit_logistic_regression, heldout_split, knn_predict,
-                                     probe_features, raw_pixel_baseline)
+from star_mamba.evaluation.config import ProbeConfig
+from star_mamba.evaluation.features import extract_features
+from star_mamba.evaluation.knn import knn_predict
+from star_mamba.evaluation.linear import Standardizer, fit_logistic_regression, heldout_split
+from star_mamba.evaluation.probe import probe_features, raw_pixel_baseline
+from star_mamba.models.io import probe_classifier as classifier_from_pretrained
+from star_mamba.tasks.linprobe import evaluate_representation
 
 from .conftest import TINY, TINY_DECODER, tiny_classifier
 
@@ -45,7 +48,7 @@ def objective_grad(model, x, y):
 
 def test_logistic_regression_separable_reaches_100_and_converges():
     x, y = blobs(40, [[4, 0, 0, 0], [0, 4, 0, 0], [0, 0, 4, 0]], 0.5)
-    lr = fit_logistic_regression(x, y, weight_decays=(1e-3,), tolerance_grad=1e-6)
+    lr = fit_logistic_regression(x, y, weight_decays=(1e-3,), tolerance=1e-6)
     assert lr.accuracy(x, y) == 100.0
     c = lr.convergence
     assert c.converged and c.stop == "gradient" and c.grad_max <= 1e-6, c
@@ -58,7 +61,7 @@ def test_logistic_regression_is_the_minimiser_of_the_regularised_loss():
     """Overlapping classes (no closed form): the gradient vanishes at the solution, no nearby
     point is lower, and the probabilities are the softmax of the standardised logits."""
     x, y = blobs(60, [[1, 0, 0.5], [0, 1, 0], [0.5, 0.5, 1]], 1.0, seed=1)
-    lr = fit_logistic_regression(x, y, weight_decays=(1e-2,), tolerance_grad=1e-8)
+    lr = fit_logistic_regression(x, y, weight_decays=(1e-2,), tolerance=1e-8)
     grad_norm, loss, z = objective_grad(lr, x, y)
     assert grad_norm < 1e-5, grad_norm
     g = torch.Generator().manual_seed(0)
@@ -81,7 +84,7 @@ def test_preconditioning_reaches_the_same_minimum_in_far_fewer_iterations():
     x, y = blobs(200, torch.eye(3, 12) * 2.0, 1.0, seed=11)
     q, _ = torch.linalg.qr(torch.randn(12, 12, generator=g, dtype=torch.float64))
     x = (x.double() @ q @ torch.diag(torch.logspace(1, -5, 12, dtype=torch.float64)) @ q.T).float()
-    fast, plain = (fit_logistic_regression(x, y, weight_decays=(1e-5,), tolerance_grad=1e-6,
+    fast, plain = (fit_logistic_regression(x, y, weight_decays=(1e-5,), tolerance=1e-6,
                                            precondition=p) for p in (True, False))
     assert fast.convergence.converged and plain.convergence.converged
     assert fast.convergence.iterations * 5 < plain.convergence.iterations, (fast.convergence,
@@ -93,8 +96,8 @@ def test_preconditioning_reaches_the_same_minimum_in_far_fewer_iterations():
 
 def test_float32_fit_agrees_with_float64():
     x, y = blobs(100, [[1, 0, 0.5, 0], [0, 1, 0, 0.5], [0.5, 0.5, 1, 0]], 1.0, seed=12)
-    single, double = (fit_logistic_regression(x, y, weight_decays=(1e-4, 1e-2), dtype=d)
-                      for d in (torch.float32, torch.float64))
+    single, double = (fit_logistic_regression(x, y, weight_decays=(1e-4, 1e-2), precision=d)
+                      for d in ("float32", "float64"))
     assert single.convergence.converged and single.weight_decay == double.weight_decay
     assert single.convergence.loss == pytest.approx(double.convergence.loss, rel=1e-5)
     assert torch.equal(single.predict(x), double.predict(x))
@@ -111,7 +114,7 @@ def test_logistic_regression_is_deterministic():
 def test_sweep_picks_the_best_held_out_score_recomputed_independently():
     x, y = blobs(40, [[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]], 1.0, seed=4)
     wds = (1e-4, 1e-2, 1.0)
-    lr = fit_logistic_regression(x, y, weight_decays=wds, seed=5, tolerance_grad=1e-9)
+    lr = fit_logistic_regression(x, y, weight_decays=wds, seed=5, tolerance=1e-9)
     assert [r["weight_decay"] for r in lr.sweep] == sorted(wds)
     best = max(lr.sweep, key=lambda r: (r["val_top1"], -r["val_loss"]))
     assert lr.weight_decay == best["weight_decay"]
@@ -150,7 +153,7 @@ def test_sweep_regularises_more_with_few_noisy_examples_than_with_many_clean_one
     for seed in range(5):
         noisy = fit_logistic_regression(*blobs(30, torch.eye(3, 100) * 1.5, 1.0, seed=seed,
                                                noise_labels=0.4), weight_decays=wds,
-                                        val_fraction=0.3)
+                                        heldout_fraction=0.3)
         clean = fit_logistic_regression(*blobs(200, torch.eye(3, 20) * 4.5, 0.5, seed=seed),
                                         weight_decays=wds)
         assert clean.weight_decay <= 1e-4, clean.sweep
@@ -167,7 +170,8 @@ def test_standardisation_uses_training_statistics_only():
     train_y = (train_x[:, 0] > 0).long()
     test_x = torch.rand(200, 1, generator=g) + 0.2
     test_y = torch.ones(200, dtype=torch.long)
-    out = probe_features(train_x, train_y, test_x, test_y, knn_standardize=True, knn_k=5)
+    out = probe_features(train_x, train_y, test_x, test_y, ProbeConfig(knn_k=5),
+                         knn_standardize=True)
     assert out["linear_probe_top1"] >= 99 and out["knn_top1"] >= 99, out
     lr = fit_logistic_regression(train_x, train_y)
     assert torch.allclose(lr.standardizer.mean, train_x.double().mean(0))
@@ -289,7 +293,8 @@ def test_raw_pixel_baseline_beats_chance():
         y = torch.randint(4, (n,), generator=g)
         return TensorDataset(means[y] + 1.5 * torch.randn(n, 1, 8, 8, generator=g), y)
 
-    out = raw_pixel_baseline(make(200), make(100), weight_decays=(1e-4, 1e-2, 1.0), knn_k=10)
+    out = raw_pixel_baseline(make(200), make(100),
+                             ProbeConfig(weight_decays=(1e-4, 1e-2, 1.0), knn_k=10))
     assert out["n_train"] == 200 and out["n_test"] == 100 and out["feature_dim"] == 64
     assert out["linear_probe_top1"] > 70 and out["knn_top1"] > 60, out  # chance: 25
     assert out["weight_decay"] in (1e-4, 1e-2, 1.0) and len(out["sweep"]) == 3
@@ -304,8 +309,9 @@ def test_evaluate_representation_from_a_pretraining_checkpoint():
     assert torch.equal(model.backbone.patch_embed.proj.weight, pre.encoder.patch_embed.proj.weight)
     train = SyntheticImages(num_images=40, img_size=16, in_chans=1, seed=1)
     test = SyntheticImages(num_images=20, img_size=16, in_chans=1, seed=2)
-    out = evaluate_representation(ckpt, train, test, batch_size=20, device="cpu", progress=False,
-                                  weight_decays=(1e-3, 1e-1), knn_k=5)
+    out = evaluate_representation(ckpt, train, test, ProbeConfig(batch_size=20,
+                                  weight_decays=(1e-3, 1e-1), knn_k=5), device="cpu",
+                                  progress=False)
     for key in ("linear_probe_top1", "knn_top1", "weight_decay", "n_train", "n_test",
                 "feature_dim", "seconds"):
         assert key in out
@@ -313,3 +319,45 @@ def test_evaluate_representation_from_a_pretraining_checkpoint():
     assert 0 <= out["linear_probe_top1"] <= 100 and 0 <= out["knn_top1"] <= 100
     with pytest.raises(ValueError, match="backbone"):
         classifier_from_pretrained({"model": {}, "model_config": pre.cfg.to_dict()})
+
+
+# ------------------------------------------------------------------------ scored on the test split
+
+def shifted_labels(y, num_classes):
+    """The training split's labels rotated by one class: a probe fitted on them predicts the
+    wrong class for every test point of the same clusters."""
+    return (y + 1) % num_classes
+
+
+def test_probes_are_scored_on_the_test_split_not_the_training_split():
+    """Well separated blobs; the training labels are the test labels rotated by one class. A
+    probe scored on the test split gets (almost) every test point wrong, and its own training
+    accuracy is (almost) perfect: scoring the training split would report that instead."""
+    x, y = blobs(60, torch.eye(3, 8) * 6.0, 0.5, seed=11)
+    test_x, test_y = blobs(40, torch.eye(3, 8) * 6.0, 0.5, seed=12)
+    out = probe_features(x.float(), shifted_labels(y, 3), test_x.float(), test_y,
+                         ProbeConfig(weight_decays=(1e-4, 1e-2), knn_k=5))
+    assert out["linear_probe_train_top1"] > 95
+    assert out["linear_probe_top1"] < 5 and out["knn_top1"] < 5, out
+    assert (out["n_train"], out["n_test"]) == (180, 120)
+
+
+def test_evaluate_representation_scores_the_test_set():
+    """The same images as train and test set, the training copy with rotated labels: 1-NN finds
+    each test image itself (its rotated label: 0% against the true one), and the linear probe
+    that fits the rotated labels scores its training accuracy's complement on the test set."""
+    torch.manual_seed(0)
+    pre = star_mamba.create_pretrain_model("star_tiny", **TINY, **TINY_DECODER)
+    ckpt = {"model": pre.state_dict(), "model_config": pre.cfg.to_dict()}
+    images = SyntheticImages(num_images=30, img_size=16, in_chans=1, seed=3)
+    xs = torch.stack([images[i][0] for i in range(30)])
+    labels = torch.arange(30) % 3
+    train = TensorDataset(xs, shifted_labels(labels, 3))
+    test = TensorDataset(xs, labels)
+    out = evaluate_representation(ckpt, train, test, ProbeConfig(batch_size=10, knn_k=1,
+                                  knn_temperature=None, weight_decays=(1e-6,)), device="cpu",
+                                  progress=False)
+    assert out["knn_top1"] == 0.0
+    assert out["linear_probe_train_top1"] > 90  # 30 points in 32 dimensions: fitted
+    # a prediction right on the training copy is wrong on the test copy
+    assert out["linear_probe_top1"] <= 100 - out["linear_probe_train_top1"] + 1e-9

@@ -16,7 +16,7 @@ from star_mamba.data.transforms import build_pretrain_transform
 from star_mamba import checkpoint as ckpt
 from star_mamba.engine.config import load_config
 from star_mamba.engine.metrics import read_metrics
-from star_mamba.engine.pretrain import pretrain
+from star_mamba.tasks.pretrain import pretrain
 from star_mamba.engine.sampler import BlockShardSampler
 
 from .conftest import (PRETRAIN_RUN, assert_same_tensors, folder_pretrain_overrides, make_shapes,

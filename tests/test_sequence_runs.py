@@ -1,4 +1,4 @@
-"""Pretraining with ``data.sequence`` (engine/data.py, trainer.fit): every kind runs and saves,
+"""Pretraining with ``data.sequence`` (data/build.py, the Trainer): every kind runs and saves,
 ``random`` stays the image-level path (and the sequence path reproduces it exactly), config
 mistakes are one clear line, a resumed run is exact, and 2 processes match 1."""
 
@@ -11,10 +11,10 @@ from star_mamba.cli import main
 from star_mamba.data import SEQUENCE_KINDS, SequenceDataset, SyntheticImages
 from star_mamba.data.moving import MovingFashionClips
 from star_mamba.data.sequences import RandomSequences
-from star_mamba.engine import pretrain as pretrain_module
+from star_mamba.tasks import pretrain as pretrain_module
 from star_mamba.engine.config import load_config
-from star_mamba.engine.data import build_pretrain_dataset
-from star_mamba.engine.pretrain import pretrain
+from star_mamba.data.build import pretraining_set as build_pretrain_dataset
+from star_mamba.tasks.pretrain import pretrain
 from star_mamba.errors import ConfigError
 
 from .conftest import (assert_same_tensors, folder_pretrain_overrides, logged_losses,
@@ -93,13 +93,13 @@ def test_sequence_loader_reproduces_the_image_level_run(tmp_path, monkeypatch):
     sequences per step) fed RandomSequences gives bit-identical losses to today's image path,
     over an epoch boundary (8 steps per epoch)."""
     pretrain(pretrain_config(tmp_path / "images", "run.max_steps=10"))
-    build = pretrain_module.build_pretrain_dataset
+    build = pretrain_module.pretraining_set
 
     def as_sequences(data, model, seed):
         return RandomSequences(build(data, model, seed), model.images_per_sequence, seed,
                                model.img_size, model.in_chans)
 
-    monkeypatch.setattr(pretrain_module, "build_pretrain_dataset", as_sequences)
+    monkeypatch.setattr(pretrain_module, "pretraining_set", as_sequences)
     pretrain(pretrain_config(tmp_path / "sequences", "run.max_steps=10"))
     assert "(32 random sequences of 2)" in (tmp_path / "sequences" / "log.txt").read_text()
     assert len(logged_losses(tmp_path / "images")) == 10

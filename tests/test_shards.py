@@ -18,7 +18,7 @@ from star_mamba.data.shards import (ShardError, ShardPlan, build_shard_set, buff
                                     index_pieces, read_index, read_shard)
 from star_mamba.data.transforms import build_pretrain_transform
 from star_mamba.engine.config import load_config
-from star_mamba.engine.pretrain import pretrain
+from star_mamba.tasks.pretrain import pretrain
 from star_mamba.errors import ConfigError, UserError
 
 from .conftest import (PRETRAIN_RUN, assert_same_tensors, logged_losses, output_of, run_cli,
@@ -307,13 +307,49 @@ def test_pretraining_on_shards_resumes_mid_epoch_bit_identically(prepared, tmp_p
     assert logged_losses(tmp_path / "full") == logged_losses(tmp_path / "part")
 
 
+def test_diagnostics_and_viz_run_on_shards(prepared, tmp_path):
+    """A stream has held-out images too: the val shards' first ones (index order) through the
+    evaluation transform; viz shows them with ImageNet's mean and std undone."""
+    import io
+    import torchvision.transforms as T
+    from star_mamba.data.build import held_out_images
+    from star_mamba.data.transforms import build_eval_transform
+    from star_mamba.engine.metrics import read_metrics
+    from star_mamba.tools import viz
+    cfg = shard_run(tmp_path / "run", prepared["out"], "optim.epochs=1", "run.max_steps=2",
+                    "run.diag_every=2", "run.diag_images=4", "data.num_workers=0")
+    pretrain(cfg)
+    diags = [r["diag"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "diag" in r]
+    assert len(diags) == 1 and diags[0]["images"] == 4
+    assert diags[0]["paired_gap_mean"] is not None
+
+    model_cfg = cfg.model.star_config()
+    held = held_out_images(cfg.data, model_cfg, 4)  # (4, 3, 16, 16)
+    index = read_index(str(prepared["out"]), "val")
+    samples = [sample for k in range(len(index.shards)) for _, sample in read_shard(index.url(k))]
+    photos = [Image.open(io.BytesIO(next(v for e, v in s.items() if e in ("jpg", "png"))))
+              .convert("RGB") for s in samples[:4]]
+    tf = build_eval_transform(16, cfg.data.crop_pct)
+    torch.testing.assert_close(held, torch.stack([tf(im) for im in photos]))
+    unnormalised = T.Compose(tf.transforms[:-1])  # the same without Normalize: values in [0, 1]
+    torch.testing.assert_close(cfg.data.spec.display(held),
+                               torch.stack([unnormalised(im) for im in photos]), atol=1e-6, rtol=0)
+
+    out = viz.visualize(tmp_path / "run" / ckpt.LATEST, tmp_path / "viz", cfg, num_sequences=1,
+                        max_batches=1)
+    assert (out["data"], out["split"]) == ("shards", "val")
+    saved = json.loads((tmp_path / "viz" / "diagnostics.json").read_text())
+    assert saved["current"]["images"] > 0 and saved["logged"]  # this run's logged diagnostics
+    assert (tmp_path / "viz" / "predictions.png").stat().st_size > 1000
+
+
 def test_finetune_and_eval_on_shards(prepared, tmp_path):
     common = ["model.name=star_tiny", "model.img_size=16", "model.patch_size=4",
               "model.in_chans=3", "model.embed_dim=16", "model.depth=1", "model.directions=2",
               "data.name=shards", f"data.root={prepared['out']}", "data.num_workers=2",
               "optim.batch_size=4", "optim.epochs=1", "run.pretrained=null", "run.ema_decay=null",
               "run.progress=false", "run.tensorboard=false", "run.threads=1"]
-    from star_mamba.engine.finetune import evaluate_checkpoint, finetune
+    from star_mamba.tasks.finetune import evaluate_checkpoint, finetune
     result = finetune(load_config("finetune/fashion_mnist", [*common, f"run.output_dir={tmp_path}"]))
     assert result["step"] == 25 // 4
     metrics = evaluate_checkpoint(tmp_path / ckpt.LATEST)

@@ -108,6 +108,13 @@ def test_every_phase_at_smoke_budget_and_resume(tmp_path, monkeypatch):
     assert (runs / "arm_k1" / "passes3" / "seed1" / "pretrain" / "checkpoint-latest.pth").exists()
     assert (out / "star_evidence_budget.png").stat().st_size > 10_000
 
+    # a fresh checkout has only the committed report: its runs are not run again
+    fresh = tmp_path / "fresh"
+    assert se.main([*budget[:-4], "--runs", str(fresh), "--out", str(out)]) == 0
+    assert not list(fresh.rglob("*.pth")) and not list(fresh.rglob("probe.json"))
+    again = json.loads((out / "star_evidence.json").read_text())["runs"]
+    assert [r["linear_probe_top1"] for r in again] == [r["linear_probe_top1"] for r in rows]
+
 
 def test_jobs_are_seed_major_and_shards_split_them():
     se = load_script()

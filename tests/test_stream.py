@@ -16,8 +16,8 @@ def tiny_pretrain(**overrides):
 
 def parallel_features(model, images):
     """Final-normed encoder features of the whole packed sequence (B, T*c^2, D)."""
-    tokens = model._by_cluster(model.encoder.embed(images))
-    packed = model._pack(tokens, model.separator_tokens())  # (B, T, c^2, D), all T segments
+    tokens = model.by_cluster(model.encoder.embed(images))
+    packed = model.pack(tokens, model.separator_tokens())  # (B, T, c^2, D), all T segments
     final, _ = model.encoder.forward_blocks(packed.flatten(1, 2))
     return final
 

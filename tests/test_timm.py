@@ -121,12 +121,27 @@ def test_pretrained_cfg_describes_the_data_and_the_model(name):
         m.num_features] * 2
 
 
-def test_registration_uses_only_public_timm_modules():
+def test_the_package_imports_only_public_timm_modules():
     import ast
-    import inspect
-    from star_mamba.models import timm_registry
-    tree = ast.parse(inspect.getsource(timm_registry))
-    modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-    timm_modules = [m for m in modules if m and m.startswith("timm")]
-    assert timm_modules and not [m for m in timm_modules if any(p.startswith("_") for p in m.split("."))]
+    from .conftest import ROOT
+    found = {}
+    for path in (ROOT / "star_mamba").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        found[path.relative_to(ROOT).as_posix()] = [m for m in modules if m.split(".")[0] == "timm"]
+    assert found["star_mamba/models/timm_registry.py"] and found["star_mamba/models/classifier.py"]
+    private = {f: [m for m in ms if any(p.startswith("_") for p in m.split("."))]
+               for f, ms in found.items()}
+    assert not {f: ms for f, ms in private.items() if ms}
+
+
+@pytest.mark.parametrize("indices, take", [(None, [0, 1, 2, 3]), (2, [2, 3]), ([0, -1], [0, 3]),
+                                           ([1], [1])])
+def test_tap_indices_follow_timm(indices, take):
+    from timm.models._features import feature_take_indices  # the reference, in the test only
+    from star_mamba.models.classifier import take_indices
+    assert take_indices(4, indices) == (take, max(take)) == tuple(feature_take_indices(4, indices))
+    for bad in (5, 0, [4], [-5]):
+        with pytest.raises(ValueError, match="out of range"):
+            take_indices(4, bad)

@@ -9,11 +9,12 @@ from PIL import Image
 from star_mamba import sequence as seq
 from star_mamba.tools import viz
 from star_mamba.config import SEPARATOR_POSITIONS, StarConfig
-from star_mamba.data.fashion_mnist import find_fashion_mnist
 from star_mamba.checkpoint import atomic_save, export_safetensors
 from star_mamba.engine.config import load_config
 from star_mamba.models.classifier import StarClassifier
 from star_mamba.models.pretrain import StarPretrain
+
+from .conftest import requires_fashion_mnist
 
 TINY = dict(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=2, directions=1,
             decoder_dim=16, decoder_depth=2, decoder_heads=2)
@@ -69,12 +70,35 @@ def test_segments_to_images_reconstructs_the_images(separator, position, K, clus
     assert (one[~known[K:]] == 0.5).all()
 
 
-@pytest.mark.parametrize("separator,position", LAYOUTS)
-def test_target_pixels_match_the_model_targets(separator, position):
-    model = tiny_model(images_per_sequence=2, separator=separator, separator_position=position)
-    images = torch.randn(4, 1, 8, 8)
-    raw = model.target_pixels(images)
-    torch.testing.assert_close(seq.normalize_patches(raw), model.forward_target(images))
+def _segments_by_hand(images: torch.Tensor, k: int, position: str) -> list[list[list[float]]]:
+    """The packed raw segments of 8 px, 1-channel images with 2 px patches and 2 x 2 clusters,
+    written out pixel by pixel: sequence b is images b*K .. b*K+K-1; a segment is 4 patches
+    (raster order in the cluster) of 4 pixels (raster order in the patch); the identity
+    separator is 1 on the cluster's diagonal patches."""
+    def cluster(img, g):  # clusters in raster order over the 2 x 2 cluster grid
+        r, c = 4 * (g // 2), 4 * (g % 2)
+        return [[img[0, r + 2 * i + u, c + 2 * j + v].item() for u in (0, 1) for v in (0, 1)]
+                for i in (0, 1) for j in (0, 1)]
+    sep = [[1.0 if i == j else 0.0] * 4 for i in (0, 1) for j in (0, 1)]
+    order = {"SC": ["S", 0, 1, 2, 3], "CSC": [0, "S", 1, "S", 2, "S", 3, "S"]}[position]
+    return [[sep if s == "S" else cluster(images[b * k + n], s)
+             for n in range(k) for s in order] for b in range(images.shape[0] // k)]
+
+
+@pytest.mark.parametrize("position", ["SC", "CSC"])
+def test_targets_are_the_packed_pixels_normalised_per_patch(position):
+    """Raw targets against the sequence written out by hand, normalised by hand (biased
+    variance, eps 1e-6 inside the root); unnormalize_patches maps them back to the pixels."""
+    model = tiny_model(images_per_sequence=2, separator="identity", separator_position=position)
+    images = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    raw = torch.tensor(_segments_by_hand(images, 2, position))[:, 1:]  # (B, T-1, 4, 4)
+    torch.testing.assert_close(model.target_pixels(images), raw, rtol=0, atol=0)
+    mean = raw.mean(-1, keepdim=True)
+    var = ((raw - mean) ** 2).sum(-1, keepdim=True) / raw.shape[-1]
+    target = model.forward_target(images)
+    torch.testing.assert_close(target, (raw - mean) / torch.sqrt(var + 1e-6))
+    torch.testing.assert_close(viz.unnormalize_patches(target, raw), raw, atol=1e-5, rtol=1e-5)
+    assert target.abs().sum() > 0
 
 
 @pytest.mark.parametrize("separator,position", LAYOUTS)
@@ -83,7 +107,7 @@ def test_loss_per_position(separator, position):
     cfg = model.cfg
     with torch.no_grad():
         out = model(torch.randn(6, 1, 8, 8))
-    table = viz.loss_per_position(out.pred, out.target, cfg)
+    table = viz.loss_per_position(out.patch_loss, cfg)
     assert table.shape == (3, cfg.clusters_per_image)
     assert torch.equal(torch.isnan(table), viz.unpredicted_clusters(cfg))
     # entry (k, g) is the MSE of that cluster's segment
@@ -93,7 +117,7 @@ def test_loss_per_position(separator, position):
     if separator == "none":  # every target is an image cluster with weight 1: the model's loss
         torch.testing.assert_close(table[~torch.isnan(table)].mean(), out.loss)
     with pytest.raises(ValueError):
-        viz.loss_per_position(out.pred, out.target[:, :-1], cfg)
+        viz.loss_per_position(out.patch_loss[:, :-1], cfg)
 
 
 def test_checkpoint_errors(tmp_path):
@@ -166,11 +190,8 @@ def test_visualize_writes_figures(tmp_path, separator, position):
                                equal_nan=True)
 
 
+@requires_fashion_mnist
 def test_visualize_fashion_mnist(tmp_path):
-    try:
-        find_fashion_mnist()
-    except FileNotFoundError:
-        pytest.skip("Fashion-MNIST is not installed")
     model = tiny_model(img_size=32, patch_size=8, cluster_size=2, images_per_sequence=2,
                        separator_position="CS")
     ckpt = save_pretrain(tmp_path / "ckpt.pth", model)

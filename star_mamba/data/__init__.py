@@ -7,6 +7,8 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
+from ..errors import ConfigError
+
 from .fashion_mnist import FashionMNIST, find_fashion_mnist
 from .folder import build_image_folder
 from .hf import build_hf_images
@@ -33,7 +35,7 @@ def build_dataset(name: str, **kwargs: Any) -> Dataset:
         return build_hf_images(**kwargs)
     if name == "synthetic":
         return SyntheticImages(**kwargs)
-    raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    raise ConfigError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
 
 
 __all__ = ["DATASETS", "FashionMNIST", "SEQUENCE_KINDS", "SequenceDataset", "ShardSet",

@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from .idx import read_idx
+from ..errors import ConfigError, DataError, MissingFileError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
 FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -50,7 +51,7 @@ def find_fashion_mnist(root: Optional[str | Path] = None) -> Path:
     for d in searched:
         if all(_find_file(d, stem) for pair in FILES.values() for stem in pair):
             return d
-    raise FileNotFoundError(
+    raise MissingFileError(
         "Fashion-MNIST not found (searched: " + ", ".join(str(d) for d in searched) + "). "
         f"Install it with `{INSTALL_HINT}`, or pass a directory holding the four IDX files "
         "(train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], "
@@ -75,12 +76,12 @@ class FashionMNIST(Dataset):
                  in_chans: int = 1, augment: bool = False, download: bool = False,
                  transform: Optional[Callable] = None, pil_transform: Optional[Callable] = None):
         if split not in FILES:
-            raise ValueError(f"invalid split {split!r} for Fashion-MNIST; allowed: 'train', 'test'")
+            raise ConfigError(f"invalid split {split!r} for Fashion-MNIST; allowed: 'train', 'test'")
         if img_size < 28 or (img_size - 28) % 2:
-            raise ValueError(f"invalid img_size={img_size} for Fashion-MNIST: 28x28 images are "
+            raise ConfigError(f"invalid img_size={img_size} for Fashion-MNIST: 28x28 images are "
                              "zero-padded, so it must be 28 + an even number (e.g. 32)")
         if in_chans not in (1, 3):
-            raise ValueError(f"invalid in_chans={in_chans} for Fashion-MNIST; allowed: 1, 3")
+            raise ConfigError(f"invalid in_chans={in_chans} for Fashion-MNIST; allowed: 1, 3")
         try:
             directory = find_fashion_mnist(root)
         except FileNotFoundError:
@@ -94,7 +95,7 @@ class FashionMNIST(Dataset):
         images = read_idx(_find_file(directory, images_stem))
         labels = read_idx(_find_file(directory, labels_stem))
         if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.shape != images.shape[:1]:
-            raise ValueError(f"{directory}: Fashion-MNIST {split} files have shapes "
+            raise DataError(f"{directory}: Fashion-MNIST {split} files have shapes "
                              f"{images.shape} and {labels.shape}; expected (N, 28, 28) and (N,)")
         self.root = directory
         self.images = torch.from_numpy(np.array(images))  # (N, 28, 28) uint8

@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
+from ..errors import MissingFileError, UnreadableImagesError
+
 log = logging.getLogger("star_mamba")
 
 
@@ -109,7 +111,7 @@ class FallbackReads:
                     return img, target
             if attempt == 0 and _reports is not None:  # this index's own file
                 _reports.append((index, name, self.bad[name]))
-        raise RuntimeError(f"no readable image in {self.where}")
+        raise UnreadableImagesError(f"no readable image in {self.where}")
 
     def _record_bad(self, name: str, error: Exception) -> None:
         self.bad[name] = f"{type(error).__name__}: {error}"
@@ -118,7 +120,7 @@ class FallbackReads:
         log.warning(f"skipping unreadable image {name} ({self.bad[name]}); "
                     f"{len(self.bad)} skipped so far")
         if len(self.bad) > self.max_bad_fraction * len(self):
-            raise RuntimeError(
+            raise UnreadableImagesError(
                 f"{len(self.bad)} of {len(self)} images in {self.where} are unreadable, "
                 f"more than data.max_bad_fraction={self.max_bad_fraction}; last: {name} "
                 f"({self.bad[name]})")
@@ -129,7 +131,7 @@ class SafeImageFolder(FallbackReads, ImageFolder):
                  max_bad_fraction: float = 0.01):
         super().__init__(root, transform=transform, loader=load_rgb, allow_empty=True)
         if len(self.samples) == 0:
-            raise FileNotFoundError(f"image folder {root} holds no images")
+            raise MissingFileError(f"image folder {root} holds no images")
         self.max_bad_fraction, self.where = max_bad_fraction, str(root)
         self.bad: dict[str, str] = {}  # path -> reason, in this process
 
@@ -147,6 +149,6 @@ def build_image_folder(root: str | Path, split: str = "train",
     """``root/split/<class>/<image>``; a missing directory raises FileNotFoundError naming it."""
     directory = Path(root) / split
     if not directory.is_dir():
-        raise FileNotFoundError(f"image folder {directory} does not exist (expected "
+        raise MissingFileError(f"image folder {directory} does not exist (expected "
                                 f"{Path(root)}/{split}/<class>/<images>)")
     return SafeImageFolder(str(directory), transform=transform, max_bad_fraction=max_bad_fraction)

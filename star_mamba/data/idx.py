@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import DataError
+
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -17,20 +19,20 @@ def read_idx(path: str | Path) -> np.ndarray:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read IDX file ({e})") from e
+        raise DataError(f"{path}: cannot read IDX file ({e})") from e
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{path}: not an IDX file (bad magic number)")
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
     code, ndim = data[2], data[3]
     if code not in _DTYPES:
-        raise ValueError(f"{path}: unknown IDX data type code 0x{code:02x}")
+        raise DataError(f"{path}: unknown IDX data type code 0x{code:02x}")
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise ValueError(f"{path}: truncated IDX header")
+        raise DataError(f"{path}: truncated IDX header")
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     dtype = np.dtype(_DTYPES[code])
     expected = header + int(np.prod(shape)) * dtype.itemsize
     if len(data) != expected:
-        raise ValueError(f"{path}: IDX file has {len(data)} bytes, its header {shape} "
+        raise DataError(f"{path}: IDX file has {len(data)} bytes, its header {shape} "
                          f"declares {expected}")
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
 

@@ -31,6 +31,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from ..errors import DataError
+
 from .fashion_mnist import MEAN, STD
 from .sequence_base import SequenceDataset, resize
 
@@ -148,7 +150,7 @@ class MovingFashionClips(SequenceDataset):
         for j, item in enumerate(items):
             sprite, label = self.sprite(item)
             if sprite.ndim != 2 or sprite.shape[0] >= s or sprite.shape[1] >= s:
-                raise ValueError(f"clip sequences: item {item} is {tuple(sprite.shape)}, which does "
+                raise DataError(f"clip sequences: item {item} is {tuple(sprite.shape)}, which does "
                                  f"not fit (and move) in a canvas_size={s} canvas")
             sprites.append(sprite)
             labels.append(label)

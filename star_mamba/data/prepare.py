@@ -241,8 +241,9 @@ def prepare_split(src: Path, out: Path, options: PrepareOptions, workers: int = 
     todo = [ShardTask(str(out), k, files[k * per_shard:(k + 1) * per_shard], options)
             for k in range(count) if not _finished(out, records.get(shard_name(k)))]
     kept = count - len(todo)
-    echo(f"{split}: {len(files)} files, {len(classes)} classes -> {count} shards of "
-         f"{per_shard} images" + (f" ({kept} already written, kept)" if kept else ""))
+    echo(f"{split}: {len(files)} files, {len(classes)} classes -> {count} "
+         f"shard{'s' if count != 1 else ''} of up to {per_shard} images"
+         + (f" ({kept} already written, kept)" if kept else ""))
     for record in _run(todo, workers):
         records[record["name"]] = record
         for bad in record["skipped"]:

@@ -53,7 +53,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from ..errors import ConfigError, UserError
+from ..errors import ConfigError, DataError, UserError
 from ..seeding import SHARD_STREAM, mix_seed, sample_seed, seed_host
 from .folder import decode_rgb
 
@@ -255,7 +255,7 @@ class ShardPlan:
         self.epoch, self.start_batch = 0, 0
         self._cache: dict[tuple[int, int], WorkerPart] = {}
         if train and self.batches_per_epoch == 0:
-            raise ValueError(f"dataset of {self.num_samples} images is smaller than one global "
+            raise DataError(f"dataset of {self.num_samples} images is smaller than one global "
                              f"batch ({world_size} x optim.batch_size={batch_size})")
 
     @property

@@ -23,6 +23,32 @@ def build_full_image_transform(mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_
     return T.Compose([T.ToTensor(), T.Normalize(mean, std)])
 
 
+class _ToChannels:
+    """After timm's RGB pipeline: keep ``in_chans`` channels (1 for grey images)."""
+
+    def __init__(self, in_chans: int):
+        self.in_chans = in_chans
+
+    def __call__(self, x):
+        return x[: self.in_chans]
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    return image.convert("RGB")
+
+
+def build_finetune_transform(data, img_size: int, in_chans: int, mean, std) -> T.Compose:
+    """timm's fine-tuning pipeline (``create_transform``: RandomResizedCrop with ``data.scale``,
+    flip, RandAugment ``data.auto_augment``, random erasing ``data.reprob``) on PIL images,
+    converted to RGB first and cut back to ``in_chans`` channels after (grey images)."""
+    from timm.data import create_transform
+    t = create_transform(img_size, is_training=True, scale=tuple(data.scale),
+                         auto_augment=data.auto_augment, interpolation="bicubic",
+                         re_prob=data.reprob, re_mode="pixel", re_count=1,
+                         mean=tuple(mean) * (3 // len(mean)), std=tuple(std) * (3 // len(std)))
+    return T.Compose([T.Lambda(_to_rgb), t, _ToChannels(in_chans)])
+
+
 def build_eval_transform(img_size: int = 224, crop_pct: float = 0.875,
                          mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD) -> T.Compose:
     """Evaluation: resize the short side to img_size / crop_pct, centre crop, normalise."""

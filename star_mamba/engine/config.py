@@ -1,20 +1,22 @@
 """Run configuration: YAML files plus ``--set section.key=value`` overrides.
 
 A run config has five sections: ``model`` (a size ``name`` plus any :class:`StarConfig` field),
-``data``, ``optim``, ``run`` and ``probe`` (the dataclasses below; each lists every field any
-task reads, with a comment on which task reads it). Every section is checked by the same helper,
+``data`` (``data/config.py``), ``optim`` and ``run`` (below), and ``probe``
+(``evaluation/config.py``); each dataclass lists every field any task reads, with a comment on
+which task reads it. Every section is checked by the same helper,
 :func:`star_mamba.config.typed_values`: unknown keys fail with a "did you mean" hint and values
 are converted to the field's type ('1e-1' -> 0.1 for a float, a list for a tuple, null for an
-Optional) before anything runs. The resolved config is written next to every run's outputs.
+Optional, a ``Literal`` choice checked) before anything runs; then each section checks its own
+fields in ``__post_init__``. The resolved config is written next to every run's outputs.
 
 Where defaults live:
 
 * ``model``: StarConfig's field defaults (``star_mamba/config.py``), then the size's embed_dim and
   depth (``models.registry.MODEL_SIZES``), then the YAML file and ``--set``. ``num_classes`` left
   unset follows the dataset when fine-tuning.
-* ``data`` / ``optim`` / ``run``: the dataclass defaults below (STAR pretraining's values for the
+* ``data`` / ``optim`` / ``run``: the dataclass defaults (STAR pretraining's values for the
   fields every task reads, ARM fine-tuning's for the fields only fine-tuning reads), then the YAML
-  file and ``--set``. ``probe`` (read by ``linprobe`` only): the protocol's defaults below.
+  file and ``--set``. ``probe`` (read by ``linprobe`` only): the protocol's defaults.
   Each task's recipe is its YAML file under ``configs/`` (``pretrain/``, ``finetune/``,
   ``linprobe/``): a new config should start from a copy of one.
 """
@@ -23,15 +25,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import yaml
 
 from ..config import StarConfig, did_you_mean, field_types, typed_values
-from ..data.sequences import SEQUENCE_KINDS, SEQUENCE_OPTIONS
-from ..errors import ConfigError
+from ..data.config import DataConfig
+from ..errors import ConfigError, MissingFileError
+from ..evaluation.config import ProbeConfig
 from ..models.registry import model_config
-from .probe import POOLS, PRECISIONS, WEIGHT_DECAYS
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -67,85 +69,9 @@ class ModelSection:
                                       for k, v in self.fields.items()}}
 
 
-# data.<field> -> the option of data.sequences.build_sequence_dataset it sets.
-SEQUENCE_FIELDS = {"num_sequences": "num_sequences", "view_scale": "scale", "view_ratio": "ratio",
-                   "view_flip": "flip_prob", "clip_canvas": "canvas_size", "clip_items": "num_items",
-                   "clip_speed": "speed", "clip_per_epoch": "per_epoch"}
-CLIP_DATASETS = ("fashion_mnist", "synthetic")  # the data.name values data.sequence=clip takes
-
-
-@dataclass
-class DataConfig:
-    """``data``. All tasks read the first group; the marked fields only one kind of task."""
-
-    # fashion_mnist | imagefolder | shards (star-mamba prepare-data's OUT, streamed) | hf (a
-    # saved Hugging Face dataset) | synthetic (pretraining only)
-    name: str = "fashion_mnist"
-    root: Optional[str] = None  # dataset directory (shards: or URL); None searches the usual places
-    split: str = "train"  # the training split
-    num_workers: int = 2
-    download: bool = False  # fetch Fashion-MNIST with torchvision if it is nowhere on disk
-    max_images: Optional[int] = None  # use only the first N training images (quick runs)
-    max_bad_fraction: float = 0.01  # imagefolder, shards, hf: stop past this share unreadable
-    shuffle_buffer: int = 1000  # shards: samples in each worker's shuffle buffer (0: none)
-    image_column: str = "image"  # hf: the column holding the images
-    label_column: str = "label"  # hf: the column holding the class indices
-    # -- pretraining only
-    augment: bool = False  # light flips/shifts for the built-in data (ImageFolder always augments)
-    synthetic_images: int = 2048  # size of the synthetic dataset
-    # What one sequence of K images packs (data/sequences.py): random (the paper's: K images of
-    # the shuffled dataset) | same_class | views (K crops of one image) | clip (K frames of a
-    # moving Fashion-MNIST clip; data.name fashion_mnist or synthetic). views and clip draw
-    # their own geometry: data.augment and ImageFolder's crops do not apply to them.
-    sequence: str = "random"
-    # The kinds' options; null is the kind's default. Each is read by the kinds named.
-    num_sequences: Optional[int] = None  # same_class, views, clip: per epoch (null: images // K)
-    view_scale: Optional[tuple[float, float]] = None  # views: crop area range (0.2, 1.0)
-    view_ratio: Optional[tuple[float, float]] = None  # views: crop aspect range (3/4, 4/3)
-    view_flip: Optional[float] = None  # views: horizontal flip probability (0.5)
-    clip_canvas: Optional[int] = None  # clip: canvas side in pixels (64), resized to img_size
-    clip_items: Optional[tuple[int, int]] = None  # clip: min, max items per clip (1, 2)
-    clip_speed: Optional[tuple[float, float]] = None  # clip: canvas pixels per frame (2, 5)
-    clip_per_epoch: Optional[bool] = None  # clip: new clips every epoch (false: fixed clips)
-    # -- fine-tuning, linear probe and eval only
-    eval_split: Optional[str] = None  # null: 'val' (imagefolder, shards), 'test' (fashion_mnist, hf)
-    max_eval_images: Optional[int] = None
-    auto_augment: Optional[str] = "rand-m9-mstd0.5-inc1"  # timm RandAugment string; null = off
-    reprob: float = 0.25  # random erasing probability
-    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale
-    crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, then centre crop
-
-    def __post_init__(self) -> None:
-        if self.sequence not in SEQUENCE_KINDS:
-            raise ConfigError(f"invalid config: data.sequence={self.sequence!r}"
-                              f"{did_you_mean(self.sequence, SEQUENCE_KINDS)} "
-                              f"(allowed: {', '.join(SEQUENCE_KINDS)})")
-        for name, option in SEQUENCE_FIELDS.items():
-            if getattr(self, name) is not None and option not in SEQUENCE_OPTIONS[self.sequence]:
-                readers = [k for k in SEQUENCE_KINDS if option in SEQUENCE_OPTIONS[k]]
-                raise ConfigError(f"invalid config: data.{name} is read only by data.sequence="
-                                  f"{', '.join(readers)}, not {self.sequence!r}; set it to null")
-        if self.name == "shards" and self.sequence != "random":
-            raise ConfigError(f"invalid config: data.sequence={self.sequence!r} draws images by "
-                              "index, which a stream of shards cannot serve; data.name=shards "
-                              "takes data.sequence=random (K consecutive images of the shuffled "
-                              "stream), or use data.name=imagefolder or hf")
-        if self.sequence == "clip" and self.name not in CLIP_DATASETS:
-            raise ConfigError(f"invalid config: data.sequence='clip' moves Fashion-MNIST items (or "
-                              f"synthetic images) on a canvas; data.name={self.name!r} is neither "
-                              f"(allowed: {', '.join(CLIP_DATASETS)})")
-
-    def sequence_options(self) -> dict[str, Any]:
-        """The options of ``build_sequence_dataset`` that this config sets (not null)."""
-        return {option: getattr(self, name) for name, option in SEQUENCE_FIELDS.items()
-                if getattr(self, name) is not None}
-
-    @property
-    def resolved_eval_split(self) -> str:
-        """``eval_split``, or the split the dataset keeps for evaluation when it is unset."""
-        if self.eval_split is not None:
-            return self.eval_split
-        return "val" if self.name in ("imagefolder", "shards") else "test"
+def _bad(section: str, name: str, value: Any, what: str) -> ConfigError:
+    shown = list(value) if isinstance(value, tuple) else value
+    return ConfigError(f"invalid config: {section}.{name}={shown!r}; {what}")
 
 
 @dataclass
@@ -170,6 +96,28 @@ class OptimConfig:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
 
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "accum_iter", "epochs"):
+            if getattr(self, name) <= 0:
+                raise _bad("optim", name, getattr(self, name), "expected a positive integer")
+        rate = "lr" if self.lr is not None else "blr"
+        if not getattr(self, rate) > 0:
+            raise _bad("optim", rate, getattr(self, rate), "expected a positive learning rate")
+        for name in ("min_lr", "weight_decay", "warmup_epochs", "smoothing", "mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                raise _bad("optim", name, getattr(self, name), "expected a value >= 0")
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise _bad("optim", "clip_grad", self.clip_grad, "expected > 0, or null for none")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise _bad("optim", "layer_decay", self.layer_decay,
+                       "expected a factor in (0, 1], or null for none")
+        if not all(0 <= b < 1 for b in self.betas):
+            raise _bad("optim", "betas", self.betas, "expected two values in [0, 1)")
+
+    def base_lr(self, global_batch: int) -> float:
+        """``lr``, or ``blr`` scaled by the global batch (images per optimizer step) / 256."""
+        return self.lr if self.lr is not None else self.blr * global_batch / 256
+
 
 @dataclass
 class RunOptions:
@@ -179,7 +127,7 @@ class RunOptions:
     output_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: str = "auto"  # auto (bf16 on GPU, off on CPU) | off | bf16 | fp16
+    amp: Literal["auto", "off", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, off on CPU
     save_every: int = 1  # epochs between numbered checkpoints (a rolling latest is always kept)
     keep_last: int = 3  # numbered checkpoints kept (0 = all); latest and best always stay
     save_every_steps: int = 200  # steps between refreshes of the rolling latest checkpoint
@@ -192,8 +140,8 @@ class RunOptions:
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
     compile: bool = False  # torch.compile the model for training and evaluation
     compile_mode: Optional[str] = None  # torch.compile mode (e.g. max-autotune); null = default
-    # -- pretraining only: cross-image diagnostics (engine/diagnostics.py) on a fixed batch of
-    # held-out images of data's eval split, logged as a "diag" row of metrics.jsonl
+    # -- pretraining only: cross-image diagnostics (evaluation/diagnostics.py) on a fixed batch
+    # of held-out images of data's eval split, logged as a "diag" row of metrics.jsonl
     diag_every: Optional[int] = 100  # optimizer steps between them; 0 or null = off
     diag_images: int = 64  # held-out images (the largest multiple of K not above it is used)
     # -- fine-tuning and linear probe only
@@ -210,49 +158,31 @@ class RunOptions:
     ema_decay: Optional[float] = 0.99992  # null = no EMA
     eval_every: int = 1  # epochs between evaluations
 
-
-@dataclass
-class ProbeConfig:
-    """``probe``: the converged linear probe and k-NN of ``star-mamba linprobe`` (and of
-    ``ablate``'s default probe); ``engine/probe.py`` describes the protocol. The device, autocast,
-    threads and seed (of the held-out split and of a random backbone) are ``run``'s; the
-    images are ``data``'s (no augmentation: the evaluation transform for both splits)."""
-
-    pool: str = "avg"  # avg (mean of the patch tokens) | cls (the class token, if there is one)
-    layers: Optional[tuple[int, ...]] = None  # 1-based blocks, pooled and concatenated; null = last
-    batch_size: int = 256  # images per forward pass while extracting features
-    weight_decays: tuple[float, ...] = WEIGHT_DECAYS  # the L2 sweep (on standardised features)
-    heldout_fraction: float = 0.1  # stratified share of the training set that picks the decay
-    max_iter: int = 1000  # L-BFGS iterations per fit
-    tolerance: float = 1e-4  # a fit is converged when max |gradient| is below this
-    precision: str = "float64"  # float64 | float32: the logistic regression's arithmetic
-    knn_k: int = 20  # neighbours of the k-NN vote (cosine similarity)
-    knn_temperature: Optional[float] = 0.07  # vote weight exp(sim / T); null = plain majority
-    cache_features: bool = True  # keep the features in run.output_dir for a re-run
-
     def __post_init__(self) -> None:
-        def bad(name: str, what: str) -> ConfigError:
-            value = getattr(self, name)
-            shown = list(value) if isinstance(value, tuple) else value  # as it was written
-            return ConfigError(f"invalid config: probe.{name}={shown!r}; {what}")
-        if self.pool not in POOLS:
-            raise bad("pool", f"allowed: {', '.join(POOLS)}{did_you_mean(self.pool, POOLS)}")
-        if self.layers is not None and (not self.layers or min(self.layers) < 1):
-            raise bad("layers", "expected 1-based block indices, e.g. [6, 12], or null for the "
-                                "last block")
-        if not self.weight_decays or min(self.weight_decays) < 0:
-            raise bad("weight_decays", "expected a non-empty list of values >= 0")
-        if not 0 < self.heldout_fraction < 1:
-            raise bad("heldout_fraction", "expected a fraction in (0, 1)")
-        if self.precision not in PRECISIONS:
-            raise bad("precision", f"allowed: {', '.join(PRECISIONS)}")
-        for name in ("batch_size", "max_iter", "knn_k"):
-            if getattr(self, name) < 1:
-                raise bad(name, "expected a positive integer")
-        if not self.tolerance > 0:
-            raise bad("tolerance", "expected a number > 0")
-        if self.knn_temperature is not None and not self.knn_temperature > 0:
-            raise bad("knn_temperature", "expected a number > 0, or null for a plain majority")
+        if self.amp not in ("auto", "off", "bf16", "fp16"):
+            raise _bad("run", "amp", self.amp, "allowed: 'auto', 'off', 'bf16', 'fp16'"
+                       + did_you_mean(self.amp, ("auto", "off", "bf16", "fp16")))
+        if self.seed < 0:
+            raise _bad("run", "seed", self.seed, "expected an integer >= 0")
+        if self.head_init_std is not None and not self.head_init_std > 0:
+            raise _bad("run", "head_init_std", self.head_init_std, "expected a positive std or "
+                       "null (keep the model's head init)")
+        for name in ("save_every", "save_every_steps", "log_every", "eval_every", "diag_images",
+                     "max_nonfinite"):
+            if getattr(self, name) <= 0:
+                raise _bad("run", name, getattr(self, name), "expected a positive integer")
+        if self.keep_last < 0:
+            raise _bad("run", "keep_last", self.keep_last, "expected >= 0 (0 keeps all)")
+        if self.diag_every is not None and self.diag_every < 0:
+            raise _bad("run", "diag_every", self.diag_every, "expected steps >= 1, or 0 / null "
+                       "for no diagnostics")
+        if self.max_steps is not None and self.max_steps <= 0:
+            raise _bad("run", "max_steps", self.max_steps, "expected a positive integer or null")
+        if self.threads is not None and self.threads <= 0:
+            raise _bad("run", "threads", self.threads, "expected a positive integer or null")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise _bad("run", "ema_decay", self.ema_decay, "expected a decay in (0, 1), or null "
+                       "for no EMA")
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "run": RunOptions, "probe": ProbeConfig}
@@ -312,7 +242,7 @@ def resolve_config_path(name_or_path: str) -> Path:
     if builtin.is_file():
         return builtin
     available = sorted(str(p.relative_to(CONFIG_DIR).with_suffix("")) for p in CONFIG_DIR.rglob("*.yaml"))
-    raise FileNotFoundError(f"config {name_or_path!r} is neither a file nor a built-in config "
+    raise MissingFileError(f"config {name_or_path!r} is neither a file nor a built-in config "
                             f"(built-in: {', '.join(available)})")
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from ..errors import ConfigError
+
 
 @dataclass
 class DistInfo:
@@ -71,15 +73,15 @@ def resolve_device(name: str, local_rank: int = 0, cuda_count: int = 0) -> torch
     try:
         device = torch.device(name)
     except RuntimeError as e:
-        raise ValueError(f"invalid run.device={name!r}; allowed: 'auto', 'cpu', 'cuda', "
+        raise ConfigError(f"invalid run.device={name!r}; allowed: 'auto', 'cpu', 'cuda', "
                          "'cuda:N'") from e
     if device.type != "cuda":
         return device
     if cuda_count == 0:
-        raise ValueError(f"run.device={name!r} but no CUDA device is available")
+        raise ConfigError(f"invalid config: run.device={name!r} but no CUDA device is available")
     index = local_rank if device.index is None else device.index
     if index >= cuda_count:
-        raise ValueError(f"run.device={name!r} resolves to cuda:{index} (LOCAL_RANK={local_rank}) "
+        raise ConfigError(f"invalid config: run.device={name!r} resolves to cuda:{index} (LOCAL_RANK={local_rank}) "
                          f"but this node has {cuda_count} CUDA device(s)")
     return torch.device("cuda", index)
 

@@ -9,13 +9,33 @@ same blocks, in the same optimizer steps, with the same seeds.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch.utils.data import Dataset, Sampler, default_collate
 
 from ..data.folder import collect_unreadable
+from ..errors import DataError
 from ..seeding import sample_seed, seed_host  # every seed stream: star_mamba/seeding.py
+
+
+class BatchPlan(Protocol):
+    """What the trainer asks of the sampler of its training loader, whichever data it reads:
+    :class:`BlockShardSampler` (and :class:`EpochIndexSampler`) over a map-style dataset, or
+    ``data.shards.ShardPlan`` over a shard stream."""
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """This rank's batches in one epoch (the same on every rank)."""
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Start ``epoch`` at batch ``start_batch`` (a resumed epoch)."""
+
+    def global_block(self, batch: int) -> int:
+        """The place of this rank's ``batch``-th block in the global data order (its seeds)."""
+
+    def batch_indices(self, batch: int) -> list[int]:
+        """Dataset indices of this rank's ``batch``-th batch (for messages)."""
 
 
 class BlockShardSampler(Sampler[int]):
@@ -34,7 +54,7 @@ class BlockShardSampler(Sampler[int]):
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
         self.epoch, self.start_batch = 0, 0
         if self.batches_per_epoch == 0:
-            raise ValueError(f"dataset of {num_samples} images is smaller than one global batch "
+            raise DataError(f"dataset of {num_samples} images is smaller than one global batch "
                              f"({world_size} x optim.batch_size={batch_size})")
 
     @property
@@ -112,4 +132,4 @@ def collate_reported(items: list[tuple[Any, list]]) -> tuple[Any, list[tuple[int
     return default_collate([sample for sample, _ in items]), [r for _, rs in items for r in rs]
 
 
-__all__ = ["BlockShardSampler", "EpochIndexSampler", "SeededDataset", "collate_reported"]
+__all__ = ["BatchPlan", "BlockShardSampler", "EpochIndexSampler", "SeededDataset", "collate_reported"]

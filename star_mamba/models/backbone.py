@@ -32,10 +32,7 @@ class StarBackbone(nn.Module):
             self.register_buffer("pos_embed", table, persistent=False)
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear rule
         self.blocks = nn.ModuleList(
-            MambaMLPBlock(cfg.embed_dim, cfg.mlp_hidden, cfg.d_state, cfg.d_conv, cfg.expand,
-                          cfg.resolved_dt_rank, cfg.directions, dpr[i], cfg.norm_eps,
-                          cfg.scan_backend)
-            for i in range(cfg.depth))
+MambaMLPBlock(cfg, dpr[i]) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
         self.grad_checkpointing = False
         init_backbone_(self, cfg.init)

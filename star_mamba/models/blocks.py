@@ -7,20 +7,20 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, SwiGLU
 from torch import Tensor, nn
 
+from ..config import StarConfig
 from .mamba import Mamba, MambaState
 
 
 class MambaMLPBlock(nn.Module):
     """Pre-norm: x = x + Mamba(LN(x)); x = x + SwiGLU(LN(x)); both residuals with drop path."""
 
-    def __init__(self, dim: int, mlp_hidden: int, d_state: int = 16, d_conv: int = 4,
-                 expand: int = 1, dt_rank: Optional[int] = None, directions: int = 1,
-                 drop_path: float = 0.0, norm_eps: float = 1e-5, scan_backend: str = "auto"):
+    def __init__(self, cfg: StarConfig, drop_path: float = 0.0):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mixer = Mamba(dim, d_state, d_conv, expand, dt_rank, directions, scan_backend)
-        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = SwiGLU(dim, mlp_hidden, act_layer=nn.SiLU)
+        dim = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.mixer = Mamba.from_config(cfg)
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.mlp = SwiGLU(dim, cfg.mlp_hidden, act_layer=nn.SiLU)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor, orders: Optional[Sequence[Tensor]] = None) -> Tensor:
@@ -74,7 +74,7 @@ class CrossAttentionBlock(nn.Module):
     """Decoder block without self-attention: x = x + Attn(LN(x), LN(mem)); x = x + MLP(LN(x))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, norm_eps: float = 1e-5):
-        super().__init__()
+        super().__init__()  # the decoder's width and heads (StarConfig.decoder_*)
         self.norm_q = nn.LayerNorm(dim, eps=norm_eps)
         self.norm_kv = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = CrossAttention(dim, num_heads)

@@ -5,7 +5,6 @@ from typing import Optional, Union
 
 import torch
 from timm.layers import trunc_normal_
-from timm.models._features import feature_take_indices
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
@@ -13,6 +12,24 @@ from ..config import StarConfig
 from ..sequence import direction_orders
 from .backbone import StarBackbone
 from .init import TOKEN_STD, init_head_
+
+
+def take_indices(depth: int, indices: Optional[Union[int, list[int]]]) -> tuple[list[int], int]:
+    """timm's tap convention: None = every block, an int n = the last n, a list = those blocks
+    (negative from the end). Returns the 0-based blocks and the largest."""
+    if indices is None:
+        indices = depth
+    if isinstance(indices, int):
+        if not 0 < indices <= depth:
+            raise ValueError(f"last-n taps ({indices}) out of range: 1 to {depth}")
+        take = list(range(depth - indices, depth))
+    else:
+        take = [i + depth if i < 0 else i for i in indices]
+        if bad := [i for i in indices if not -depth <= i < depth]:
+            raise ValueError(f"tap indices {bad} out of range: 0 to {depth - 1} (or -{depth} to -1)")
+    if not take:
+        raise ValueError("no taps asked for: give at least one block index")
+    return take, max(take)
 
 
 class StarClassifier(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
@@ -91,7 +108,7 @@ class StarClassifier(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
         """
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"invalid output_fmt={output_fmt!r}; allowed values are NCHW, NLC")
-        take, max_index = feature_take_indices(len(self.backbone.blocks), indices)
+        take, max_index = take_indices(len(self.backbone.blocks), indices)
         x = self._insert_cls(self.backbone.embed(images))  # (B, L, D)
         orders = None if self.cfg.directions == 1 else list(self.orders)
         final, taps = self.backbone.forward_blocks(  # taps in block order, 1-based
@@ -115,7 +132,7 @@ class StarClassifier(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
 
         ``cfg`` follows (``depth``, ``final_norm``, ``num_classes``), so ``save_pretrained`` then
         ``from_pretrained`` rebuilds the pruned model."""
-        take, max_index = feature_take_indices(len(self.backbone.blocks), indices)
+        take, max_index = take_indices(len(self.backbone.blocks), indices)
         self.backbone.blocks = self.backbone.blocks[: max_index + 1]
         self.feature_info = self.feature_info[: max_index + 1]
         changes: dict = dict(depth=max_index + 1)

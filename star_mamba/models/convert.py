@@ -19,6 +19,7 @@ from typing import Any, Mapping, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..checkpoint import model_state
 from .pos_embed import sincos_2d
 
 _BRANCH = re.compile(r"^(backbone\.blocks\.\d+\.mixer\.branches\.)(\d+)(\..+)$")
@@ -48,19 +49,9 @@ def interpolate_pos_embed(table: Tensor, old_grid: tuple[int, int],
     return grid.permute(0, 2, 3, 1).reshape(1, nh * nw, d).to(table.dtype)
 
 
-def read_pretrained(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Tensor], Optional[dict]]:
-    """A checkpoint path or dict -> (state dict, model config dict or None)."""
-    if not isinstance(source, Mapping):
-        from ..checkpoint import load_checkpoint
-        source = load_checkpoint(Path(source))
-    if "model" in source and isinstance(source["model"], Mapping):
-        return dict(source["model"]), source.get("model_config")
-    return dict(source), None
-
-
 def load_pretrained(classifier: nn.Module, source: str | Path | Mapping[str, Any]) -> LoadReport:
     """Load a pretraining checkpoint (path, engine checkpoint dict or state dict) into a classifier."""
-    state, pre_cfg = read_pretrained(source)
+    state, pre_cfg = model_state(source)
     target = classifier.state_dict()
     report = LoadReport()
     incoming: dict[str, Tensor] = {}

@@ -6,8 +6,8 @@
   ``models_finetune.py``, ``_init_weights`` and ``segm_init_weights``):
 
   - every encoder Linear keeps PyTorch's default (kaiming-uniform, a = sqrt(5)) and a zero bias;
-    Mamba's ``dt_proj`` keeps Mamba's own initialisation (weight and bias, flagged
-    ``_no_reinit``); depthwise convs keep PyTorch's default;
+    the SSM's own parameters (``dt_proj``, ``A_log``, ``D``) keep Mamba's initialisation
+    (``SSMBranch.reset_parameters``); depthwise convs keep PyTorch's default;
   - the mixer's ``out_proj`` is re-drawn kaiming-uniform and divided by sqrt(depth) (GPT-2's
     scaled residual init, one residual per layer as ARM counts it);
   - the patch embedding is lecun-normal with a zero bias;
@@ -19,7 +19,7 @@
 * ``trunc_normal``: timm's ViT scheme, this project's default before ARM's was matched: every
   Linear (but ``dt_proj``) trunc-normal std 0.02 with a zero bias, the patch embedding
   xavier-uniform as a Linear on the flattened patch. Kept so that the results made with it
-  (``docs/ablation``, ``experiments/results/fashion_evidence*``) can be reproduced.
+  (``docs/ablation``, the first evidence run in git history) can be reproduced.
 
 The classifier head is trunc-normal std 0.02 under both; fine-tuning from a pretrained
 checkpoint re-draws it with ``run.head_init_std`` (ARM: 2e-5), see ``engine/finetune.py``.
@@ -33,17 +33,19 @@ from timm.layers import lecun_normal_, trunc_normal_
 from torch import nn
 
 from ..config import INIT_SCHEMES
+from .mamba import SSMBranch
 
 TOKEN_STD = 0.02  # learned tokens and tables (both schemes)
 
 
-def _keeps_own_init(p: nn.Parameter) -> bool:
-    return bool(getattr(p, "_no_reinit", False))
-
-
 def _zero_bias(m: nn.Module) -> None:
-    if getattr(m, "bias", None) is not None and not _keeps_own_init(m.bias):
+    if getattr(m, "bias", None) is not None:
         nn.init.zeros_(m.bias)
+
+
+def _ssm_owned(module: nn.Module) -> set[int]:
+    """ids of the Linears whose init is the SSM's own (``SSMBranch.dt_proj``)."""
+    return {id(m.dt_proj) for m in module.modules() if isinstance(m, SSMBranch)}
 
 
 def _reset_norms(module: nn.Module) -> None:
@@ -68,8 +70,9 @@ def trunc_normal_linear_(m: nn.Linear, std: float = TOKEN_STD) -> None:
 def init_backbone_(backbone: nn.Module, scheme: str) -> None:
     """Initialise a ``StarBackbone`` in place (patch embedding, blocks, final norm)."""
     _check(scheme)
+    own = _ssm_owned(backbone)
     for m in backbone.modules():
-        if isinstance(m, nn.Linear) and not _keeps_own_init(m.weight):
+        if isinstance(m, nn.Linear) and id(m) not in own:
             (pytorch_default_linear_ if scheme == "arm" else trunc_normal_linear_)(m)
     _reset_norms(backbone)
     proj = backbone.patch_embed.proj  # Conv2d(C, D, p, p)

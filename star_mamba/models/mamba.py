@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import StarConfig
 from ..ops import selective_scan
 from ..sequence import inverse_order
 
@@ -38,19 +39,25 @@ class SSMBranch(nn.Module):
                                 bias=conv_bias)
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(dt_rank, d_inner, bias=True)
-        # Mamba's initialisation: dt_proj keeps the variance of its input, its bias is the inverse
-        # softplus of a dt drawn log-uniformly in [dt_min, dt_max]; A = -(1..N) for every channel.
-        std = dt_rank ** -0.5 * dt_scale
+        self.dt_range, self.dt_init_floor, self.dt_scale = (dt_min, dt_max), dt_init_floor, dt_scale
+        self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
+        self.D = nn.Parameter(torch.empty(d_inner))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Mamba's own initialisation of the SSM (model-wide schemes leave it to this):
+        ``dt_proj`` keeps the variance of its input, its bias is the inverse softplus of a dt
+        drawn log-uniformly in [dt_min, dt_max]; A = -(1..N) for every channel; D = 1."""
+        (dt_min, dt_max), d_inner = self.dt_range, self.d_inner
+        std = self.dt_rank ** -0.5 * self.dt_scale
         nn.init.uniform_(self.dt_proj.weight, -std, std)
         dt = torch.exp(torch.rand(d_inner) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
-        dt = dt.clamp(min=dt_init_floor)
-        with torch.no_grad():
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
-        self.dt_proj.bias._no_reinit = True
-        self.dt_proj.weight._no_reinit = True
-        A = torch.arange(1, d_state + 1, dtype=torch.float32).repeat(d_inner, 1)  # (E, N)
-        self.A_log = nn.Parameter(torch.log(A))
-        self.D = nn.Parameter(torch.ones(d_inner))
+        dt = dt.clamp(min=self.dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus^-1(dt)
+        A = torch.arange(1, self.d_state + 1, dtype=torch.float32).repeat(d_inner, 1)  # (E, N)
+        self.A_log.copy_(torch.log(A))
+        self.D.fill_(1.0)
 
     def forward(self, x: Tensor, z: Tensor, backend: str = "auto") -> Tensor:
         """x, z: (B, E, L) in this branch's scan order -> y: (B, E, L)."""
@@ -98,6 +105,12 @@ class Mamba(nn.Module):
             SSMBranch(self.d_inner, d_state, d_conv, dt_rank, conv_bias=conv_bias)
             for _ in range(directions))
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias)
+
+    @classmethod
+    def from_config(cls, cfg: StarConfig) -> "Mamba":
+        """The mixer of a STAR block (dt_rank as the config resolves it)."""
+        return cls(cfg.embed_dim, cfg.d_state, cfg.d_conv, cfg.expand, cfg.resolved_dt_rank,
+                   cfg.directions, cfg.scan_backend)
 
     def forward(self, hidden: Tensor, orders: Optional[Sequence[Tensor]] = None) -> Tensor:
         """hidden: (B, L, D) -> (B, L, D).

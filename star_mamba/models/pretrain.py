@@ -7,6 +7,9 @@ Reads like the pipeline in the README:
     -> causal MambaMLP stack, taps at evenly spaced depths                 [backbone.forward_blocks]
     -> decoder queries of segments 1..T-1 cross-attend block-causally      [StarDecoder]
     -> pred (B, T-1, c^2, p*p*C) vs normalised target pixels, MSE          [forward_loss]
+
+The per-patch squared error (``PretrainOutput.patch_loss``) is computed once, here; the loss,
+the diagnostics and the figures all reduce it.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ class PretrainOutput:
     pred: Tensor  # (B, T-1, c^2, p*p*C): pred[:, t] predicts segment t+1 from segments 0..t
     target: Tensor  # (B, T-1, c^2, p*p*C): the (normalised) pixels of segments 1..T-1
     loss_weight: Tensor  # (T-1,) 1 where the target counts in the loss, else 0
+    patch_loss: Tensor  # (B, T-1, c^2) float32: squared error of each patch, mean over its values
 
 
 class StarDecoder(nn.Module):
@@ -92,12 +96,16 @@ class StarPretrain(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
         sep_tokens = (seq.separator_patches(cfg.separator, cfg.cluster_size, cfg.embed_dim)
                       if token_space else None)
         self.register_buffer("sep_tokens", sep_tokens, persistent=False)  # (c^2, D)
-        # decoder queries: 2D sin-cos of the target patch, a learned table for separator targets
+        # decoder queries: 2D sin-cos of the target patch, a learned table for separator targets;
+        # query r reads row query_index[r] of [dec_pos; sep_query_pos] (built once, here)
         dec_pos = sincos_2d(cfg.decoder_dim, (g, g))[order]  # (N, Dd) cluster order
-        self.register_buffer("dec_pos", dec_pos.reshape(cfg.clusters_per_image, c2, -1),
-                             persistent=False)  # (G, c^2, Dd)
+        self.register_buffer("dec_pos", dec_pos, persistent=False)  # (N, Dd)
         self.sep_query_pos = (nn.Parameter(torch.zeros(c2, cfg.decoder_dim))
                               if cfg.has_separator else None)
+        rows = torch.arange(cfg.num_patches).reshape(1, cfg.clusters_per_image, c2)  # (1, G, c^2)
+        sep_rows = torch.arange(cfg.num_patches, cfg.num_patches + c2) if cfg.has_separator else None
+        query_index = self.pack(rows.expand(cfg.images_per_sequence, -1, -1), sep_rows)[0, 1:]
+        self.register_buffer("query_index", query_index.flatten(), persistent=False)  # ((T-1)c^2,)
         T = cfg.num_segments
         self.register_buffer("mask", seq.block_causal_mask(T - 1, c2), persistent=False)
         is_sep = seq.separator_segment_mask(cfg.clusters_per_image, cfg.separator_position,
@@ -108,12 +116,12 @@ class StarPretrain(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
         init_separator_(self.sep_query_pos, self.sep_embed, cfg.init)
 
     # ----------------------------------------------------------------- pipeline pieces
-    def _pack(self, per_image: Tensor, separator: Optional[Tensor]) -> Tensor:
-        """(B*K, G, c^2, X) clusters + (c^2, X) separator (None without one) -> (B, T, c^2, X)."""
+    def pack(self, per_image: Tensor, separator: Optional[Tensor]) -> Tensor:
+        """(B*K, G, c^2, *X) clusters + (c^2, *X) separator (None without one) -> (B, T, c^2, *X)."""
         return seq.pack_segments(per_image, separator, self.cfg.images_per_sequence,
                                  self.layout_index)
 
-    def _by_cluster(self, x: Tensor) -> Tensor:
+    def by_cluster(self, x: Tensor) -> Tensor:
         """(B*K, N, X) raster -> (B*K, G, c^2, X) cluster-priority order."""
         return x[:, self.order].reshape(x.shape[0], self.cfg.clusters_per_image,
                                         self.cfg.tokens_per_segment, -1)
@@ -142,8 +150,8 @@ class StarPretrain(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
 
     def forward_encoder(self, images: Tensor) -> list[Tensor]:
         """(B*K, C, H, W) -> the tapped encoder features, n x (B, (T-1)*c^2, D)."""
-        tokens = self._by_cluster(self.encoder.embed(images))  # (B*K, G, c^2, D)
-        packed = self._pack(tokens, self.separator_tokens())  # (B, T, c^2, D)
+        tokens = self.by_cluster(self.encoder.embed(images))  # (B*K, G, c^2, D)
+        packed = self.pack(tokens, self.separator_tokens())  # (B, T, c^2, D)
         x = packed[:, :-1].flatten(1, 2)  # (B, (T-1)*c^2, D): the last segment is only a target
         final, taps = self.encoder.forward_blocks(x, taps=self.cfg.taps)
         return [final if t == self.cfg.depth else f for t, f in zip(self.cfg.taps, taps)]
@@ -151,16 +159,17 @@ class StarPretrain(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
     def forward_decoder(self, taps: Sequence[Tensor]) -> Tensor:
         """n x (B, (T-1)*c^2, D) -> pred (B, T-1, c^2, p*p*C)."""
         cfg = self.cfg
-        per_image = self.dec_pos.unsqueeze(0).expand(cfg.images_per_sequence, -1, -1, -1)
-        query_pos = self._pack(per_image, self.sep_query_pos)[:, 1:]  # (1, T-1, c^2, Dd)
-        pred = self.decoder(taps, query_pos.flatten(1, 2), self.mask)  # (B, (T-1)*c^2, P)
+        table = (self.dec_pos if self.sep_query_pos is None
+                 else torch.cat([self.dec_pos, self.sep_query_pos.to(self.dec_pos.dtype)]))
+        query_pos = table[self.query_index].unsqueeze(0)  # (1, (T-1)*c^2, Dd)
+        pred = self.decoder(taps, query_pos, self.mask)  # (B, (T-1)*c^2, P)
         return pred.reshape(pred.shape[0], cfg.num_segments - 1, cfg.tokens_per_segment, -1)
 
     def target_pixels(self, images: Tensor) -> Tensor:
         """(B*K, C, H, W) -> raw pixels of segments 1..T-1, (B, T-1, c^2, p*p*C) (separators are
         their pixel patterns, in either ``separator_space``; ``embedding`` separators are zeros)."""
-        patches = self._by_cluster(seq.patchify(images, self.cfg.patch_size))  # (B*K, G, c^2, P)
-        return self._pack(patches, self.sep_pixels)[:, 1:]
+        patches = self.by_cluster(seq.patchify(images, self.cfg.patch_size))  # (B*K, G, c^2, P)
+        return self.pack(patches, self.sep_pixels)[:, 1:]
 
     def forward_target(self, images: Tensor) -> Tensor:
         """(B*K, C, H, W) -> targets of segments 1..T-1, (B, T-1, c^2, p*p*C), normalised per
@@ -168,17 +177,23 @@ class StarPretrain(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
         target = self.target_pixels(images)
         return seq.normalize_patches(target) if self.cfg.norm_target else target
 
-    def forward_loss(self, pred: Tensor, target: Tensor) -> Tensor:
-        """Per-patch MSE, averaged over the patches of the counted segments."""
-        per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (B, T-1, c^2)
+    @staticmethod
+    def patch_loss(pred: Tensor, target: Tensor) -> Tensor:
+        """(B, T-1, c^2, P) twice -> (B, T-1, c^2) float32: each patch's mean squared error."""
+        return (pred.float() - target.float()).pow(2).mean(dim=-1)
+
+    def forward_loss(self, patch_loss: Tensor) -> Tensor:
+        """(B, T-1, c^2) per-patch MSE -> its mean over the patches of the counted segments."""
         w = self.loss_weight[None, :, None]
-        return (per_patch * w).sum() / (w.sum() * per_patch.shape[0] * per_patch.shape[2])
+        return (patch_loss * w).sum() / (w.sum() * patch_loss.shape[0] * patch_loss.shape[2])
 
     def forward(self, images: Tensor) -> PretrainOutput:
         self.check_images(images)
         pred = self.forward_decoder(self.forward_encoder(images))
         target = self.forward_target(images)
-        return PretrainOutput(self.forward_loss(pred, target), pred, target, self.loss_weight)
+        patch_loss = self.patch_loss(pred, target)
+        return PretrainOutput(self.forward_loss(patch_loss), pred, target, self.loss_weight,
+                              patch_loss)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

@@ -80,7 +80,7 @@ class StarStream:
             raise ValueError(f"images of shape {tuple(images.shape)} do not match the stream: "
                              f"expected {expected} (batch_size, in_chans, img_size, img_size)")
         images = images.to(self.device, self.dtype)
-        tokens = model._by_cluster(model.encoder.embed(images))  # (B, G, c^2, D)
+        tokens = model.by_cluster(model.encoder.embed(images))  # (B, G, c^2, D)
         segments = seq.pack_segments(tokens, model.separator_tokens(), 1, model.layout)
         x = segments.flatten(1, 2)  # (B, S*c^2, D) this image's tokens in sequence order
         out = torch.stack([model.encoder.step(x[:, t], self.states) for t in range(x.shape[1])],

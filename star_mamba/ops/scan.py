@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import BackendError, ConfigError
 from .scan_reference import _finish, _prepare_delta, compute_dtype, scan_reference
 
 BACKENDS = ("reference", "torch", "numba", "triton", "cuda")
@@ -372,10 +373,10 @@ def scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus
     """mamba-ssm's fused CUDA kernel."""
     fn = _cuda_fn()
     if fn is None:
-        raise RuntimeError("backend 'cuda' needs mamba-ssm with its CUDA extension "
+        raise BackendError("backend 'cuda' needs mamba-ssm with its CUDA extension "
                            f"(pip install 'star-mamba[cuda]'): {_CUDA_ERROR[0]}")
     if not u.is_cuda:
-        raise RuntimeError(f"backend 'cuda' needs tensors on a CUDA device; got {u.device}")
+        raise BackendError(f"backend 'cuda' needs tensors on a CUDA device; got {u.device}")
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
 
 
@@ -425,17 +426,17 @@ def resolve_backend(backend: str, device_type: str) -> str:
         if backend == "auto":
             _RESOLVED[key] = default_backend(device_type)
         elif backend not in BACKENDS:
-            raise ValueError(f"unknown selective-scan backend {backend!r}; allowed: "
-                             f"'auto', {', '.join(repr(b) for b in BACKENDS)}")
+            raise ConfigError(f"unknown selective-scan backend {backend!r}; allowed: "
+                              f"'auto', {', '.join(repr(b) for b in BACKENDS)}")
         elif backend == "numba" and device_type != "cpu":
-            raise RuntimeError(f"backend 'numba' runs on CPU tensors; got {device_type}")
+            raise BackendError(f"backend 'numba' runs on CPU tensors; got {device_type}")
         elif backend == "numba" and load_kernel("numba") is None:
-            raise RuntimeError(f"backend 'numba' needs numba (pip install numba): "
+            raise BackendError(f"backend 'numba' needs numba (pip install numba): "
                                f"{_LOAD_ERRORS['numba']}")
         elif backend == "triton" and not (device_type == "cuda" or _TRITON_INTERPRET):
-            raise RuntimeError(f"backend 'triton' needs CUDA tensors; got {device_type}")
+            raise BackendError(f"backend 'triton' needs CUDA tensors; got {device_type}")
         elif backend == "triton" and load_kernel("triton") is None:
-            raise RuntimeError("backend 'triton' needs the triton package (it ships with "
+            raise BackendError("backend 'triton' needs the triton package (it ships with "
                                f"PyTorch's CUDA wheels): {_LOAD_ERRORS['triton']}")
         else:
             _RESOLVED[key] = backend

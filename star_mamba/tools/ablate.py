@@ -44,6 +44,7 @@ from typing import Any, Optional, Sequence
 
 from ..config import SEPARATORS, SEPARATOR_POSITIONS, SEPARATOR_SPACES
 from ..checkpoint import write_json
+from ..errors import ConfigError
 from .runner import Pretraining, Probe, pixel_baseline, pretrain_then_probe
 
 log = logging.getLogger("star_mamba")
@@ -78,15 +79,15 @@ class Budget:
 
     def validate(self) -> None:
         if self.probe not in ("linprobe", "finetune"):
-            raise ValueError(f"invalid probe {self.probe!r}; allowed values are linprobe, finetune")
+            raise ConfigError(f"invalid probe {self.probe!r}; allowed values are linprobe, finetune")
         if self.probe_blr is not None and not self.probe_blr > 0:
-            raise ValueError(f"invalid probe_blr={self.probe_blr}: must be > 0")
+            raise ConfigError(f"invalid probe_blr={self.probe_blr}: must be > 0")
         if self.probe_blr is not None and self.probe != "finetune":
-            raise ValueError("probe_blr (--probe-blr) sets the fine-tune's lr; the linear probe "
+            raise ConfigError("probe_blr (--probe-blr) sets the fine-tune's lr; the linear probe "
                              "is fitted to convergence and has none")
         for name in ("depth", "pretrain_images", "probe_images", "eval_images"):
             if getattr(self, name) < 1:
-                raise ValueError(f"invalid {name}={getattr(self, name)}: must be >= 1")
+                raise ConfigError(f"invalid {name}={getattr(self, name)}: must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -122,17 +123,17 @@ def parse_axes(specs: Sequence[str]) -> dict[str, tuple]:
     for spec in specs:
         key, sep, values = spec.partition("=")
         if not sep or key not in long:
-            raise ValueError(f"invalid --axis {spec!r}: expected NAME=V1,V2,... with NAME one of "
+            raise ConfigError(f"invalid --axis {spec!r}: expected NAME=V1,V2,... with NAME one of "
                              f"{', '.join(AXES)} (or {', '.join(SHORT.values())})")
         axis = long[key]
         kind = type(AXES[axis][0])
         try:
             chosen = tuple(kind(v.strip()) for v in values.split(",") if v.strip())
         except ValueError:
-            raise ValueError(f"invalid --axis {spec!r}: {axis} takes {kind.__name__} values") from None
+            raise ConfigError(f"invalid --axis {spec!r}: {axis} takes {kind.__name__} values") from None
         bad = [v for v in chosen if v not in AXES[axis]]
         if bad or not chosen:
-            raise ValueError(f"invalid --axis {spec!r}: allowed {axis} values are "
+            raise ConfigError(f"invalid --axis {spec!r}: allowed {axis} values are "
                              f"{', '.join(map(str, AXES[axis]))}")
         axes[axis] = chosen
     return axes
@@ -360,7 +361,7 @@ def ablate(out: str | Path, budget: Budget = Budget(), axes: dict[str, tuple] = 
     problems = [f"{p.name}: {why}" for p in points
                 if (why := check_point(p, img, patch, base_cfg.optim.batch_size))]
     if problems:
-        raise ValueError("invalid grid:\n  " + "\n  ".join(problems))
+        raise ConfigError("invalid grid:\n  " + "\n  ".join(problems))
     print(f"{len(points)} points, budget {asdict(budget)}")
     for p in points:
         print(f"  {p.name}")
@@ -372,7 +373,7 @@ def ablate(out: str | Path, budget: Budget = Budget(), axes: dict[str, tuple] = 
     if grid_file.exists():
         old = json.loads(grid_file.read_text())
         if old["budget"] != json.loads(json.dumps(spec["budget"])):
-            raise ValueError(f"{out} holds a grid run with another budget ({old['budget']}); "
+            raise ConfigError(f"{out} holds a grid run with another budget ({old['budget']}); "
                              "use a new --out directory or the same budget")
         spec["points"] = list(dict.fromkeys(old["points"] + spec["points"]))
     write_json(grid_file, spec)

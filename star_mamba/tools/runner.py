@@ -89,10 +89,10 @@ def probe_config(probe: Probe, pretrained: Optional[Path], out_dir: Path, task: 
 @register_probe("representation")
 def frozen_representation(probe: Probe, pretrained: Optional[Path], out_dir: Path
                           ) -> dict[str, Any]:
-    """``star-mamba linprobe`` (``engine/linprobe.py``) on the frozen backbone: ``top1`` is the
+    """``star-mamba linprobe`` (``tasks/linprobe.py``) on the frozen backbone: ``top1`` is the
     converged linear probe's test top-1, beside ``knn_top1`` and the chosen ``weight_decay``;
     the whole result is in ``out_dir/linprobe.json`` (its features cached there too)."""
-    from ..engine.linprobe import linprobe
+    from ..tasks.linprobe import linprobe
 
     r = linprobe(probe_config(probe, pretrained, out_dir, "linprobe"))
     keys = ("linear_probe_top1", "knn_top1", "weight_decay", "heldout_top1", "feature_dim",
@@ -104,7 +104,7 @@ def frozen_representation(probe: Probe, pretrained: Optional[Path], out_dir: Pat
 def train_classifier(probe: Probe, pretrained: Optional[Path], out_dir: Path) -> dict[str, Any]:
     """The engine's ``finetune()`` (``star-mamba finetune``); the score is its best top-1 on the
     evaluation split."""
-    from ..engine.finetune import finetune
+    from ..tasks.finetune import finetune
 
     return dict(top1=finetune(probe_config(probe, pretrained, out_dir, "finetune"))["best"]["score"])
 
@@ -113,8 +113,8 @@ def pixel_baseline(directory: str | Path, probe: Probe = Probe()) -> dict[str, A
     """The representation probe on raw pixels of the images ``probe`` reads (its linprobe
     config and overrides: data, budget, probe settings, seed), computed once: kept in
     ``directory/raw_pixels.json`` and read back while data and settings are the same.
-    Returns ``linear_probe_top1``, ``knn_top1``, ``weight_decay``, ... (engine/probe.py)."""
-    from ..engine.linprobe import pixel_baseline as baseline
+    Returns ``linear_probe_top1``, ``knn_top1``, ``weight_decay``, ... (evaluation/probe.py)."""
+    from ..tasks.linprobe import pixel_baseline as baseline
 
     cfg = probe_config(probe, None, Path(directory), "linprobe")
     return baseline(cfg, Path(directory) / PIXELS)
@@ -133,7 +133,7 @@ def pretrain_then_probe(run_dir: str | Path, probe: Probe,
     clock of the whole run, ``pretrain_seconds`` the pretraining's own training time.
     """
     from ..engine.config import load_config
-    from ..engine.pretrain import pretrain
+    from ..tasks.pretrain import pretrain
 
     run_dir = Path(run_dir)
     done = run_dir / RESULT

@@ -10,7 +10,7 @@ Three figures (plus the numbers behind the last two):
   earlier images of their sequence showed, so their first clusters may be easier (whether they
   are depends on the model and on how related the images packed together are);
 - ``diagnostics.png`` / ``diagnostics.json``: the cross-image diagnostics
-  (``engine/diagnostics.py``: loss per image slot, paired first/last gap, decoder attention on
+  (``evaluation/diagnostics.py``: loss per image slot, paired first/last gap, decoder attention on
   the current image) the run logged over its steps, and their values for this checkpoint.
 
 The pure helpers (:func:`unnormalize_patches`, :func:`segments_to_images`,
@@ -23,13 +23,14 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from torch import Tensor
 
 from .. import sequence as seq
 from ..config import StarConfig
+from ..errors import ConfigError, DataError
 
 __all__ = ["unnormalize_patches", "segment_index_table", "segments_to_images",
            "unpredicted_clusters", "loss_per_position", "diagnostic_series",
@@ -96,16 +97,17 @@ def segments_to_images(segments: Tensor, cfg: StarConfig, fill: float = float("n
     return images
 
 
-def loss_per_position(pred: Tensor, target: Tensor, cfg: StarConfig) -> Tensor:
+def loss_per_position(patch_loss: Tensor, cfg: StarConfig) -> Tensor:
     """Mean per-patch MSE of every image cluster, (K, G) float: row k = k-th image of the
     sequence, column g = cluster g in cluster order, averaged over the batch and the cluster's
-    c^2 patches. ``pred`` / ``target``: (B, T-1, c^2, P). The cluster that is segment 0 (never
-    predicted) is NaN; separator targets are not included.
+    c^2 patches. ``patch_loss``: ``PretrainOutput.patch_loss``, (B, T-1, c^2). The cluster that
+    is segment 0 (never predicted) is NaN; separator targets are not included.
     """
-    if pred.shape != target.shape or pred.ndim != 4:
-        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must both "
-                         "be (B, T-1, c^2, P)")
-    per_patch = (pred.float() - target.float()).pow(2).mean(dim=-1).mean(dim=(0, 2))  # (T-1,)
+    expected = (cfg.num_segments - 1, cfg.tokens_per_segment)
+    if patch_loss.ndim != 3 or tuple(patch_loss.shape[1:]) != expected:
+        raise ValueError(f"patch_loss of shape {tuple(patch_loss.shape)} does not match the "
+                         f"config: expected (B, {', '.join(map(str, expected))})")
+    per_patch = patch_loss.float().mean(dim=(0, 2))  # (T-1,)
     full = torch.cat([per_patch.new_full((1,), float("nan")), per_patch])  # (T,)
     return full[segment_index_table(cfg).to(full.device)]
 
@@ -116,8 +118,9 @@ def load_pretrain_checkpoint(checkpoint: str | Path, device: str | torch.device 
     """A STAR pretraining checkpoint (``.pth`` from ``star-mamba pretrain``, ``.safetensors``, or
     a run directory holding ``checkpoint-latest.pth``) -> (``StarPretrain`` in eval mode, path).
 
-    Loads with ``weights_only`` (no code runs). A missing file raises ``FileNotFoundError``; a
-    classifier checkpoint or one without a model config raises ``ValueError``.
+    Loads with ``weights_only`` (no code runs), through ``models/io.py``. A missing file raises
+    ``MissingFileError``; a classifier checkpoint or one without a model config
+    ``CheckpointError``.
     """
     model, path, _ = _load_pretrain(checkpoint, device)
     return model, path
@@ -125,46 +128,14 @@ def load_pretrain_checkpoint(checkpoint: str | Path, device: str | torch.device 
 
 def _load_pretrain(checkpoint: str | Path, device: str | torch.device):
     """(model, path, the optimizer step it was saved at or None when it does not say)."""
-    from ..checkpoint import LATEST, load_checkpoint
-    from ..models.convert import read_pretrained
-    from ..models.pretrain import StarPretrain
+    from ..checkpoint import load_checkpoint
+    from ..models.io import load_pretrain, resolve
 
-    path = Path(checkpoint)
-    if path.is_dir():
-        path = path / LATEST
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
+    path = resolve(checkpoint)
     payload = load_checkpoint(path)
-    state, model_config = read_pretrained(payload)
     saved_state = payload.get("state") if isinstance(payload, dict) else None
     step = saved_state.get("step") if isinstance(saved_state, dict) else None
-    is_classifier = "head.weight" in state or any(k.startswith("backbone.") for k in state)
-    if is_classifier or not any(k.startswith("decoder.") for k in state):
-        kind = "a classifier (fine-tuning) checkpoint" if is_classifier else "not a STAR model"
-        raise ValueError(f"{path} is {kind}; viz needs a pretraining checkpoint written by "
-                         "`star-mamba pretrain` (it shows the pretraining decoder's predictions)")
-    if model_config is None:
-        raise ValueError(f"{path} stores no model config (model_config); cannot rebuild the model")
-    cfg = StarConfig.from_dict(model_config)
-    model = StarPretrain(cfg)
-    model.load_state_dict(state)
-    return model.to(device).eval(), path, step
-
-
-def _denormalizer(data_name: str, in_chans: int) -> Callable[[Tensor], Tensor]:
-    """Undo the data pipeline's input normalisation: (.., C, H, W) -> display values in [0, 1]."""
-    if data_name == "fashion_mnist":
-        from ..data.fashion_mnist import MEAN, STD
-        return lambda x: (x * STD + MEAN).clamp(0, 1)
-    if data_name == "imagefolder":
-        from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-        mean = torch.tensor(IMAGENET_DEFAULT_MEAN)[:, None, None]
-        std = torch.tensor(IMAGENET_DEFAULT_STD)[:, None, None]
-        return lambda x: (x * std + mean).clamp(0, 1)
-
-    def minmax(x: Tensor) -> Tensor:  # synthetic images are not normalised: a fixed range
-        return ((x + 2.5) / 5.0).clamp(0, 1)
-    return minmax
+    return load_pretrain(path).to(device), path, step
 
 
 def _batch_size(requested: int, k: int) -> int:
@@ -251,7 +222,7 @@ def _plot_loss(path: Path, table: Tensor, cfg: StarConfig, title: str) -> None:
 
 def diagnostic_series(rows: Iterable[dict[str, Any]]) -> dict[str, list]:
     """The cross-image diagnostics a run logged (the ``diag`` rows of its metrics.jsonl, see
-    ``engine/diagnostics.py``), in step order: ``{"step": [...], key: [value or None, ...]}``
+    ``evaluation/diagnostics.py``), in step order: ``{"step": [...], key: [value or None, ...]}``
     for every key any row holds."""
     logged = sorted((r for r in rows if isinstance(r.get("diag"), dict)), key=lambda r: r["step"])
     keys = list(dict.fromkeys(key for r in logged for key in r["diag"]))
@@ -374,10 +345,11 @@ def visualize(checkpoint: str | Path, out_dir: str | Path, config: Any = None,
     ``checkpoint``: a STAR pretraining checkpoint (or a run directory). ``config``: a loaded
     ``RunConfig``, a config path / built-in name, or None for the built-in
     ``pretrain/fashion_mnist``; only its ``data`` section (and ``optim.batch_size``) is used, the
-    model comes from the checkpoint. ``split`` overrides ``data.split`` (e.g. ``test`` for
-    held-out Fashion-MNIST images). Images are drawn at random (``seed``), ``max_batches``
-    batches of ``optim.batch_size`` images for the loss table; the predictions show the first
-    ``num_sequences`` sequences of the first batch.
+    model comes from the checkpoint. ``split``: the split the images come from (default: the
+    data's eval split, images not trained on), read through the evaluation transform
+    (``data.build``). Images are drawn at random (``seed``; a stream of shards: its first ones),
+    ``max_batches`` batches of ``optim.batch_size`` images for the loss table; the predictions
+    show the first ``num_sequences`` sequences of the first batch.
 
     Returns the written paths and the numbers: ``loss`` (the model's loss on those batches),
     ``loss_per_position`` (K x G, None where not predicted), ``first_cluster_loss_image0`` and
@@ -385,32 +357,27 @@ def visualize(checkpoint: str | Path, out_dir: str | Path, config: Any = None,
     image 0 and of images 1..K-1; NaN if image 0's are never predicted or K = 1), and the same
     for the first row of clusters.
     """
+    from ..data.build import sample_images, split_images
     from ..engine.config import RunConfig, load_config
-    from ..engine.data import build_pretrain_images
 
     if num_sequences < 1 or max_batches < 1 or first_clusters < 1:
-        raise ValueError("num_sequences, max_batches and first_clusters must be >= 1")
+        raise ConfigError("num_sequences, max_batches and first_clusters must be >= 1")
     model, path, step = _load_pretrain(checkpoint, device)
     cfg = model.cfg
     run_cfg = config if isinstance(config, RunConfig) else load_config(
         str(config) if config is not None else "pretrain/fashion_mnist")
     data_cfg = run_cfg.data
-    if split is not None:
-        import dataclasses
-        data_cfg = dataclasses.replace(data_cfg, split=split)
-    dataset = build_pretrain_images(data_cfg, cfg)  # images drawn at random, whatever data.sequence
+    split = split or data_cfg.resolved_eval_split
+    dataset = split_images(data_cfg, cfg, split)  # unrelated images, whatever data.sequence
     k = cfg.images_per_sequence
     batch = _batch_size(run_cfg.optim.batch_size, k)
     batch = max(batch, num_sequences * k)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # random picks and any random augmentation of the dataset
-        n = min(len(dataset), batch * max_batches)
-        n -= n % k
-        if n < num_sequences * k:
-            raise ValueError(f"the dataset has {len(dataset)} images; at least "
-                             f"{num_sequences * k} are needed for {num_sequences} sequences of {k}")
-        picks = torch.randperm(len(dataset))[:n].tolist()
-        images = torch.stack([torch.as_tensor(dataset[i][0]) for i in picks]).float()
+    n = min(len(dataset), batch * max_batches)
+    n -= n % k
+    if n < num_sequences * k:
+        raise DataError(f"the {split} split has {len(dataset)} images; at least "
+                        f"{num_sequences * k} are needed for {num_sequences} sequences of {k}")
+    images = sample_images(dataset, n, seed)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -423,12 +390,11 @@ def visualize(checkpoint: str | Path, out_dir: str | Path, config: Any = None,
         x = images[start:start + batch].to(device)
         out = model(x)
         b = x.shape[0] // k
-        sums += loss_per_position(out.pred, out.target, cfg).double().cpu() * b
+        sums += loss_per_position(out.patch_loss, cfg).double().cpu() * b
         count += b
         loss_sum += out.loss.item() * b
         if is_sep.any():
-            per_patch = (out.pred.float() - out.target.float()).pow(2).mean(-1)  # (B, T-1, c^2)
-            sep_sum += per_patch[:, is_sep.to(per_patch.device)].mean().item() * b
+            sep_sum += out.patch_loss[:, is_sep.to(out.patch_loss.device)].mean().item() * b
             sep_count += b
         if first_out is None:
             shown = x[: num_sequences * k]
@@ -439,7 +405,7 @@ def visualize(checkpoint: str | Path, out_dir: str | Path, config: Any = None,
     # -- predictions figure
     x, pred, target_raw = first_out
     pred_pixels = unnormalize_patches(pred, target_raw) if cfg.norm_target else pred
-    show = _denormalizer(data_cfg.name, cfg.in_chans)
+    show = data_cfg.spec.display
     rows = [("input", show(x)),
             ("predicted", show(segments_to_images(pred_pixels, cfg))),
             ("truth (targets)", show(segments_to_images(target_raw, cfg)))]
@@ -460,10 +426,10 @@ def visualize(checkpoint: str | Path, out_dir: str | Path, config: Any = None,
     row0 = _nanmean(table[0, : cfg.cluster_grid])
     row_later = _nanmean(table[1:, : cfg.cluster_grid]) if k > 1 else float("nan")
     loss_png = out_dir / "loss_per_position.png"
-    _plot_loss(loss_png, table, cfg, f"{path.name} on {data_cfg.name} ({data_cfg.split}), "
+    _plot_loss(loss_png, table, cfg, f"{path.name} on {data_cfg.name} ({split}), "
                f"{count} sequences of K={k}")
     result: dict[str, Any] = dict(
-        checkpoint=str(path), data=data_cfg.name, split=data_cfg.split, sequences=count,
+        checkpoint=str(path), data=data_cfg.name, split=split, sequences=count,
         images_per_sequence=k, clusters_per_image=cfg.clusters_per_image,
         cluster_grid=cfg.cluster_grid, separator=cfg.separator,
         separator_position=cfg.separator_position if cfg.has_separator else None,
@@ -491,8 +457,9 @@ def write_diagnostics(model, path: Path, step: Optional[int], run_cfg: Any, out_
     ``run.diag_images``, as in training: the same numbers as the run's row at this step when
     ``run_cfg`` is the run's config). Returns the current values, the plotted series and paths.
     """
-    from ..engine.diagnostics import cross_image_diagnostics, held_out_images, held_out_source
+    from ..data.build import held_out_images, held_out_source
     from ..engine.metrics import read_metrics
+    from ..evaluation.diagnostics import cross_image_diagnostics
 
     cfg = model.cfg
     held_out = held_out_images(run_cfg.data, cfg, run_cfg.run.diag_images)

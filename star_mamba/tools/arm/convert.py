@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
+from ...errors import CheckpointError
 from ... import sequence as seq
 from ...checkpoint import atomic_save
 from ...config import StarConfig
@@ -111,7 +112,7 @@ def arm_to_star(state_dict: Mapping[str, Tensor], target: Optional[str] = None,
     """
     sd = check_arm_state_dict(state_dict)
     if target is not None and target not in TARGETS:
-        raise ValueError(f"invalid target {target!r}; allowed: 'classifier', 'pretrain', None")
+        raise CheckpointError(f"invalid target {target!r}; allowed: 'classifier', 'pretrain', None")
     kinds = model_kinds(sd)
     target = target or detect_target(sd)
     if kinds and target not in kinds:
@@ -119,7 +120,7 @@ def arm_to_star(state_dict: Mapping[str, Tensor], target: Optional[str] = None,
         hint = (" (to fine-tune from ARM pretraining weights, convert with target='pretrain' and "
                 "pass the result to `star-mamba finetune --set run.pretrained=...`)"
                 if found == "pretrain" else "")
-        raise ValueError(f"this ARM state dict is a {found} model, not a {target}{hint}")
+        raise CheckpointError(f"this ARM state dict is a {found} model, not a {target}{hint}")
     config = infer_config(sd, target)
     if overrides:
         config = StarConfig.from_dict({**config, **overrides}).to_dict()
@@ -136,7 +137,7 @@ def arm_to_star(state_dict: Mapping[str, Tensor], target: Optional[str] = None,
                                          f"class_token={cfg.class_token!r})")
             return
         if tuple(value.shape) != tuple(expected[ours]):
-            raise ValueError(f"shape mismatch: ARM {arm_key!r} {tuple(sd[arm_key].shape)} -> "
+            raise CheckpointError(f"shape mismatch: ARM {arm_key!r} {tuple(sd[arm_key].shape)} -> "
                              f"our {ours!r} {tuple(value.shape)}, but our model expects "
                              f"{tuple(expected[ours])}")
         out[ours] = value.clone()
@@ -183,9 +184,9 @@ def load_converted(model: torch.nn.Module, state: Mapping[str, Tensor]) -> list[
     current = model.state_dict()
     for key, value in state.items():
         if key not in current:
-            raise ValueError(f"converted key {key!r} is not in the model")
+            raise CheckpointError(f"converted key {key!r} is not in the model")
         if tuple(value.shape) != tuple(current[key].shape):
-            raise ValueError(f"shape mismatch for {key!r}: converted {tuple(value.shape)}, model "
+            raise CheckpointError(f"shape mismatch for {key!r}: converted {tuple(value.shape)}, model "
                              f"{tuple(current[key].shape)}")
     result = model.load_state_dict(dict(state), strict=False)
     return list(result.missing_keys)
@@ -208,7 +209,7 @@ def convert_arm_checkpoint(src_path: str | Path, out_path: str | Path,
     if strict and not report.complete:
         problems = [f"{k} ({why})" for k, why in report.unmatched.items()]
         problems += [f"{k} (missing: no ARM weight)" for k in report.missing]
-        raise ValueError(f"strict ARM conversion of {src_path} failed; unmatched keys: "
+        raise CheckpointError(f"strict ARM conversion of {src_path} failed; unmatched keys: "
                          + "; ".join(problems))
     model = build_model(report.config, report.target)
     load_converted(model, state)

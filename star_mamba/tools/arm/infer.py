@@ -7,6 +7,7 @@ from typing import Any, Mapping, Optional
 
 from torch import Tensor
 
+from ...errors import CheckpointError
 from ...config import StarConfig
 from .keys import LAYER, TARGETS
 from .reading import check_arm_state_dict, detect_target
@@ -15,7 +16,7 @@ from .reading import check_arm_state_dict, detect_target
 def _depth(sd: Mapping[str, Tensor]) -> int:
     layers = {int(m.group(1)) for k in sd if (m := LAYER.match(k))}
     if layers != set(range(len(layers))):
-        raise ValueError(f"ARM state dict has non-contiguous layers {sorted(layers)}")
+        raise CheckpointError(f"ARM state dict has non-contiguous layers {sorted(layers)}")
     return len(layers)
 
 
@@ -26,13 +27,13 @@ def _ratio(hidden: int, dim: int) -> float:
         if int(r * dim) == hidden:
             return r
         r = math.nextafter(r, math.inf)
-    raise ValueError(f"cannot express hidden width {hidden} as a ratio of {dim}")
+    raise CheckpointError(f"cannot express hidden width {hidden} as a ratio of {dim}")
 
 
 def _square(n: int, what: str) -> int:
     g = math.isqrt(n)
     if g * g != n:
-        raise ValueError(f"{what}: {n} tokens is not a square grid")
+        raise CheckpointError(f"{what}: {n} tokens is not a square grid")
     return g
 
 
@@ -47,16 +48,16 @@ def infer_config(state_dict: Mapping[str, Tensor], target: Optional[str] = None)
     sd = check_arm_state_dict(state_dict)
     target = target or detect_target(sd)
     if target not in TARGETS:
-        raise ValueError(f"invalid target {target!r}; allowed: 'classifier', 'pretrain', None")
+        raise CheckpointError(f"invalid target {target!r}; allowed: 'classifier', 'pretrain', None")
     w = sd["patch_embed.proj.weight"]
     if w.ndim != 4 or w.shape[2] != w.shape[3]:
-        raise ValueError(f"patch_embed.proj.weight has shape {tuple(w.shape)}; expected "
+        raise CheckpointError(f"patch_embed.proj.weight has shape {tuple(w.shape)}; expected "
                          "(D, C, p, p) with square patches")
     d, c, p = w.shape[0], w.shape[1], w.shape[2]
     m = "layers.0.mixer."
     e = sd[m + "in_proj.weight"].shape[0] // 2
     if e % d:
-        raise ValueError(f"mixer width {e} is not a multiple of embed_dim {d}")
+        raise CheckpointError(f"mixer width {e} is not a multiple of embed_dim {d}")
     dt_rank = sd[m + "dt_proj.weight"].shape[1]
     cfg: dict[str, Any] = dict(
         embed_dim=d, in_chans=c, patch_size=p, depth=_depth(sd), expand=e // d,
@@ -67,7 +68,7 @@ def infer_config(state_dict: Mapping[str, Tensor], target: Optional[str] = None)
     n_pos = sd["pos_embed"].shape[1] if "pos_embed" in sd else None
     if target == "classifier":
         if "cls_token_head" in sd or "cls_token_tail" in sd:
-            raise ValueError("ARM/Vim double class tokens ('cls_token_head', 'cls_token_tail') "
+            raise CheckpointError("ARM/Vim double class tokens ('cls_token_head', 'cls_token_tail') "
                              "are not supported: our classifier has one class token")
         has_cls = "cls_token" in sd
         directions = 4 if m + "A_c_log" in sd or m + "A_c_b_log" in sd else (
@@ -91,7 +92,7 @@ def infer_config(state_dict: Mapping[str, Tensor], target: Optional[str] = None)
                    cluster_size=cluster, images_per_sequence=1, separator="none",
                    norm_target=True)
     if n is None:
-        raise ValueError("ARM state dict has no 'pos_embed': cannot tell the image size")
+        raise CheckpointError("ARM state dict has no 'pos_embed': cannot tell the image size")
     cfg["img_size"] = _square(n, "pos_embed") * p
     config = StarConfig.from_dict(cfg)
     if target == "pretrain":

@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from ...errors import CheckpointError, MissingFileError
 from .keys import CLASSIFIER_MARKERS, PRETRAIN_MARKERS
 
 
@@ -20,16 +21,16 @@ def _describe_keys(keys) -> str:
 def check_arm_state_dict(state_dict: Any) -> dict[str, Tensor]:
     """A bare ARM state dict (DDP ``module.`` prefixes removed) or ``ValueError``."""
     if not isinstance(state_dict, Mapping):
-        raise ValueError(f"not an ARM state dict: expected a mapping of parameter names to "
+        raise CheckpointError(f"not an ARM state dict: expected a mapping of parameter names to "
                          f"tensors, got {type(state_dict).__name__}")
     sd = {(k[len("module."):] if isinstance(k, str) and k.startswith("module.") else k): v
           for k, v in state_dict.items()}
     if any(isinstance(k, str) and k.startswith(("backbone.", "encoder.")) for k in sd):
-        raise ValueError("this is already a star-mamba state dict (keys 'backbone.*' / "
+        raise CheckpointError("this is already a star-mamba state dict (keys 'backbone.*' / "
                          "'encoder.*'), not an ARM one; load it directly")
     if ("patch_embed.proj.weight" not in sd or "layers.0.mixer.in_proj.weight" not in sd
             or not all(isinstance(v, Tensor) for v in sd.values())):
-        raise ValueError("not an ARM state dict: expected tensors under ARM's names "
+        raise CheckpointError("not an ARM state dict: expected tensors under ARM's names "
                          "'patch_embed.proj.weight' and 'layers.<i>.mixer.in_proj.weight' "
                          "(ARM's VisionMamba / ARM classes, bare or wrapped under 'model'); got "
                          f"keys {_describe_keys(sd)}")
@@ -41,9 +42,9 @@ def unwrap_arm_checkpoint(obj: Any, key: str = "model") -> dict[str, Tensor]:
     if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
         return check_arm_state_dict(obj[key])
     if isinstance(obj, Mapping) and key != "model":
-        raise ValueError(f"checkpoint has no {key!r} entry (top-level keys: {_describe_keys(obj)})")
+        raise CheckpointError(f"checkpoint has no {key!r} entry (top-level keys: {_describe_keys(obj)})")
     if isinstance(obj, Mapping) and obj and not any(isinstance(v, Tensor) for v in obj.values()):
-        raise ValueError("not an ARM checkpoint: expected ARM's state dict (keys such as "
+        raise CheckpointError("not an ARM checkpoint: expected ARM's state dict (keys such as "
                          "'patch_embed.proj.weight', 'layers.0.mixer.in_proj.weight'), bare or "
                          f"under 'model'; got top-level keys {_describe_keys(obj)}")
     return check_arm_state_dict(obj)
@@ -54,12 +55,12 @@ def load_arm_file(path: str | Path) -> Any:
     ``argparse.Namespace``, which is allowed (it is a plain attribute container)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no such ARM checkpoint: {path}")
+        raise MissingFileError(f"no such ARM checkpoint: {path}")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or a pickle that would run code
-        raise ValueError(f"cannot load {path} as an ARM checkpoint (torch.load with "
+        raise CheckpointError(f"cannot load {path} as an ARM checkpoint (torch.load with "
                          f"weights_only=True): {e}") from e
 
 
@@ -79,6 +80,6 @@ def detect_target(sd: Mapping[str, Tensor]) -> str:
     if len(kinds) == 1:
         return kinds.pop()
     what = "both" if kinds else "neither"
-    raise ValueError(f"cannot tell whether this ARM state dict is a pretraining model (keys "
+    raise CheckpointError(f"cannot tell whether this ARM state dict is a pretraining model (keys "
                      f"{PRETRAIN_MARKERS}) or a classifier (keys {CLASSIFIER_MARKERS}): it has "
                      f"{what}; pass target='pretrain' or 'classifier'")

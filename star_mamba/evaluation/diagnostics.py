@@ -32,31 +32,18 @@ model: it runs in eval mode without gradients and is put back in its own mode.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
-import time
 from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
 
 from .. import sequence as seq
 from ..config import StarConfig
-from ..errors import ConfigError
 from ..models.pretrain import StarPretrain
-from .config import DataConfig
 
 __all__ = ["rotation_index", "TargetSlots", "target_slots", "per_slot_losses", "own_image_keys",
-           "cross_image_diagnostics", "summary_line", "held_out_source", "held_out_images",
-           "check_diagnostics_config", "TrainingDiagnostics", "HELD_OUT_SEED"]
-
-log = logging.getLogger("star_mamba")
-
-HELD_OUT_SEED = 0
-"""Seed of the held-out images' draw: fixed, so that runs with different ``run.seed`` are
-diagnosed on the same images."""
-
+           "cross_image_diagnostics", "summary_line"]
 
 # ---------------------------------------------------------------------------- pure tables
 
@@ -92,11 +79,11 @@ def target_slots(cfg: StarConfig) -> TargetSlots:
     return TargetSlots(slots[1:], ~is_sep[1:])
 
 
-def per_slot_losses(pred: Tensor, target: Tensor, cfg: StarConfig
-                    ) -> tuple[Tensor, Optional[Tensor]]:
-    """pred, target (B, T-1, c^2, P) -> ((B, K) mean per-patch MSE of each slot's image-cluster
-    targets, (B,) mean per-patch MSE of the separator targets or None without separators)."""
-    per_target = (pred.float() - target.float()).pow(2).mean(dim=(-1, -2))  # (B, T-1)
+def per_slot_losses(patch_loss: Tensor, cfg: StarConfig) -> tuple[Tensor, Optional[Tensor]]:
+    """``PretrainOutput.patch_loss`` (B, T-1, c^2) -> ((B, K) mean per-patch MSE of each slot's
+    image-cluster targets, (B,) mean per-patch MSE of the separator targets or None without
+    separators)."""
+    per_target = patch_loss.float().mean(dim=-1)  # (B, T-1)
     slots = target_slots(cfg)
     onehot = torch.nn.functional.one_hot(slots.slot, cfg.images_per_sequence).float()  # (T-1, K)
     onehot = onehot * slots.is_cluster[:, None]  # separator targets excluded
@@ -191,7 +178,7 @@ def cross_image_diagnostics(model: StarPretrain, images: Tensor, batch_size: int
                                           enabled=amp_dtype is not None)
                 with _attention_inputs(model) as seen, autocast:
                     out = model(x)
-                per_slot, sep = per_slot_losses(out.pred, out.target, cfg)  # (B, K), (B,)
+                per_slot, sep = per_slot_losses(out.patch_loss, cfg)  # (B, K), (B,)
                 per_image[rows, torch.arange(k)] = per_slot.double().cpu()
                 loss_sum += out.loss.float().item() * rows.shape[0]
                 if sep is not None:
@@ -266,118 +253,3 @@ def summary_line(values: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-# ---------------------------------------------------------------------------- held-out images
-
-def _eval_images(data: DataConfig, model: StarConfig, extra: int) -> tuple[Dataset, int]:
-    """The dataset the held-out images come from, and the first index that may be used."""
-    from ..data import build_dataset
-    from ..data.transforms import build_eval_transform
-
-    split = data.resolved_eval_split
-    if data.name == "fashion_mnist":
-        return build_dataset("fashion_mnist", root=data.root, split=split, img_size=model.img_size,
-                             in_chans=model.in_chans, augment=False, download=data.download), 0
-    if data.name == "imagefolder":
-        if data.root is None:
-            raise ConfigError("invalid config: data.root is required for data.name='imagefolder'")
-        if model.in_chans != 3:
-            raise ConfigError(f"invalid config: model.in_chans={model.in_chans} but ImageFolder "
-                              "images are RGB (3 channels)")
-        return build_dataset("imagefolder", root=data.root, split=split,
-                             transform=build_eval_transform(model.img_size, data.crop_pct),
-                             max_bad_fraction=data.max_bad_fraction), 0
-    if data.name == "synthetic":  # no split: the generator's images after the training ones
-        first = data.synthetic_images
-        return build_dataset("synthetic", num_images=first + extra, img_size=model.img_size,
-                             in_chans=model.in_chans), first
-    raise ConfigError(f"invalid config: data.name={data.name!r}; allowed: 'fashion_mnist', "
-                      "'imagefolder', 'synthetic'")
-
-
-def held_out_source(data: DataConfig) -> str:
-    """Where :func:`held_out_images` takes its images from, in words."""
-    if data.name == "synthetic":
-        return f"synthetic images after the {data.synthetic_images} training ones"
-    return f"{data.name} {data.resolved_eval_split!r} split"
-
-
-def check_diagnostics_config(num_images: int, model: StarConfig) -> None:
-    """``run.diag_images`` must hold at least one sequence of K images."""
-    k = model.images_per_sequence
-    if num_images < k:
-        raise ConfigError(f"invalid config: run.diag_images={num_images} is fewer than "
-                          f"model.images_per_sequence={k}; raise it or set run.diag_every=0")
-
-
-def held_out_images(data: DataConfig, model: StarConfig, num_images: int,
-                    seed: int = HELD_OUT_SEED, allow_fewer: bool = False) -> Tensor:
-    """The fixed batch of the diagnostics: (M, C, H, W) float32 images never trained on, M the
-    largest multiple of K not above ``num_images`` (``run.diag_images``); with ``allow_fewer``,
-    not above the images the eval split holds either (else too few raise ``ConfigError``).
-
-    Fashion-MNIST: the eval split (``data.eval_split``, default ``test``), padded, no
-    augmentation; ImageFolder: the eval split (default ``val``) with the evaluation transform
-    (resize, centre crop); synthetic: the images the generator makes after the
-    ``data.synthetic_images`` training ones. M of them are drawn without replacement by a
-    private generator seeded with ``seed``, so the batch is the same on every call, rank and
-    run; no global random generator is touched. The images are unrelated to each other whatever
-    ``data.sequence`` the run packs (the paired gap is defined on unrelated images).
-    """
-    check_diagnostics_config(num_images, model)
-    k = model.images_per_sequence
-    m = num_images - num_images % k
-    dataset, first = _eval_images(data, model, m)
-    available = len(dataset) - first
-    if available < m and (not allow_fewer or available < k):
-        raise ConfigError(f"invalid config: run.diag_images={num_images} but the {data.name} eval "
-                          f"split holds {available} images; lower it or set run.diag_every=0")
-    m = min(m, available - available % k)
-    picks = first + torch.randperm(available, generator=torch.Generator().manual_seed(seed))[:m]
-    return torch.stack([torch.as_tensor(dataset[i][0]) for i in picks.tolist()]).float()
-
-
-# ---------------------------------------------------------------------------- in training
-
-class TrainingDiagnostics:
-    """What pretraining runs every ``run.diag_every`` steps, on rank 0: model -> the numbers of
-    :func:`cross_image_diagnostics` (logged as one line too), or None when there are no
-    held-out images.
-
-    The held-out batch is read at the first call, so a run that ends before never reads it and
-    only rank 0 does. Diagnostics are an aid: when the eval split cannot be read (say an
-    ImageFolder tree without ``val/``) the run warns once and trains on without them; an eval
-    split smaller than ``run.diag_images`` is used whole (warned).
-    """
-
-    def __init__(self, data: DataConfig, model: StarConfig, num_images: int, batch_size: int,
-                 amp_dtype: Optional[torch.dtype] = None):
-        self.data, self.model_cfg, self.num_images = data, model, num_images
-        self.batch_size, self.amp_dtype = batch_size, amp_dtype
-        self.images: Optional[Tensor] = None
-        self.unavailable = False
-
-    def _load(self) -> None:
-        try:
-            with torch.random.fork_rng(devices=[]):  # reading images draws nothing; in case
-                self.images = held_out_images(self.data, self.model_cfg, self.num_images,
-                                              allow_fewer=True)
-        except (FileNotFoundError, ValueError) as e:  # data, not config: that was checked
-            self.unavailable = True
-            log.warning(f"cross-image diagnostics off for this run: no held-out images "
-                        f"({' '.join(str(e).split())}); set run.diag_every=0 to silence this")
-            return
-        wanted = self.num_images - self.num_images % self.model_cfg.images_per_sequence
-        if len(self.images) < wanted:
-            log.warning(f"run.diag_images={self.num_images} but only {len(self.images)} held-out "
-                        f"images can be used ({held_out_source(self.data)})")
-
-    def __call__(self, model: StarPretrain) -> Optional[dict[str, Optional[float]]]:
-        if self.images is None and not self.unavailable:
-            self._load()
-        if self.unavailable:
-            return None
-        start = time.perf_counter()
-        values = cross_image_diagnostics(model, self.images, self.batch_size, self.amp_dtype)
-        log.info(f"diagnostics on {values['images']} held-out images "
-                 f"({time.perf_counter() - start:.1f}s): {summary_line(values)}")
-        return values

@@ -1,0 +1,100 @@
+"""Where a run runs: device, process group, threads, autocast, output directory, logging, and
+the model wrapped for training (``torch.compile``, DDP)."""
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+
+from ..errors import ConfigError
+from .config import RunConfig, RunOptions, save_config
+from .dist import DistInfo, barrier, env_local_rank, init_distributed, resolve_device
+
+log = logging.getLogger("star_mamba")
+
+
+@dataclass
+class RunContext:
+    device: torch.device
+    info: DistInfo
+    amp_dtype: Optional[torch.dtype]
+    output_dir: Path
+
+
+def setup_logging(output_dir: Optional[Path], is_main: bool) -> None:
+    log.handlers.clear()
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if output_dir is not None and is_main:
+        handlers.append(logging.FileHandler(output_dir / "log.txt"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
+
+
+def autocast_dtype(amp: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype ``run.amp`` asks for on ``device`` (None: full precision)."""
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    choices = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if amp not in choices:
+        raise ConfigError(f"invalid config: run.amp={amp!r}; allowed: 'auto', 'off', 'bf16', 'fp16'")
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("invalid config: run.amp='fp16' needs a CUDA device; use 'bf16' or "
+                          "'off' on CPU")
+    return choices[amp]
+
+
+def start_run(cfg: RunConfig, record: bool = True) -> RunContext:
+    """Devices, process group, threads, output directory, resolved config and logging.
+
+    ``record=False`` (evaluation): nothing is written; the log goes to stdout only. The resolved
+    config is written by :func:`record_config` once the run is known to go ahead (a refused
+    resume leaves the folder's ``config.yaml`` describing its checkpoints)."""
+    r = cfg.run
+    device = resolve_device(r.device, env_local_rank(), torch.cuda.device_count())
+    amp_dtype = autocast_dtype(r.amp, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # before the process group: NCCL binds to it
+    info = init_distributed(device)
+    if r.threads:
+        torch.set_num_threads(r.threads)
+    output_dir = Path(r.output_dir)
+    if info.is_main and record:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+    setup_logging(output_dir if record else None, info.is_main)
+    return RunContext(device, info, amp_dtype, output_dir)
+
+
+def record_config(cfg: RunConfig, ctx: RunContext) -> None:
+    """Write the resolved config to ``config.yaml`` in the run directory (rank 0)."""
+    if ctx.info.is_main:
+        save_config(cfg, ctx.output_dir / "config.yaml")
+
+
+def maybe_compile(model: torch.nn.Module, run: RunOptions) -> torch.nn.Module:
+    """``torch.compile(model)`` if ``run.compile``. The compiled wrapper shares ``model``'s
+    parameters; state dicts are read from ``model`` itself (no ``_orig_mod.`` prefixes)."""
+    return torch.compile(model, mode=run.compile_mode) if run.compile else model
+
+
+def wrap_for_training(model: torch.nn.Module, run: RunOptions, device: torch.device,
+                      info: DistInfo) -> torch.nn.Module:
+    """``model`` (already on ``device``), compiled if asked, then in DDP when there are several
+    processes and something to train."""
+    model = maybe_compile(model, run)
+    if not (info.enabled and any(p.requires_grad for p in model.parameters())):
+        return model
+    # The models' buffers are constants (position tables, masks, loss weights; no running
+    # statistics), so they need no broadcast before each forward. Every parameter gets a
+    # gradient, so no search for unused ones either.
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
