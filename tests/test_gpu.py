@@ -12,7 +12,6 @@ file as its section 2. What they check:
 A kernel that fails at run time silently falls back to the torch kernel (with a warning); the
 tests fail in that case, so a broken Triton kernel cannot pass as the torch one.
 """
-import importlib
 import math
 
 import pytest
@@ -20,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 import star_mamba
-from star_mamba.ops import available_backends, selective_scan
+from star_mamba.ops import available_backends
+from star_mamba.ops.testing import error_stats, fallbacks, scan_inputs, scan_with_grads
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -32,14 +32,6 @@ SMALL = dict(img_size=32, patch_size=8, in_chans=3, cluster_size=2, embed_dim=64
              decoder_dim=64, decoder_depth=2, decoder_heads=2)
 
 
-def fallbacks() -> dict:
-    """Kernels that failed at run time and now run as the torch kernel."""
-    try:
-        return dict(getattr(importlib.import_module("star_mamba.ops.scan"), "_FALLEN_BACK", {}))
-    except ImportError:
-        return {}
-
-
 def require(backend: str) -> None:
     if backend == "cuda" and backend not in available_backends(DEV):
         pytest.skip("mamba-ssm (backend 'cuda') is not installed with its CUDA extension")
@@ -47,34 +39,11 @@ def require(backend: str) -> None:
     assert backend not in fallbacks(), f"{backend} fell back to torch: {fallbacks()[backend]}"
 
 
-def scan_inputs(b, d, n, L, dtype, seed=0):
-    """Mamba-initialised inputs; u, delta, B, C, z in ``dtype`` (as under autocast), A, D and
-    delta_bias in float32 (as the model keeps them)."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, device=DEV)  # noqa: E731
-    dt = torch.exp(torch.rand(d, generator=g, device=DEV) * (math.log(0.1) - math.log(1e-3))
-                   + math.log(1e-3))
-    return dict(u=r(b, d, L).to(dtype), delta=(0.1 * r(b, d, L)).to(dtype),
-                A=-torch.arange(1, n + 1, dtype=torch.float32, device=DEV).repeat(d, 1),
-                B=r(b, n, L).to(dtype), C=r(b, n, L).to(dtype), D=r(d), z=r(b, d, L).to(dtype),
-                delta_bias=dt + torch.log(-torch.expm1(-dt)))
-
-
-def scan_with_grads(backend, inputs):
-    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-    y, last = selective_scan(**leaves, delta_softplus=True, return_last_state=True,
-                             backend=backend)
-    w = torch.linspace(-1, 1, y.shape[-1], device=DEV)
-    loss = (y.float() * w).sum() + (last.float() ** 2).sum()
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return {"y": y, "last_state": last, **{f"grad_{k}": v for k, v in zip(leaves, grads)}}
-
-
 def assert_close_normwise(got, ref, tol, name):
-    got, ref = got.double(), ref.double()
     assert got.shape == ref.shape, name
-    assert torch.isfinite(got).all(), f"{name}: non-finite values"
-    err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
+    e = error_stats(got, ref)
+    assert e["finite"], f"{name}: non-finite values"
+    err, scale = e["max_abs"], e["scale"]
     assert err <= tol * max(scale, 1e-6), f"{name}: max error {err:.3g} vs max |ref| {scale:.3g}"
 
 
@@ -86,31 +55,14 @@ def test_scan_backend_matches_reference(backend, dtype, shape):
     """(b, dim, N, L): dims and lengths not multiples of the Triton blocks (32 channels, 64
     steps); N = 12 is not a power of two."""
     require(backend)
-    inputs = scan_inputs(*shape, dtype)
-    ref = scan_with_grads("reference", inputs)
-    got = scan_with_grads(backend, inputs)
+    b, d, n, L = shape
+    inputs = scan_inputs(b, d, L, n, dtype=dtype, device=DEV)
+    ref = scan_with_grads("reference", inputs).tensors()
+    got = scan_with_grads(backend, inputs).tensors()
     assert got["y"].dtype == dtype and got["y"].shape == inputs["u"].shape
     for name in ref:
         assert_close_normwise(got[name], ref[name], TOL[dtype], f"{backend}/{name}")
     assert backend not in fallbacks(), f"{backend} fell back to torch: {fallbacks()[backend]}"
-
-
-def _layout(inputs, layout):
-    """The same values in the memory layouts Mamba feeds the scan: "time": u, delta, z transposed
-    views of (b, L, d) tensors, B, C of (b, L, N); "model": u channel-major, delta time-major, z a
-    slice of a (b, L, 2d) tensor, B, C slices of one (b, L, 3 + 2N) tensor."""
-    x = dict(inputs)
-    tm = lambda t: t.mT.contiguous().mT  # noqa: E731
-    if layout == "time":
-        x.update({k: tm(x[k]) for k in ("u", "delta", "z", "B", "C")})
-    elif layout == "model":
-        b, d, L = x["u"].shape
-        N = x["B"].shape[1]
-        x["delta"] = tm(x["delta"])
-        x["z"] = torch.cat([torch.zeros_like(x["z"].mT), x["z"].mT], -1)[..., d:].mT
-        x_dbl = torch.cat([torch.zeros_like(x["B"].mT[..., :3]), x["B"].mT, x["C"].mT], -1)
-        x["B"], x["C"] = x_dbl[..., 3:3 + N].mT, x_dbl[..., 3 + N:].mT
-    return x
 
 
 @pytest.mark.parametrize("layout", ["time", "model"])
@@ -120,9 +72,9 @@ def test_triton_scan_strided_inputs_match_reference(layout, dtype):
     views and slices of wider tensors give the reference's values and gradients. (b, dim, N, L)
     = (2, 40, 16, 130): a partial channel block, L not a multiple of the chunk."""
     require("triton")
-    inputs = _layout(scan_inputs(2, 40, 16, 130, dtype), layout)
-    ref = scan_with_grads("reference", inputs)
-    got = scan_with_grads("triton", inputs)
+    inputs = scan_inputs(2, 40, 130, 16, dtype=dtype, device=DEV, layout=layout)
+    ref = scan_with_grads("reference", inputs).tensors()
+    got = scan_with_grads("triton", inputs).tensors()
     for name in ref:
         assert_close_normwise(got[name], ref[name], TOL[dtype], f"triton/{layout}/{name}")
     assert "triton" not in fallbacks(), fallbacks()
@@ -135,9 +87,9 @@ def test_triton_backward_is_bit_reproducible_with_and_without_register_cap(monke
     capped kernel: checked against the reference too."""
     require("triton")
     from star_mamba.ops import scan_triton as st
-    inputs = scan_inputs(40, 1024, 16, 40, torch.bfloat16, seed=3)
-    ref = scan_with_grads("reference", inputs)
-    got = scan_with_grads("triton", inputs)
+    inputs = scan_inputs(40, 1024, 40, 16, dtype=torch.bfloat16, device=DEV, seed=3)
+    ref = scan_with_grads("reference", inputs).tensors()
+    got = scan_with_grads("triton", inputs).tensors()
     for name in ref:
         assert_close_normwise(got[name], ref[name], TOL[torch.bfloat16], f"triton/{name}")
     x = {k: v for k, v in inputs.items()}

@@ -34,19 +34,19 @@ def scan_inputs(b, dim, L, N, seed=0, layout="channel", dtype=None, extras=EXTRA
     is a raw N(0, 0.25) for softplus, else positive (the step itself).
     """
     import torch
+    from star_mamba.ops.testing import to_layout
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     u, z, dy = r(b, dim, L), r(b, dim, L), r(b, dim, L)
     delta = 0.5 * (r(b, dim, L) if softplus else torch.rand(b, dim, L, generator=g)) + 0.02
     B, C = r(b, N, L), r(b, N, L)
-    if layout == "time":
-        u, delta, z, dy, B, C = (t.mT.contiguous().mT for t in (u, delta, z, dy, B, C))
-    elif layout == "model":
-        delta, dy = (t.mT.contiguous().mT for t in (delta, dy))
-        xz = torch.cat([r(b, L, dim), z.mT], dim=-1)  # (b, L, 2 dim)
-        z = xz[..., dim:].mT  # strides (2 dim L, 1, 2 dim)
-        x_dbl = torch.cat([r(b, L, 3), B.mT, C.mT], dim=-1)  # (b, L, 3 + 2N)
-        B, C = x_dbl[..., 3:3 + N].mT, x_dbl[..., 3 + N:].mT
+    # the parts of the wider "model" tensors left out of z, B, C: random (zeros would hide a
+    # kernel that reads them)
+    x = to_layout(dict(u=u, delta=delta, z=z, B=B, C=C), layout,
+                  filler=lambda shape, like: r(*shape))
+    u, delta, z, B, C = (x[k] for k in ("u", "delta", "z", "B", "C"))
+    if layout != "channel":
+        dy = dy.mT.contiguous().mT
     if dtype is not None:
         u, delta, z, dy, B, C = (t.to(dtype) for t in (u, delta, z, dy, B, C))
     A = -(torch.rand(dim, N, generator=g) * 2 + 0.1)

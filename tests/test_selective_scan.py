@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from star_mamba.ops import available_backends, selective_scan
+from star_mamba.ops.testing import scan_inputs, scan_with_grads
 
 FAST = [b for b in available_backends("cpu") if b not in ("reference", "triton")]
 ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
@@ -17,30 +18,9 @@ CORE = ARGS[:5]
 
 
 def make_inputs(dtype, stress=False, b=2, d=6, n=4, L=17, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
-    if stress:  # large steps and fast decays: exp(delta * A) underflows, nothing may overflow
-        delta = torch.rand(b, d, L, generator=g, dtype=dtype) * 3
-        A = -torch.linspace(1, 16, n, dtype=dtype).repeat(d, 1)
-        bias = None
-    else:  # Mamba's initialisation: A = -(1..N), dt = softplus(bias) in [1e-3, 0.1]
-        dt = torch.exp(torch.rand(d, generator=g, dtype=dtype) * (torch.log(torch.tensor(0.1))
-                                                                  - torch.log(torch.tensor(1e-3)))
-                       + torch.log(torch.tensor(1e-3, dtype=dtype)))
-        bias = dt + torch.log(-torch.expm1(-dt))
-        delta = r(b, d, L) * 0.1
-        A = -torch.arange(1, n + 1, dtype=dtype).repeat(d, 1)
-    return dict(u=r(b, d, L), delta=delta, A=A, B=r(b, n, L), C=r(b, n, L), D=r(d), z=r(b, d, L),
-                delta_bias=bias)
-
-
-def run(backend, inputs, softplus, keep):
-    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items() if v is not None and k in keep}
-    args = {k: leaves.get(k, v if k in keep else None) for k, v in inputs.items()}
-    y, last = selective_scan(**args, delta_softplus=softplus, return_last_state=True, backend=backend)
-    loss = (y * torch.linspace(-1, 1, y.shape[-1], dtype=y.dtype)).sum() + (last ** 2).sum()
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return y, last, dict(zip(leaves, grads))
+    """Scan inputs on CPU, every one in ``dtype``; ``stress``: steps large enough that exp(delta A)
+    underflows."""
+    return scan_inputs(b, d, L, n, dtype=dtype, param_dtype=dtype, seed=seed, stress=stress)
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -50,8 +30,8 @@ def run(backend, inputs, softplus, keep):
                                            (CORE + ("z", "delta_bias"), True)])
 def test_backend_matches_reference(backend, dtype, tol, stress, keep, softplus):
     inputs = make_inputs(dtype, stress)
-    y_ref, last_ref, g_ref = run("reference", inputs, softplus, keep)
-    y, last, g = run(backend, inputs, softplus, keep)
+    y_ref, last_ref, g_ref = scan_with_grads("reference", inputs, softplus=softplus, keep=keep)
+    y, last, g = scan_with_grads(backend, inputs, softplus=softplus, keep=keep)
     assert y.dtype == dtype and y.shape == (2, 6, 17) and last.shape == (2, 6, 4)
     torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
     torch.testing.assert_close(last, last_ref, rtol=tol, atol=tol)
@@ -90,10 +70,13 @@ def test_bf16_inputs_give_bf16_close_to_float32(backend):
     torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05)
 
 
-def test_auto_on_cpu_is_a_fast_backend():
+def test_auto_on_cpu_is_the_fused_numba_kernel():
+    from star_mamba.ops.scan import default_backend, resolve_backend
+    assert default_backend("cpu") == resolve_backend("auto", "cpu") == "numba"  # a dependency
     x = make_inputs(torch.float64)
-    torch.testing.assert_close(selective_scan(**x, backend="auto"),
-                               selective_scan(**x, backend="reference"))
+    auto = selective_scan(**x, backend="auto")
+    assert torch.equal(auto, selective_scan(**x, backend="numba"))
+    torch.testing.assert_close(auto, selective_scan(**x, backend="reference"))
     assert "reference" in available_backends("cpu") and "torch" in available_backends("cpu")
     assert "cuda" not in available_backends("cpu")
 
@@ -151,12 +134,13 @@ os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, os.getcwd())
 import warnings
 import torch
-from tests.test_selective_scan import make_inputs, run, ARGS
+from star_mamba.ops.testing import scan_with_grads
+from tests.test_selective_scan import make_inputs
 warnings.simplefilter("error")  # a fallback to the torch scan would warn: the kernel itself must run
 for stress in (False, True):
     x = make_inputs(torch.float32, stress, b=2, d=40, n=4, L=9)  # 40 channels: 2 blocks, one partial
-    y_ref, last_ref, g_ref = run("reference", x, True, ARGS)
-    y, last, g = run("triton", x, True, ARGS)
+    y_ref, last_ref, g_ref = scan_with_grads("reference", x)
+    y, last, g = scan_with_grads("triton", x)
     torch.testing.assert_close(y, y_ref, rtol=2e-5, atol=2e-5)
     torch.testing.assert_close(last, last_ref, rtol=2e-5, atol=2e-5)
     for k in g_ref:
@@ -248,16 +232,16 @@ def test_failing_kernel_falls_back_to_torch_with_one_warning(monkeypatch, stage)
     monkeypatch.setattr(kernel, stage, broken)
     monkeypatch.setattr(scan, "_FALLEN_BACK", {})
     x = make_inputs(torch.float64)
-    y_ref, last_ref, g_ref = run("reference", x, True, ARGS)
+    y_ref, last_ref, g_ref = scan_with_grads("reference", x)
     with pytest.warns(UserWarning, match=f"numba selective scan failed in its {stage}.*simulated"):
-        y, last, g = run("numba", x, True, ARGS)
+        y, last, g = scan_with_grads("numba", x)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(last, last_ref)
     for k in g_ref:
         torch.testing.assert_close(g[k], g_ref[k], msg=k)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once: later calls are quiet
-        run("numba", x, True, ARGS)
+        scan_with_grads("numba", x)
 
 
 @pytest.mark.skipif("numba" not in FAST, reason="numba is not available")

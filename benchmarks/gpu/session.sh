@@ -2,24 +2,27 @@
 # One GPU session in one command: the training engine end to end on the device, then the
 # acceptance run. What a short GPU lease should spend its minutes on, in order of value.
 #
-#   benchmarks/gpu_session.sh OUT_DIR [BENCH_BUDGET_S] [BENCH_SECTIONS]
+#   benchmarks/gpu/session.sh OUT_DIR [BENCH_BUDGET_S] [BENCH_SECTIONS]
 #
 # 1. engine: `star-mamba pretrain` of the default star_tiny run under torchrun (NCCL, bf16
 #    autocast by run.amp=auto, 4 loader workers), then `star-mamba finetune` from its checkpoint
 #    with EMA, then `star-mamba eval --ema`: the CLI paths users run, on CUDA. Fashion-MNIST from
 #    $STAR_DATA (default: the Debian package's folder).
-# 2. `star-mamba bench --gpu --budget BENCH_BUDGET_S` (default 390 s) into OUT_DIR.
+# 2. `star-mamba bench --gpu --budget BENCH_BUDGET_S` (default 390 s) into OUT_DIR: the
+#    acceptance run of benchmarks/gpu/acceptance.py.
 # Everything prints to OUT_DIR/session.log. Each step has a hard time limit; a failing step is
-# logged and the next one runs. Run from the repository root, with PYTHON (default python3)
-# holding torch, triton and the package's dependencies.
+# logged and the next one runs. Runs this source checkout (PYTHONPATH=<its root>, from any
+# directory), with PYTHON (default python3) holding torch, triton and the package's dependencies.
 set -uo pipefail
-out=${1:?usage: benchmarks/gpu_session.sh OUT_DIR [BENCH_BUDGET_S] [BENCH_SECTIONS]}
+out=${1:?usage: benchmarks/gpu/session.sh OUT_DIR [BENCH_BUDGET_S] [BENCH_SECTIONS]}
 budget=${2:-390}
 sections=${3:-}
 py=${PYTHON:-python3}
 data=${STAR_DATA:-/usr/share/datasets/fashion-mnist}
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
+cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1  # the repository root
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 work=$(mktemp -d)
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log the outcome and the time

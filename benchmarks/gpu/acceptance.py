@@ -1,4 +1,7 @@
-"""The one-command GPU acceptance run: ``star-mamba bench --gpu [--output-dir D] [--dry-run]``.
+"""The one-command GPU acceptance run, from a source checkout:
+
+    star-mamba bench --gpu [--output-dir D] [--dry-run] [--budget S] [--sections a,b]
+    PYTHONPATH=. python benchmarks/gpu/acceptance.py [the same options]
 
 Written for the first session with a GPU: one call, top to bottom, writes
 ``D/gpu_acceptance.json`` and ``D/gpu_acceptance.md`` (rewritten after every section, so a run
@@ -28,7 +31,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import gc
-import importlib
 import itertools
 import json
 import math
@@ -46,9 +48,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..errors import UserError
+ROOT = Path(__file__).resolve().parents[2]  # the source checkout (tests/ lives here)
+if __name__ == "__main__" and str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # run as a script: this checkout's star_mamba, as PYTHONPATH=.
 
-ROOT = Path(__file__).resolve().parents[2]  # the source tree (tests/ lives here)
+from star_mamba.errors import UserError  # noqa: E402
+from star_mamba.ops.testing import (error_stats, fallbacks, scan_inputs,  # noqa: E402
+                                    scan_with_grads)
+
 SECTIONS = ("device", "tests", "scan_accuracy", "scan_speed", "pretrain_step", "compile",
             "convergence")
 # Run order: the compile comparison (its compile time has no bound) goes last, so a slow
@@ -199,14 +206,6 @@ def _error_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0][:500] if text else ''}".rstrip(": ")
 
 
-def _fallbacks() -> dict[str, str]:
-    """Kernels that failed at run time and now run as the torch kernel (star_mamba.ops.scan)."""
-    try:
-        return dict(getattr(importlib.import_module("star_mamba.ops.scan"), "_FALLEN_BACK", {}))
-    except Exception:
-        return {}
-
-
 def peak_bf16_flops(name: str) -> tuple[Optional[float], str]:
     """Dense bf16 peak FLOP/s of the device called ``name``, and where the number comes from."""
     upper = name.upper()
@@ -218,7 +217,7 @@ def peak_bf16_flops(name: str) -> tuple[Optional[float], str]:
 
 
 def _build_model(plan: Plan, device: torch.device, seed: int = 0):
-    from ..models.registry import create_pretrain_model
+    from star_mamba.models.registry import create_pretrain_model
     torch.manual_seed(seed)
     return create_pretrain_model(plan.model_name, **plan.model_overrides).to(device)
 
@@ -249,7 +248,7 @@ def _train_step(model, optimizer, images: torch.Tensor, device: torch.device,
 
 
 def _model_info(model, plan: Plan, device: torch.device) -> dict:
-    from ..ops import default_backend
+    from star_mamba.ops import default_backend
     cfg = model.cfg
     backend = cfg.scan_backend if cfg.scan_backend != "auto" else default_backend(device)
     return dict(name=plan.model_name, overrides=plan.model_overrides,
@@ -272,7 +271,7 @@ def gemm_rate(device: torch.device, n: int, dtype: torch.dtype = torch.bfloat16,
 
 
 def section_device(plan: Plan, device: torch.device, ctx: dict, out: dict) -> Optional[bool]:
-    from ..ops import available_backends, default_backend
+    from star_mamba.ops import available_backends, default_backend
     out.update(torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version())
     try:
         import triton
@@ -356,37 +355,8 @@ def section_tests(plan: Plan, device: torch.device, ctx: dict, out: dict) -> Opt
 
 # ----------------------------------------------------------------------------- 3. accuracy
 
-def _scan_inputs(batch: int, dim: int, length: int, d_state: int, dtype: torch.dtype,
-                 device: torch.device, seed: int = 0) -> dict[str, torch.Tensor]:
-    """bench.scan_inputs on ``device``, with u, delta, B, C, z in ``dtype`` (as the model feeds
-    them under autocast) and A, D, delta_bias in float32 (as the model keeps them)."""
-    from .bench import scan_inputs
-    x = scan_inputs(batch, dim, length, d_state, seed, device)
-    return {k: v.to(dtype) if k in ("u", "delta", "B", "C", "z") else v for k, v in x.items()}
-
-
-def _scan_with_grads(backend: str, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    from ..ops import selective_scan
-    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
-    y, last = selective_scan(**leaves, delta_softplus=True, return_last_state=True,
-                             backend=backend)
-    w = torch.linspace(-1, 1, y.shape[-1], device=y.device)
-    loss = (y.float() * w).sum() + (last.float() ** 2).sum()
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return dict(y=y.detach(), last_state=last.detach(),
-                **{f"grad_{k}": g for k, g in zip(leaves, grads)})
-
-
-def _errors(a: torch.Tensor, ref: torch.Tensor) -> dict[str, Any]:
-    a64, r64 = a.double(), ref.double()
-    diff = (a64 - r64).abs().max().item()
-    scale = r64.abs().max().item()
-    return dict(max_abs=diff, max_rel=diff / scale if scale > 0 else diff,
-                finite=bool(torch.isfinite(a64).all()))
-
-
 def section_scan_accuracy(plan: Plan, device: torch.device, ctx: dict, out: dict) -> bool:
-    from ..ops import available_backends
+    from star_mamba.ops import available_backends
     b, d, n, L = plan.accuracy_shape
     backends = [x for x in available_backends(device) if x != "reference"]
     out.update(shape=dict(batch=b, dim=d, d_state=n, length=L), backends=backends,
@@ -396,9 +366,10 @@ def section_scan_accuracy(plan: Plan, device: torch.device, ctx: dict, out: dict
                       "input; u, delta, B, C, z in the dtype, A, D, delta_bias float32")
     rows = out["rows"] = []
     for dtype_name in ("float32", "bfloat16"):
-        inputs = _scan_inputs(b, d, L, n, getattr(torch, dtype_name), device)
+        # u, delta, B, C, z in the dtype (as under autocast), A, D, delta_bias float32
+        inputs = scan_inputs(b, d, L, n, dtype=getattr(torch, dtype_name), device=device)
         try:
-            ref = _scan_with_grads("reference", inputs)
+            ref = scan_with_grads("reference", inputs).tensors()
         except Exception as e:
             rows.append(dict(backend="reference", dtype=dtype_name, passed=False,
                              error=_error_line(e)))
@@ -407,23 +378,23 @@ def section_scan_accuracy(plan: Plan, device: torch.device, ctx: dict, out: dict
             row: dict[str, Any] = dict(backend=name, dtype=dtype_name)
             rows.append(row)
             try:
-                got = _scan_with_grads(name, inputs)
+                got = scan_with_grads(name, inputs).tensors()
             except Exception as e:
                 row.update(passed=False, error=_error_line(e))
                 continue
-            errs = {k: _errors(got[k], ref[k]) for k in ref}
+            errs = {k: error_stats(got[k], ref[k]) for k in ref}
             row["y"], row["last_state"] = errs.pop("y"), errs.pop("last_state")
             row["grads"] = {k[len("grad_"):]: v for k, v in errs.items()}
             every = [row["y"], row["last_state"], *row["grads"].values()]
             row["max_rel"] = max(e["max_rel"] for e in every)
             row["worst"] = max([("y", row["y"]), ("last_state", row["last_state"]),
                                 *row["grads"].items()], key=lambda kv: kv[1]["max_rel"])[0]
-            fell = _fallbacks().get(name)
+            fell = fallbacks().get(name)
             if fell:
                 row["fell_back_to_torch"] = fell
             row["passed"] = (all(e["finite"] for e in every) and not fell
                              and row["max_rel"] <= SCAN_TOL[dtype_name])
-    out["fallbacks"] = _fallbacks()
+    out["fallbacks"] = fallbacks()
     bad = [f"{r['backend']}/{r['dtype']}" for r in rows if not r["passed"]]
     out["summary"] = (f"{len(rows)} comparisons ({', '.join(backends)} x float32, bf16); "
                       + (f"failing: {', '.join(bad)}" if bad else "all within tolerance")
@@ -441,13 +412,13 @@ def section_scan_accuracy(plan: Plan, device: torch.device, ctx: dict, out: dict
 def scan_length(k: int, **geometry) -> tuple[int, int]:
     """(tokens the encoder scans, StarConfig.seq_len) for K images: the encoder reads every
     segment but the last, (T-1) c^2 = K (G+1) c^2 - c^2 with separators."""
-    from ..config import StarConfig
+    from star_mamba.config import StarConfig
     cfg = StarConfig(images_per_sequence=k, **geometry)
     return (cfg.num_segments - 1) * cfg.tokens_per_segment, cfg.seq_len
 
 
 def section_scan_speed(plan: Plan, device: torch.device, ctx: dict, out: dict) -> Optional[bool]:
-    from ..ops import available_backends
+    from star_mamba.ops import available_backends
     backends = available_backends(device)
     out.update(backends=backends, geometry=plan.scan_geometry, d_state=16,
                batch_rule=f"{plan.scan_batch_images} images per device: {plan.scan_batch_images}/K "
@@ -462,7 +433,8 @@ def section_scan_speed(plan: Plan, device: torch.device, ctx: dict, out: dict) -
             break
         length, seq_len = scan_length(k, **plan.scan_geometry)
         batch = max(1, plan.scan_batch_images // k)
-        inputs = _scan_inputs(batch, dim, length, 16, getattr(torch, dtype_name), device)
+        inputs = scan_inputs(batch, dim, length, 16, dtype=getattr(torch, dtype_name),
+                             device=device)
         for name in backends:
             if name == "reference" and length > plan.reference_max_len:
                 continue
@@ -482,7 +454,7 @@ def section_scan_speed(plan: Plan, device: torch.device, ctx: dict, out: dict) -
             r[key] == row[key] for key in ("dtype", "dim", "images"))), None)
         if base and "fwd_bwd_ms" in base and "fwd_bwd_ms" in row:
             row["speedup_vs_torch"] = round(base["fwd_bwd_ms"] / row["fwd_bwd_ms"], 2)
-    out["fallbacks"] = _fallbacks()
+    out["fallbacks"] = fallbacks()
     best = {}
     for r in rows:
         if "fwd_bwd_ms" in r and r["dtype"] == plan.scan_dtypes[0] and r["backend"] != "reference":
@@ -497,7 +469,7 @@ def section_scan_speed(plan: Plan, device: torch.device, ctx: dict, out: dict) -
 
 
 def _time_scan(name: str, inputs: dict, device: torch.device, repeats: int) -> dict:
-    from ..ops import selective_scan
+    from star_mamba.ops import selective_scan
     leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
 
     def forward():
@@ -513,13 +485,13 @@ def _time_scan(name: str, inputs: dict, device: torch.device, repeats: int) -> d
     fwd_bwd = _time_ms(forward_backward, device, repeats)
     return dict(forward_ms=round(fwd, 3), fwd_bwd_ms=round(fwd_bwd, 3),
                 peak_mib=_peak_mib(forward_backward, device),
-                fell_back_to_torch=_fallbacks().get(name))
+                fell_back_to_torch=fallbacks().get(name))
 
 
 # ----------------------------------------------------------------------------- 5. step
 
 def section_pretrain_step(plan: Plan, device: torch.device, ctx: dict, out: dict) -> Optional[bool]:
-    from .bench import _step_flops
+    from star_mamba.tools.bench import _step_flops
     model = _build_model(plan, device)
     optimizer = _optimizer(model, 1.5e-4)
     k = model.cfg.images_per_sequence
@@ -586,7 +558,7 @@ def section_pretrain_step(plan: Plan, device: torch.device, ctx: dict, out: dict
                           "and scaled by the batch; the AdamW step is not counted")
     if not peak_flops:
         out["mfu_note"] = "no bf16 peak for this device (section 1): MFU is not computed"
-    out["fallbacks"] = _fallbacks()
+    out["fallbacks"] = fallbacks()
     out["summary"] = (f"{best} sequences x K={k} = {images} images: {out['images_per_s']} images/s, "
                       f"MFU {_fmt(out['mfu'], pct=True)}, peak {_fmt(out['peak_gib'])} GiB"
                       + (" (search capped)" if out["search_capped"] else ""))
@@ -673,7 +645,7 @@ def compare_compile(eager, compiled_src, images: torch.Tensor, device: torch.dev
 # ----------------------------------------------------------------------------- 7. convergence
 
 def section_convergence(plan: Plan, device: torch.device, ctx: dict, out: dict) -> bool:
-    from ..data.synthetic import SyntheticImages
+    from star_mamba.data.synthetic import SyntheticImages
     model = _build_model(plan, device, seed=0)
     optimizer = _optimizer(model, plan.train_lr)
     cfg = model.cfg
@@ -763,8 +735,8 @@ def _run_isolated(name: str, plan: Plan, ctx: dict, timeout: float) -> dict:
     with tempfile.TemporaryDirectory(prefix="star_mamba_gpu_") as tmp:
         spec, result = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec.write_text(json.dumps(_clean(dict(name=name, plan=dataclasses.asdict(plan), ctx=ctx))))
-        entry = run_child([sys.executable, "-m", "star_mamba.tools.bench_gpu", str(spec), str(result)],
-                          result, timeout)
+        entry = run_child([sys.executable, str(Path(__file__).resolve()), CHILD_FLAG, str(spec),
+                           str(result)], result, timeout)
     ctx.update(entry.pop("ctx", None) or {})
     entry["process_seconds"] = round(time.perf_counter() - t, 2)  # with start-up and imports
     return entry
@@ -1021,5 +993,18 @@ _DETAILS: dict[str, Callable[[dict], list[str]]] = {
     "convergence": _md_convergence}
 
 
-if __name__ == "__main__":  # a section process of an isolated run: SPEC.json RESULT.json
-    sys.exit(_child_main(sys.argv[1], sys.argv[2]))
+CHILD_FLAG = "--section-process"  # argv of an isolated run's section: FLAG SPEC.json RESULT.json
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python benchmarks/gpu/acceptance.py [options]`` is ``star-mamba bench --gpu [options]``;
+    with :data:`CHILD_FLAG` SPEC RESULT it runs one section of an isolated run."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [CHILD_FLAG]:
+        return _child_main(argv[1], argv[2])
+    from star_mamba.cli import main as cli_main
+    return cli_main(["bench", "--gpu", *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

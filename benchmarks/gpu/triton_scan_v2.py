@@ -1,5 +1,6 @@
 """Triton scan v2, as shipped until commit ab4e4b0 (star_mamba/ops/scan_triton.py), kept only so that
-benchmarks/triton_scan_gpu.py can time it against v3. Not part of the package; unchanged below.
+benchmarks/gpu/triton_scan_versions.py can time it against v3 (v2 is still 3-19% faster at
+STAR-tiny width, where v3 underfills the GPU). Not part of the package; unchanged below.
 
 Selective scan in Triton ("Triton scan v2"): the core recurrence, forward and backward.
 

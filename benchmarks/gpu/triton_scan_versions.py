@@ -1,6 +1,6 @@
 """Triton scan v3 against v2 (and the torch scan) on one GPU: correctness first, then speed.
 
-    PYTHONPATH=. python benchmarks/triton_scan_gpu.py --out OUT.json [--budget 150]
+    PYTHONPATH=. python benchmarks/gpu/triton_scan_versions.py --out OUT.json [--budget 150]
 
 1. Checks: every variant against the float64 reference loop (small shapes: fp32 and bf16, L not a
    multiple of any block, dim not a multiple of 32, d_state 12; both layouts), and v3 against the
@@ -9,7 +9,7 @@
    forward and forward+backward of selective_scan(..., delta_softplus=True) with D, z and
    delta_bias, median of triton.testing.do_bench, and the peak memory of one forward+backward.
    Variants: torch; v2 (the old path: float32 copies, bias/softplus/D/gate in PyTorch around the
-   v2 kernel, copied in benchmarks/_scan_triton_v2.py); v3 (the package's triton backend);
+   v2 kernel, kept in benchmarks/gpu/triton_scan_v2.py); v3 (the package's triton backend);
    v3/model and v2/model (u channel-major, delta and z time-major views, B and C slices of one
    tensor, as Mamba feeds the scan); and v3's two kernels alone (chunk 64, the default, and 32).
 Every variant runs under try/except (errors are recorded, never raised); past --budget seconds
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -31,33 +30,22 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # for _scan_triton_v2
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # for triton_scan_v2
+if str(HERE.parents[1]) not in sys.path:
+    sys.path.insert(0, str(HERE.parents[1]))  # this checkout's star_mamba, as PYTHONPATH=.
+
+from star_mamba.ops.testing import error_stats, fallbacks, scan_with_grads  # noqa: E402
+from star_mamba.ops.testing import scan_inputs as _scan_inputs  # noqa: E402
+
 DEV = "cuda"
-GRAD_NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 
-
-# ----------------------------------------------------------------------------- inputs
 
 def scan_inputs(b: int, d: int, L: int, n: int = 16, dtype=torch.bfloat16, seed: int = 0,
                 layout: str = "channel") -> dict:
-    """Mamba-initialised inputs (A = -(1..N), dt bias in [1e-3, 0.1] before softplus); u,
-    delta, z, B, C in dtype, A, D, delta_bias float32. layout "channel": (b, d, L)-contiguous;
-    "model": u channel-major, delta time-major, z a slice of (b, L, 2d), B, C slices of
-    (b, L, 3 + 2n)."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    r = lambda *s: torch.randn(*s, generator=g, device=DEV)  # noqa: E731
-    dt = torch.exp(torch.rand(d, generator=g, device=DEV) * (math.log(0.1) - math.log(1e-3))
-                   + math.log(1e-3))
-    x = dict(u=r(b, d, L).to(dtype), delta=(0.1 * r(b, d, L)).to(dtype),
-             A=-torch.arange(1, n + 1, dtype=torch.float32, device=DEV).repeat(d, 1),
-             B=r(b, n, L).to(dtype), C=r(b, n, L).to(dtype), D=r(d), z=r(b, d, L).to(dtype),
-             delta_bias=dt + torch.log(-torch.expm1(-dt)))
-    if layout == "model":
-        x["delta"] = x["delta"].mT.contiguous().mT
-        x["z"] = torch.cat([torch.zeros_like(x["z"].mT), x["z"].mT], -1)[..., d:].mT
-        x_dbl = torch.cat([torch.zeros_like(x["B"].mT[..., :3]), x["B"].mT, x["C"].mT], -1)
-        x["B"], x["C"] = x_dbl[..., 3:3 + n].mT, x_dbl[..., 3 + n:].mT
-    return x
+    """star_mamba.ops.testing.scan_inputs on DEV: u, delta, z, B, C in dtype, A, D,
+    delta_bias float32; layout "channel" or "model" (as Mamba feeds the scan)."""
+    return _scan_inputs(b, d, L, n, dtype=dtype, device=DEV, seed=seed, layout=layout)
 
 
 # ----------------------------------------------------------------------------- variants
@@ -65,7 +53,7 @@ def scan_inputs(b: int, d: int, L: int, n: int = 16, dtype=torch.bfloat16, seed:
 def _v2_scan():
     """The old dispatcher path around the v2 kernel: float32 contiguous copies, bias + softplus
     and D + gate in PyTorch under autograd, the kernel in an autograd.Function."""
-    import _scan_triton_v2 as v2
+    import triton_scan_v2 as v2
     from star_mamba.ops.scan_reference import _finish, _prepare_delta
 
     class Core(torch.autograd.Function):
@@ -107,20 +95,13 @@ def variants() -> dict:
 
 
 def run_with_grads(fn, inputs: dict) -> dict:
-    leaves = {k: v.detach().clone().requires_grad_() for k, v in inputs.items()}
-    y, last = fn(**leaves, delta_softplus=True, return_last_state=True)
-    w = torch.linspace(-1, 1, y.shape[-1], device=DEV)
-    loss = (y.float() * w).sum() + (last.float() ** 2).sum()
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    return {"y": y, "last": last, **{f"d{k}": g for k, g in zip(leaves, grads)}}
+    """y, last_state and grad_<name> of the probe loss (star_mamba.ops.testing)."""
+    return scan_with_grads(fn, inputs).tensors()
 
 
 def rel_errors(got: dict, ref: dict) -> dict:
-    out = {}
-    for k in ref:
-        err = (got[k].double() - ref[k].double()).abs().max().item()
-        out[k] = err / max(ref[k].double().abs().max().item(), 1e-12)
-    return out
+    """max |got - ref| / max |ref| of each quantity."""
+    return {k: error_stats(got[k], ref[k])["max_rel"] for k in ref}
 
 
 # ----------------------------------------------------------------------------- 1. checks
@@ -335,8 +316,7 @@ def main(argv=None) -> int:
         save()
         run_timings(fns, t0 + args.budget, images, result.setdefault("timings", []), save)
         result["speedups"] = speedups(result["timings"])
-        from star_mamba.ops import scan
-        result["fallen_back"] = dict(scan._FALLEN_BACK)
+        result["fallen_back"] = fallbacks()
     except Exception as e:  # noqa: BLE001 - write what there is
         result["error"] = f"{type(e).__name__}: {e}"
         traceback.print_exc()
