@@ -125,11 +125,11 @@ def test_the_package_imports_only_public_timm_modules():
     import ast
     from .conftest import ROOT
     found = {}
-    for path in (ROOT / "star_mamba").rglob("*.py"):
+    for path in (ROOT / "src" / "star_mamba").rglob("*.py"):
         tree = ast.parse(path.read_text())
         modules = [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
         modules += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-        found[path.relative_to(ROOT).as_posix()] = [m for m in modules if m.split(".")[0] == "timm"]
+        found[path.relative_to(ROOT / "src").as_posix()] = [m for m in modules if m.split(".")[0] == "timm"]
     assert found["star_mamba/models/timm_registry.py"] and found["star_mamba/models/classifier.py"]
     private = {f: [m for m in ms if any(p.startswith("_") for p in m.split("."))]
                for f, ms in found.items()}

@@ -1,7 +1,7 @@
 """The one-command GPU acceptance run, from a source checkout:
 
     star-mamba bench --gpu [--output-dir D] [--dry-run] [--budget S] [--sections a,b]
-    PYTHONPATH=. python benchmarks/gpu/acceptance.py [the same options]
+    PYTHONPATH=src python benchmarks/gpu/acceptance.py [the same options]
 
 Written for the first session with a GPU: one call, top to bottom, writes
 ``D/gpu_acceptance.json`` and ``D/gpu_acceptance.md`` (rewritten after every section, so a run
@@ -49,8 +49,9 @@ from typing import Any, Callable, Optional
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]  # the source checkout (tests/ lives here)
-if __name__ == "__main__" and str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))  # run as a script: this checkout's star_mamba, as PYTHONPATH=.
+SRC = ROOT / "src"  # its star_mamba
+if __name__ == "__main__" and str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))  # run as a script: this checkout's star_mamba, as PYTHONPATH=src
 
 from star_mamba.errors import UserError  # noqa: E402
 from star_mamba.ops.testing import (error_stats, fallbacks, scan_inputs,  # noqa: E402
@@ -707,7 +708,7 @@ def run_child(argv: list[str], result_path: Path, timeout: float) -> dict:
     killed at ``timeout``, crashed, or exited without writing one."""
     t = time.perf_counter()
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), env.get("PYTHONPATH")) if x)
+    env["PYTHONPATH"] = os.pathsep.join(x for x in (str(SRC), env.get("PYTHONPATH")) if x)
     try:
         proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=timeout)

@@ -11,7 +11,7 @@
 # 2. `star-mamba bench --gpu --budget BENCH_BUDGET_S` (default 390 s) into OUT_DIR: the
 #    acceptance run of benchmarks/gpu/acceptance.py.
 # Everything prints to OUT_DIR/session.log. Each step has a hard time limit; a failing step is
-# logged and the next one runs. Runs this source checkout (PYTHONPATH=<its root>, from any
+# logged and the next one runs. Runs this source checkout (PYTHONPATH=<its root>/src, from any
 # directory), with PYTHON (default python3) holding torch, triton and the package's dependencies.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu/session.sh OUT_DIR [BENCH_BUDGET_S] [BENCH_SECTIONS]}
@@ -22,7 +22,7 @@ data=${STAR_DATA:-/usr/share/datasets/fashion-mnist}
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1  # the repository root
-export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 work=$(mktemp -d)
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, log the outcome and the time

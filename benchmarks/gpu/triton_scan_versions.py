@@ -1,6 +1,6 @@
 """Triton scan v3 against v2 (and the torch scan) on one GPU: correctness first, then speed.
 
-    PYTHONPATH=. python benchmarks/gpu/triton_scan_versions.py --out OUT.json [--budget 150]
+    PYTHONPATH=src python benchmarks/gpu/triton_scan_versions.py --out OUT.json [--budget 150]
 
 1. Checks: every variant against the float64 reference loop (small shapes: fp32 and bf16, L not a
    multiple of any block, dim not a multiple of 32, d_state 12; both layouts), and v3 against the
@@ -32,8 +32,8 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # for triton_scan_v2
-if str(HERE.parents[1]) not in sys.path:
-    sys.path.insert(0, str(HERE.parents[1]))  # this checkout's star_mamba, as PYTHONPATH=.
+if str(HERE.parents[1] / "src") not in sys.path:
+    sys.path.insert(0, str(HERE.parents[1] / "src"))  # this checkout's star_mamba, as PYTHONPATH=src
 
 from star_mamba.ops.testing import error_stats, fallbacks, scan_with_grads  # noqa: E402
 from star_mamba.ops.testing import scan_inputs as _scan_inputs  # noqa: E402

@@ -35,7 +35,7 @@ from .bench import gemm_flops, machine
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "immunohistochemistry")
 """scikit-image photographs shipped with the package (RGB, 300-640 px)."""
-GPU_RESULTS = Path(__file__).resolve().parents[2] / "benchmarks/results/gpu/gpu_acceptance.json"
+GPU_RESULTS = Path(__file__).resolve().parents[3] / "benchmarks/results/gpu/gpu_acceptance.json"
 """``star-mamba bench --gpu``'s results in a source checkout."""
 ASSUMED_STEP_RATE = 1278.0  # images/s: STAR-B K=4 192 px on one H200, eager bf16 (when no JSON)
 

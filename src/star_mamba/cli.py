@@ -255,7 +255,7 @@ def gpu_harness_dir():
     from pathlib import Path
 
     import star_mamba
-    return Path(star_mamba.__file__).resolve().parents[1] / "benchmarks" / "gpu"
+    return Path(star_mamba.__file__).resolve().parents[2] / "benchmarks" / "gpu"
 
 
 def load_gpu_harness():
@@ -266,7 +266,7 @@ def load_gpu_harness():
     if not path.is_file():
         raise UserError(f"the GPU acceptance run needs a source checkout ({path} is missing, as in "
                         "an installed wheel): git clone the star-mamba repository, then from its "
-                        "root run `PYTHONPATH=. star-mamba bench --gpu` or "
+                        "root run `PYTHONPATH=src star-mamba bench --gpu` or "
                         "`python benchmarks/gpu/acceptance.py`")
     name = "star_mamba_gpu_acceptance"
     module = sys.modules.get(name)
