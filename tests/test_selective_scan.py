@@ -92,13 +92,90 @@ def test_shape_mismatch_names_argument_received_and_expected(name, bad, expected
         selective_scan(**x)
 
 
-@pytest.mark.parametrize("name", ["B", "C"])
-def test_grouped_b_c_are_rejected(name):
+def per_channel(t, b, d, L):
+    """B or C in any of mamba-ssm's forms, by hand -> (b, d, N, L): the values channel c reads."""
+    if t.ndim == 2:  # constant (d, N)
+        return t[None, :, :, None].expand(b, d, t.shape[1], L)
+    if t.ndim == 3:  # (b, N, L) shared by every channel
+        return t[:, None].expand(b, d, *t.shape[1:])
+    return t.repeat_interleave(d // t.shape[1], dim=1)  # (b, G, N, L): G groups of d / G channels
+
+
+def scan_channel_by_channel(u, delta, A, B, C, D=None, z=None, delta_bias=None, **kw):
+    """The reference run once per channel, that channel's B and C as (b, N, L): the semantics of
+    grouped and constant B / C spelled out."""
+    b, d, L = u.shape
+    Bc, Cc = per_channel(B, b, d, L), per_channel(C, b, d, L)
+    pick = lambda t, c: None if t is None else t[c:c + 1] if t.ndim == 1 else t[:, c:c + 1]  # noqa: E731
+    outs = [selective_scan(pick(u, c), pick(delta, c), A[c:c + 1], Bc[:, c], Cc[:, c], pick(D, c),
+                           pick(z, c), pick(delta_bias, c), backend="reference", **kw)
+            for c in range(d)]
+    return tuple(torch.cat(parts, dim=1) for parts in zip(*outs))
+
+
+def b_c_forms(x, seed=1):
+    """x (make_inputs, b=2, d=6, n=4, L=17) with B and C in other forms, drawn from one generator."""
+    g = torch.Generator().manual_seed(seed)
+    draw = lambda *shape: torch.randn(*shape, generator=g, dtype=x["u"].dtype)  # noqa: E731
+    return {"variable": x["B"], "groups2": draw(2, 2, 4, 17), "groups3": draw(2, 3, 4, 17),
+            "groups6": draw(2, 6, 4, 17), "constant": draw(6, 4)}
+
+
+@pytest.mark.parametrize("backend", FAST + ["reference"])
+@pytest.mark.parametrize("form_b,form_c", [("groups2", "groups2"), ("groups3", "variable"),
+                                           ("groups2", "groups3"), ("constant", "constant"),
+                                           ("variable", "constant"), ("groups6", "constant")])
+def test_grouped_and_constant_b_c_match_the_channel_by_channel_reference(backend, form_b, form_c):
+    """mamba-ssm's other B / C shapes: (batch, G, N, L), channel c reading group c // (dim / G),
+    and (dim, N), constant over batch and time; y, last state and every gradient."""
+    x = make_inputs(torch.float64)
+    forms = b_c_forms(x)
+    x = {**x, "B": forms[form_b], "C": forms[form_c] * 0.5}
+    y_ref, last_ref, g_ref = scan_with_grads(scan_channel_by_channel, x)
+    y, last, g = scan_with_grads(backend, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(last, last_ref, rtol=1e-10, atol=1e-10)
+    assert set(g) == set(g_ref)
+    for name in g_ref:
+        assert g[name].shape == x[name].shape, name
+        torch.testing.assert_close(g[name], g_ref[name], rtol=1e-10, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("name,bad,message", [
+    ("B", (2, 4, 4, 17), r"B has 4 groups \(shape \(2, 4, 4, 17\)\), which must divide dim=6"),
+    ("C", (2, 2, 3, 17), r"C must have shape \(2, 2, 4, 17\) \(batch, groups, N, L\), got \(2, 2, 3, 17\)"),
+    ("B", (6, 5), r"B must have shape \(6, 4\) \(dim, N\), got \(6, 5\)"),
+    ("C", (1, 2, 6, 4, 17), r"C must be \(batch, N, L\), \(batch, groups, N, L\) or \(dim, N\), "
+                            r"got shape \(1, 2, 6, 4, 17\)")])
+def test_bad_b_c_forms_name_the_shape(name, bad, message):
     x = make_inputs(torch.float32)
-    x[name] = x[name][:, None]  # (batch, G=1, N, L)
-    with pytest.raises(ValueError, match=rf"{name} has the grouped shape \(2, 1, 4, 17\).*"
-                                         r"expected \(batch, N, L\) = \(2, 4, 17\)"):
+    x[name] = torch.zeros(bad)
+    with pytest.raises(ValueError, match=rf"^{message}$"):
         selective_scan(**x)
+
+
+@pytest.mark.parametrize("name", ["A", "B", "u"])
+def test_complex_inputs_are_refused_in_one_line(name):
+    x = make_inputs(torch.float32)
+    x[name] = x[name].to(torch.complex64)
+    with pytest.raises(ValueError, match=rf"^{name} is complex \(torch.complex64\); "
+                                         r"selective_scan supports real inputs only$"):
+        selective_scan(**x)
+
+
+@pytest.mark.parametrize("backend", FAST + ["reference"])
+def test_last_state_is_float32_as_mamba_ssm_returns_it(backend):
+    """y comes back in u's dtype, the last state in the compute dtype: float32 for bf16 / fp16 /
+    float32 inputs (mamba-ssm keeps its states in float32), float64 for float64."""
+    x = make_inputs(torch.float32)
+    _, last32 = selective_scan(**x, delta_softplus=True, return_last_state=True, backend=backend)
+    for dtype in (torch.bfloat16, torch.float16):
+        low = {k: None if v is None else v.to(dtype) for k, v in x.items()}
+        y, last = selective_scan(**low, delta_softplus=True, return_last_state=True, backend=backend)
+        assert y.dtype == dtype and last.dtype == torch.float32
+        torch.testing.assert_close(last, last32, rtol=0.05, atol=0.05)
+    x64 = make_inputs(torch.float64)
+    assert selective_scan(**x64, return_last_state=True, backend=backend)[1].dtype == torch.float64
 
 
 @pytest.mark.parametrize("backend", FAST + ["reference"])

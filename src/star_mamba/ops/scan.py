@@ -4,7 +4,10 @@
     y_t = <C_t, h_t> + D * u_t,   then   y_t *= silu(z_t)
 
 Shapes and semantics follow mamba-ssm's ``selective_scan_fn``: u, delta, z (batch, dim, L);
-A (dim, N); B, C (batch, N, L); D, delta_bias (dim,).
+A (dim, N), real; B, C (batch, N, L), grouped (batch, G, N, L) or constant (dim, N);
+D, delta_bias (dim,). y comes back in u's dtype, the last state in float32 (float64 inputs:
+float64). The kernels take one (batch, N, L) B and C for every channel, so grouped or constant
+B / C run as one kernel call per channel group (:func:`scan_groups`).
 
 Backends:
 
@@ -32,6 +35,7 @@ in the dtype of ``u``, so the scan works unchanged under ``torch.autocast`` (bf1
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import warnings
 from types import ModuleType
@@ -42,7 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import BackendError, ConfigError
-from .scan_reference import _finish, _prepare_delta, compute_dtype, scan_reference
+from .scan_reference import _finish, _prepare_delta, compute_dtype, per_group, scan_reference
 
 BACKENDS = ("reference", "torch", "numba", "triton", "cuda")
 KERNELS = ("torch", "numba", "triton")  # run through the custom ops
@@ -54,6 +58,10 @@ _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # ----------------------------------------------------------------------------- validation
 
 def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
+    for name, t in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C), ("D", D), ("z", z),
+                    ("delta_bias", delta_bias)):
+        if t is not None and t.is_complex():
+            raise ValueError(f"{name} is complex ({t.dtype}); selective_scan supports real inputs only")
     if u.ndim != 3:
         raise ValueError(f"u must be (batch, dim, L), got shape {tuple(u.shape)}")
     b, d, L = u.shape
@@ -61,14 +69,37 @@ def _check_shapes(u, delta, A, B, C, D, z, delta_bias) -> None:
         raise ValueError(f"A must be (dim, N) = ({d}, N), got shape {tuple(A.shape)}")
     n = A.shape[1]
     for name, t in (("B", B), ("C", C)):
-        if t.ndim == 4:
-            raise ValueError(f"{name} has the grouped shape {tuple(t.shape)} (batch, G, N, L), "
-                             f"which is not supported; expected (batch, N, L) = {(b, n, L)}")
-    expected = {"delta": (delta, (b, d, L)), "B": (B, (b, n, L)), "C": (C, (b, n, L)),
-                "z": (z, (b, d, L)), "D": (D, (d,)), "delta_bias": (delta_bias, (d,))}
+        _check_b_c(name, t, b, d, n, L)
+    expected = {"delta": (delta, (b, d, L)), "z": (z, (b, d, L)), "D": (D, (d,)),
+                "delta_bias": (delta_bias, (d,))}
     for name, (t, shape) in expected.items():
         if t is not None and tuple(t.shape) != shape:
             raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _check_b_c(name: str, t: Tensor, b: int, d: int, n: int, L: int) -> None:
+    """B or C: variable (batch, N, L), grouped (batch, G, N, L) with G dividing dim, or
+    constant (dim, N), as mamba-ssm's selective_scan_fn takes them."""
+    shape = tuple(t.shape)
+    if t.ndim == 3 and shape != (b, n, L):
+        raise ValueError(f"{name} must have shape {(b, n, L)}, got {shape}")
+    if t.ndim == 4:
+        if d % shape[1]:
+            raise ValueError(f"{name} has {shape[1]} groups (shape {shape}), which must divide dim={d}")
+        if shape != (b, shape[1], n, L):
+            raise ValueError(f"{name} must have shape {(b, shape[1], n, L)} (batch, groups, N, L), "
+                             f"got {shape}")
+    if t.ndim == 2 and shape != (d, n):
+        raise ValueError(f"{name} must have shape {(d, n)} (dim, N), got {shape}")
+    if t.ndim not in (2, 3, 4):
+        raise ValueError(f"{name} must be (batch, N, L), (batch, groups, N, L) or (dim, N), "
+                         f"got shape {shape}")
+
+
+def _groups(t: Tensor, dim: int) -> int:
+    """Channel groups sharing one B or C: 1 for (batch, N, L), G for (batch, G, N, L), dim for
+    a constant (dim, N)."""
+    return dim if t.ndim == 2 else 1 if t.ndim == 3 else t.shape[1]
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -212,7 +243,7 @@ def scan_kernel(kernel: str, u, delta, A, B, C, D=None, z=None, delta_bias=None,
         else:
             y, last = _core_path("torch" if kernel == "triton" else kernel, u, delta, A, B, C, D,
                                  z, delta_bias, delta_softplus)
-    return (y.to(dtype), last.to(dtype)) if return_last_state else y.to(dtype)
+    return (y.to(dtype), last) if return_last_state else y.to(dtype)
 
 
 # ----------------------------------------------------------------------------- fused op (triton)
@@ -443,12 +474,36 @@ def resolve_backend(backend: str, device_type: str) -> str:
     return _RESOLVED[key]
 
 
+def scan_groups(kernel: str, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                delta_softplus=False, return_last_state=False):
+    """Grouped or constant B / C through a kernel, which takes one (b, N, L) B and C for all
+    channels: one kernel call per channel group (a constant B or C makes every channel a group),
+    the outputs concatenated over channels."""
+    b, d, L = u.shape
+    groups = math.lcm(_groups(B, d), _groups(C, d))
+    size = d // groups
+    Bg, Cg = (per_group(t, groups, b, d, L) for t in (B, C))  # (b, groups, N, L)
+    ys, lasts = [], []
+    for g in range(groups):
+        channels = slice(g * size, (g + 1) * size)
+        part = lambda t: None if t is None else t[channels] if t.ndim <= 2 else t[:, channels]  # noqa: E731
+        y, last = scan_kernel(kernel, part(u), part(delta), part(A), Bg[:, g], Cg[:, g], part(D),
+                              part(z), part(delta_bias), delta_softplus, return_last_state=True)
+        ys.append(y)
+        lasts.append(last)
+    y, last = torch.cat(ys, dim=1), torch.cat(lasts, dim=1)
+    return (y, last) if return_last_state else y
+
+
 def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
                    D: Optional[Tensor] = None, z: Optional[Tensor] = None,
                    delta_bias: Optional[Tensor] = None, delta_softplus: bool = False,
                    return_last_state: bool = False, backend: str = "auto"):
     """Selective scan; returns y (batch, dim, L) in u's dtype, plus the last state
-    (batch, dim, N) if asked.
+    (batch, dim, N) if asked, in the compute dtype (float32; float64 for float64 inputs).
+
+    B and C are each (batch, N, L), grouped (batch, G, N, L) or constant (dim, N); a real A
+    only (a complex input raises ValueError).
 
     ``backend``: ``auto`` (see :func:`default_backend`), ``reference``, ``torch``, ``numba``,
     ``triton`` or ``cuda``.
@@ -460,4 +515,6 @@ def selective_scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor,
         return scan_reference(*args)
     if name == "cuda":
         return scan_cuda(*args)
+    if B.ndim != 3 or C.ndim != 3:
+        return scan_groups(name, *args)
     return scan_kernel(name, *args)

@@ -26,22 +26,35 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def per_group(t: Tensor, groups: int, batch: int, dim: int, length: int) -> Tensor:
+    """B or C in any of its forms -> (batch, groups, N, L), what each of ``groups`` groups of
+    dim / groups adjacent channels reads. (batch, N, L) is shared by every channel, (batch, G, N, L)
+    by each of G groups, (dim, N) is constant over batch and time (then groups = dim); ``groups``
+    is a multiple of the form's own."""
+    if t.ndim == 2:
+        return t[None, :, :, None].expand(batch, dim, t.shape[1], length)
+    if t.ndim == 3:
+        t = t[:, None]
+    return t.repeat_interleave(groups // t.shape[1], dim=1)
+
+
 def scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    return_last_state=False):
-    """u, delta, z (b, d, L); A (d, N); B, C (b, N, L); D, delta_bias (d,) ->
-    y (b, d, L) in u's dtype [, last state (b, d, N)]."""
+    """u, delta, z (b, d, L); A (d, N); B, C (b, N, L), (b, G, N, L) or (d, N); D, delta_bias
+    (d,) -> y (b, d, L) in u's dtype [, last state (b, d, N) in the compute dtype]."""
     dtype = u.dtype
     ct = compute_dtype(dtype)
     with torch.autocast(u.device.type, enabled=False):
         u, delta, A, B, C = (t.to(ct) for t in (u, delta, A, B, C))
         delta = _prepare_delta(delta, None if delta_bias is None else delta_bias.to(ct),
                                delta_softplus)
+        B, C = (per_group(t, u.shape[1], *u.shape) for t in (B, C))  # (b, d, N, L): per channel
         h = u.new_zeros(u.shape[0], u.shape[1], A.shape[1])  # (b, d, N)
         ys = []
         for t in range(u.shape[2]):
             dt = delta[:, :, t, None]  # (b, d, 1)
-            h = torch.exp(dt * A) * h + dt * B[:, None, :, t] * u[:, :, t, None]  # (b, d, N)
-            ys.append((h * C[:, None, :, t]).sum(-1))  # (b, d)
+            h = torch.exp(dt * A) * h + dt * B[..., t] * u[:, :, t, None]  # (b, d, N)
+            ys.append((h * C[..., t]).sum(-1))  # (b, d)
         y = torch.stack(ys, dim=-1)  # (b, d, L)
         y = _finish(y, u, None if D is None else D.to(ct), None if z is None else z.to(ct))
-    return (y.to(dtype), h.to(dtype)) if return_last_state else y.to(dtype)
+    return (y.to(dtype), h) if return_last_state else y.to(dtype)
