@@ -145,3 +145,169 @@ def test_tap_indices_follow_timm(indices, take):
     for bad in (5, 0, [4], [-5]):
         with pytest.raises(ValueError, match="out of range"):
             take_indices(4, bad)
+
+
+# ---------------------------------------------------------------- what timm's model tests check
+
+SMALL = dict(img_size=32, depth=2)  # star_tiny's width (192) and 4 directions, 2 x 2 patches
+
+
+def _timm_tiny(**kwargs):
+    torch.manual_seed(0)
+    return timm.create_model("star_tiny_patch16_224", **{**SMALL, **kwargs})
+
+
+def test_forward_and_backward_of_the_whole_star_tiny_every_parameter_gets_a_gradient():
+    """timm's test_model_forward / test_model_backward (num_classes=42): star_tiny in full (its
+    12 blocks), at 64 px (the cfg's 224 px is the same model on a larger grid)."""
+    m = timm.create_model("star_tiny_patch16_224", num_classes=42, img_size=64).train()
+    out = m(torch.randn(2, *m.pretrained_cfg["input_size"][:1], 64, 64))
+    assert out.shape == (2, 42) and not torch.isnan(out).any()
+    out.mean().backward()
+    assert not [n for n, p in m.named_parameters() if p.grad is None]
+
+
+def test_the_default_model_declares_a_fixed_input_size_and_takes_timm_s_tuple():
+    """Without dynamic_img_size the input size is the config's (as timm's ViT, fixed_input_size);
+    timm's builder then passes img_size as the (h, w) of input_size."""
+    with torch.device("meta"):
+        m = timm.create_model("star_tiny_patch16_224", depth=1)
+    assert m.pretrained_cfg["fixed_input_size"] is True
+    assert m.cfg.img_size == 224 and m.backbone.grid == (14, 14)
+    small = _timm_tiny()
+    with pytest.raises(AssertionError, match="Input height"):
+        small(torch.randn(1, 3, 48, 48))
+
+
+def test_img_size_may_be_a_square_h_w_pair():
+    from star_mamba import StarConfig
+    from star_mamba.errors import ConfigError
+    assert StarConfig(img_size=(64, 64)).img_size == 64
+    assert StarConfig.from_dict(dict(img_size=[32, 32])).replace(img_size=(48, 48)).img_size == 48
+    with pytest.raises(ConfigError, match=r"^invalid config: model.img_size=\(64, 32\); only square "
+                                          r"images: give one size or an \(h, w\) pair with h == w$"):
+        StarConfig(img_size=(64, 32))
+    with pytest.raises(ConfigError, match="only the classifier takes other sizes"):
+        StarConfig(dynamic_img_size=True).validate_pretraining()
+
+
+@pytest.mark.parametrize("class_token", ["none", "middle", "end"])
+def test_dynamic_img_size_runs_other_sizes_with_positions_interpolated_from_the_table(class_token):
+    """timm's test_model_backward at another size: dynamic_img_size=True (as timm's ViT) takes any
+    multiple of the patch, rectangular too; at the model's own size it is the fixed model."""
+    from star_mamba.models.pos_embed import interpolate_pos_embed
+    from star_mamba.sequence import direction_orders
+    fixed = _timm_tiny(class_token=class_token, num_classes=42).eval()
+    m = _timm_tiny(class_token=class_token, num_classes=42, dynamic_img_size=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), fixed(x))
+    x = torch.randn(2, 3, 48, 64)  # a 3 x 4 grid
+    table = interpolate_pos_embed(m.backbone.pos_embed, (2, 2), (3, 4))
+    with torch.no_grad():
+        tokens = m.backbone.patch_embed(x) + table
+        n = 12
+        cls_at = {"none": None, "middle": n // 2, "end": n}[class_token]
+        if cls_at is not None:
+            cls = m.cls_token.expand(2, -1, -1)
+            tokens = torch.cat([tokens[:, :cls_at], cls, tokens[:, cls_at:]], dim=1)
+        orders = direction_orders((3, 4), 4, cls_at)
+        ref, _ = m.backbone.forward_blocks(tokens, orders)
+        torch.testing.assert_close(m.forward_features(x), ref)
+        taps = m.forward_intermediates(x, indices=1, intermediates_only=True)
+    assert taps[0].shape == (2, 192, 3, 4)
+    m.train()
+    out = m(x)
+    assert out.shape == (2, 42) and not torch.isnan(out).any()
+    out.mean().backward()
+    assert not [n for n, p in m.named_parameters() if p.grad is None]
+    assert m.backbone.pos_embed.grad.abs().sum() > 0  # the table learns through the interpolation
+
+
+def test_no_pooling_and_no_head_as_timm_allows():
+    """reset_classifier(0, '') and global_pool='': forward returns the unpooled tokens, as
+    forward_features; head_hidden_size is the width forward_head gives with pre_logits."""
+    m = _timm_tiny().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        feats = m.forward_features(x)
+        assert feats.shape == (2, 4 + 1, m.num_features)  # forward_features: always unpooled
+        assert m.forward_head(feats, pre_logits=True).shape == (2, m.head_hidden_size)
+        m.reset_classifier(0)
+        assert m.num_classes == 0 and m(x).shape == (2, m.num_features)
+        m.reset_classifier(0, "")
+        torch.testing.assert_close(m(x), feats)
+        m.reset_classifier(3, "")
+        assert m(x).shape == (2, 5, 3)  # the head on every token, as timm's ViT
+        assert m.cfg.global_pool == ""
+        bare = _timm_tiny(num_classes=0, global_pool="").eval()
+        bare.load_state_dict({k: v for k, v in m.state_dict().items() if not k.startswith("head.")})
+        torch.testing.assert_close(bare(x), feats)
+
+
+@pytest.mark.parametrize("name", TIMM_NAMES)
+def test_default_cfg_matches_the_model(name):
+    """timm's test_model_default_cfgs_non_std: the cfg's classes, input size, statistics, stem and
+    head are the model's (state_dict names), and forward_features / a headless forward have
+    its widths (run at 32 px with one block: the cfg's 224 px model is the same but for its grid)."""
+    with torch.device("meta"):
+        m = timm.create_model(name, depth=1)
+    cfg, state = m.pretrained_cfg, m.state_dict()
+    assert cfg["num_classes"] == m.num_classes == m.cfg.num_classes
+    assert cfg["input_size"] == (m.cfg.in_chans, m.cfg.img_size, m.cfg.img_size)
+    assert len(cfg["mean"]) == len(cfg["std"]) == m.cfg.in_chans
+    assert f"{cfg['first_conv']}.weight" in state and f"{cfg['classifier']}.weight" in state
+    assert state[f"{cfg['first_conv']}.weight"].shape[1] == cfg["input_size"][0]
+    assert m.head_hidden_size == m.num_features == m.cfg.embed_dim
+    small = timm.create_model(name, img_size=32, depth=1).eval()
+    x = torch.randn(1, cfg["input_size"][0], 32, 32)
+    with torch.no_grad():
+        assert small.forward_features(x).shape == (1, 4 + 1, m.num_features)
+        small.reset_classifier(0)
+        assert small(x).shape == (1, m.num_features)
+
+
+def test_features_only_default_taps_the_last_four_blocks():
+    """timm's test_model_forward_features: at least 4 levels by default, channels as declared."""
+    feats = timm.create_model("star_tiny_patch16_224", img_size=32, features_only=True).eval()
+    assert len(feats.feature_info.channels()) == 4
+    with torch.no_grad():
+        out = feats(torch.randn(1, 3, 32, 32))
+    assert [o.shape for o in out] == [(1, c, 2, 2) for c in feats.feature_info.channels()]
+    assert not any(torch.isnan(o).any() for o in out)
+
+
+class _LeafTracer(torch.fx.Tracer):
+    """torch.fx with timm's registered leaves (register_notrace_module) kept whole."""
+
+    def is_leaf_module(self, m, qualname):
+        from timm.layers import is_notrace_module
+        return is_notrace_module(type(m)) or super().is_leaf_module(m, qualname)
+
+
+@pytest.mark.parametrize("class_token,directions", [("end", 4), ("middle", 2), ("none", 1)])
+def test_fx_symbolic_trace_equals_eager(class_token, directions):
+    """timm's test_model_forward_fx: the mixer is a registered leaf, the rest traces; the traced
+    module computes what the model does."""
+    m = _timm_tiny(class_token=class_token, directions=directions).eval()
+    graph = torch.fx.GraphModule(m, _LeafTracer().trace(m))
+    assert "backbone.blocks.0.mixer" in {n.target for n in graph.graph.nodes if n.op == "call_module"}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x), m(x))
+
+
+def test_timm_fx_feature_extractor_gives_the_block_outputs():
+    """features_only with feature_cls='fx' (timm's FeatureGraphNet over feature_info): the raw
+    block outputs, class token included."""
+    m = _timm_tiny().eval()
+    torch.manual_seed(0)  # the same weights
+    fx = timm.create_model("star_tiny_patch16_224", **SMALL, features_only=True, feature_cls="fx",
+                           out_indices=(0, 1)).eval()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        out = fx(x)
+        _, ref = m.backbone.forward_blocks(m._insert_cls(m.backbone.embed(x)), m.orders, taps=[1, 2])
+    assert len(out) == 2
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b)

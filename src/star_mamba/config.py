@@ -22,7 +22,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 from .errors import ConfigError
 
@@ -38,7 +38,9 @@ SEPARATOR_POSITIONS = ("SC", "CS", "SCS", "CSC")
 """Separator layouts: S = separator cluster, C = image cluster(s); see ``star_mamba.sequence``."""
 
 CLASS_TOKEN_POSITIONS = ("none", "middle", "end")
-GLOBAL_POOLS = ("avg", "cls")
+GLOBAL_POOLS = ("avg", "cls", "")
+"""Classifier pooling: the mean of the patch tokens, the class token, or none (timm's ``''``:
+the head then reads every token)."""
 DIRECTIONS = (1, 2, 4)
 INIT_SCHEMES = ("arm", "trunc_normal")
 """Weight initialisation schemes (``star_mamba.models.init``)."""
@@ -68,7 +70,7 @@ class StarConfig:
     """
 
     # -- image and tokens
-    img_size: int = 192
+    img_size: Union[int, tuple[int, int]] = 192  # an (h, w) pair, as timm passes it, must be square: kept as h
     patch_size: int = 16
     in_chans: int = 3
     # -- backbone: MambaMLP blocks
@@ -107,8 +109,16 @@ class StarConfig:
     global_pool: str = "avg"
     learnable_pos_embed: bool = False  # fixed sin-cos in pretraining; learnable when fine-tuning
     final_norm: bool = True  # False after prune_intermediate_layers(prune_norm=True)
+    # the classifier takes any image size that is a multiple of the patch (timm's ViT option):
+    # positions interpolated from the table, scan orders built for the image's grid
+    dynamic_img_size: bool = field(default=False, metadata={"runtime": True})
 
     def __post_init__(self) -> None:
+        if isinstance(self.img_size, (tuple, list)):
+            if len(self.img_size) != 2 or self.img_size[0] != self.img_size[1]:
+                _fail("img_size", tuple(self.img_size),
+                      "only square images: give one size or an (h, w) pair with h == w")
+            self.img_size = self.img_size[0]
         if self.decoder_taps is not None:
             self.decoder_taps = tuple(self.decoder_taps)
         self.validate()
@@ -153,6 +163,9 @@ class StarConfig:
         if self.directions != 1:
             _fail("directions", self.directions,
                   "pretraining is autoregressive and needs a causal backbone (directions=1)")
+        if self.dynamic_img_size:
+            _fail("dynamic_img_size", self.dynamic_img_size,
+                  "pretraining packs clusters of a fixed grid; only the classifier takes other sizes")
         if self.grid_size % self.cluster_size:
             _fail("cluster_size", self.cluster_size,
                   f"must divide the patch grid of {self.grid_size} x {self.grid_size} patches "

@@ -16,7 +16,7 @@ from ..config import StarConfig
 from .blocks import MambaMLPBlock
 from .init import init_backbone_
 from .mamba import MambaState
-from .pos_embed import sincos_2d
+from .pos_embed import interpolate_pos_embed, sincos_2d
 
 
 class StarBackbone(nn.Module):
@@ -24,7 +24,8 @@ class StarBackbone(nn.Module):
         super().__init__()
         self.cfg = cfg
         g = cfg.grid_size
-        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim)
+        self.patch_embed = PatchEmbed(cfg.img_size, cfg.patch_size, cfg.in_chans, cfg.embed_dim,
+                                      strict_img_size=not cfg.dynamic_img_size)
         table = sincos_2d(cfg.embed_dim, (g, g)).unsqueeze(0)  # (1, N, D)
         if cfg.learnable_pos_embed:
             self.pos_embed = nn.Parameter(table)
@@ -41,9 +42,21 @@ MambaMLPBlock(cfg, dpr[i]) for i in range(cfg.depth))
     def grid(self) -> tuple[int, int]:
         return (self.cfg.grid_size, self.cfg.grid_size)
 
+    def grid_of(self, images: Tensor) -> tuple[int, int]:
+        """The patch grid of (B, C, H, W) images: the config's, or with ``dynamic_img_size`` the
+        images' own."""
+        if not self.cfg.dynamic_img_size:
+            return self.grid
+        p = self.cfg.patch_size
+        return images.shape[-2] // p, images.shape[-1] // p
+
     def embed(self, images: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, N, D) patch tokens in raster order, position table added."""
-        return self.patch_embed(images) + self.pos_embed
+        """(B, C, H, W) -> (B, N, D) patch tokens in raster order, position table added
+        (interpolated to the images' grid with ``dynamic_img_size``)."""
+        pos = self.pos_embed
+        if self.cfg.dynamic_img_size:
+            pos = interpolate_pos_embed(pos, self.grid, self.grid_of(images))
+        return self.patch_embed(images) + pos
 
     def embed_patches(self, patches: Tensor) -> Tensor:
         """Pixel patches (..., p*p*C) -> tokens (..., D) through the same patch embedding, no position."""

@@ -37,7 +37,9 @@ class StarClassifier(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
     """Raster-order tokens (+ optional class token) -> multi-direction MambaMLP stack -> head.
 
     ``class_token``: ``none``, ``middle`` (ARM) or ``end`` (reported for STAR);
-    ``global_pool``: ``avg`` over patch tokens or ``cls``.
+    ``global_pool``: ``avg`` over patch tokens, ``cls`` or ``''`` (none: the head reads every
+    token). With ``dynamic_img_size`` any image size that is a multiple of the patch runs: the
+    position table is interpolated to its grid and the scan orders are built for it.
     """
 
     def __init__(self, cfg: StarConfig | dict):
@@ -45,11 +47,10 @@ class StarClassifier(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
         cfg = cfg if isinstance(cfg, StarConfig) else StarConfig.from_dict(cfg)  # hub: a dict
         self.cfg = cfg
         self.num_classes = cfg.num_classes
-        self.num_features = cfg.embed_dim
+        self.num_features = self.head_hidden_size = cfg.embed_dim  # no pre-logits layer
         self.global_pool = cfg.global_pool
         self.backbone = StarBackbone(cfg)
-        n = cfg.num_patches
-        self.cls_index = {"none": None, "middle": n // 2, "end": n}[cfg.class_token]
+        self.cls_index = self._cls_at(cfg.num_patches)  # for the config's grid
         self.cls_token = (nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
                           if self.cls_index is not None else None)
         orders = direction_orders(self.backbone.grid, cfg.directions, self.cls_index)
@@ -61,25 +62,39 @@ class StarClassifier(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
             trunc_normal_(self.cls_token, std=TOKEN_STD)
         init_head_(self.head)
 
+    def _cls_at(self, num_patches: int) -> Optional[int]:
+        """The class token's index among ``num_patches`` patch tokens (None: no class token)."""
+        return {"none": None, "middle": num_patches // 2, "end": num_patches}[self.cfg.class_token]
+
+    def _orders(self, grid: tuple[int, int]) -> Optional[Tensor]:
+        """Scan orders (directions, L) for a patch grid (None for one direction): the buffer for
+        the config's grid, built for another one (``dynamic_img_size``)."""
+        if self.cfg.directions == 1:
+            return None
+        if grid == self.backbone.grid:
+            return self.orders
+        orders = direction_orders(grid, self.cfg.directions, self._cls_at(grid[0] * grid[1]))
+        return torch.stack(orders).to(self.orders.device)
+
     def _insert_cls(self, x: Tensor) -> Tensor:
         if self.cls_token is None:
             return x
-        i = self.cls_index
+        i = self._cls_at(x.shape[1]) if self.cfg.dynamic_img_size else self.cls_index
         cls = self.cls_token.expand(x.shape[0], -1, -1)
         return torch.cat([x[:, :i], cls, x[:, i:]], dim=1)  # (B, N+1, D)
 
     def forward_features(self, images: Tensor) -> Tensor:
         """(B, C, H, W) -> final-normed tokens (B, L, D), L = N (+1 with a class token)."""
         x = self._insert_cls(self.backbone.embed(images))
-        orders = None if self.cfg.directions == 1 else list(self.orders)
-        x, _ = self.backbone.forward_blocks(x, orders)
+        x, _ = self.backbone.forward_blocks(x, self._orders(self.backbone.grid_of(images)))
         return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """(B, L, D) tokens -> logits (B, num_classes), or pooled features with ``pre_logits``."""
+        """(B, L, D) tokens -> logits (B, num_classes), or pooled features with ``pre_logits``;
+        with ``global_pool=''`` no pooling: (B, L, num_classes) or the tokens."""
         if self.global_pool == "cls":
-            x = x[:, self.cls_index]
-        else:  # average the patch tokens only
+            x = self._split_cls(x)[0][:, 0]
+        elif self.global_pool == "avg":  # the patch tokens only
             x = self._split_cls(x)[1].mean(dim=1)
         return x if pre_logits else self.head(x)
 
@@ -87,7 +102,7 @@ class StarClassifier(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
         """(B, L, D) -> (class token (B, 1, D) or None, patch tokens (B, N, D) in raster order)."""
         if self.cls_index is None:
             return None, x
-        i = self.cls_index
+        i = self._cls_at(x.shape[1] - 1) if self.cfg.dynamic_img_size else self.cls_index
         return x[:, i:i + 1], torch.cat([x[:, :i], x[:, i + 1:]], dim=1)
 
     def forward(self, images: Tensor) -> Tensor:
@@ -109,20 +124,20 @@ class StarClassifier(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
         if output_fmt not in ("NCHW", "NLC"):
             raise ValueError(f"invalid output_fmt={output_fmt!r}; allowed values are NCHW, NLC")
         take, max_index = take_indices(len(self.backbone.blocks), indices)
+        grid = self.backbone.grid_of(images)
         x = self._insert_cls(self.backbone.embed(images))  # (B, L, D)
-        orders = None if self.cfg.directions == 1 else list(self.orders)
         final, taps = self.backbone.forward_blocks(  # taps in block order, 1-based
-            x, orders, taps=[i + 1 for i in sorted(set(take))],
+            x, self._orders(grid), taps=[i + 1 for i in sorted(set(take))],
             stop_after=max_index + 1 if stop_early else None)
-        out = [self._split_tap(self.backbone.norm(t) if norm else t, output_fmt,
+        out = [self._split_tap(self.backbone.norm(t) if norm else t, grid, output_fmt,
                                return_prefix_tokens) for t in taps]
         return out if intermediates_only else (final, out)
 
-    def _split_tap(self, x: Tensor, output_fmt: str, with_prefix: bool):
+    def _split_tap(self, x: Tensor, grid: tuple[int, int], output_fmt: str, with_prefix: bool):
         """(B, L, D) -> patch tokens as NCHW/NLC (+ the class token)."""
         prefix, x = self._split_cls(x)
         if output_fmt == "NCHW":
-            h, w = self.backbone.grid
+            h, w = grid
             x = x.reshape(x.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()  # (B, D, H, W)
         return (x, prefix) if with_prefix else x
 
@@ -145,7 +160,7 @@ class StarClassifier(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
         return take
 
     def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        """A new head (0: none) and optionally another pooling; ``cfg`` follows."""
+        """A new head (0: none) and optionally another pooling (``''``: none); ``cfg`` follows."""
         cfg = self.cfg.replace(num_classes=num_classes,
                                **({} if global_pool is None else dict(global_pool=global_pool)))
         self._set_cfg(cfg)

@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..checkpoint import model_state
-from .pos_embed import sincos_2d
+from .pos_embed import interpolate_pos_embed, sincos_2d
 
 _BRANCH = re.compile(r"^(backbone\.blocks\.\d+\.mixer\.branches\.)(\d+)(\..+)$")
 
@@ -35,18 +34,6 @@ class LoadReport:
     def summary(self) -> str:
         return (f"{len(self.loaded)} loaded, {len(self.converted)} converted, {len(self.new)} new "
                 f"({', '.join(self.new) or '-'}), {len(self.unused)} unused")
-
-
-def interpolate_pos_embed(table: Tensor, old_grid: tuple[int, int],
-                          new_grid: tuple[int, int]) -> Tensor:
-    """(1, h*w, D) -> (1, h'*w', D) by bicubic interpolation over the grid; same grid: unchanged."""
-    if tuple(old_grid) == tuple(new_grid):
-        return table
-    (h, w), (nh, nw) = old_grid, new_grid
-    d = table.shape[-1]
-    grid = table.reshape(1, h, w, d).permute(0, 3, 1, 2).float()  # (1, D, h, w)
-    grid = F.interpolate(grid, size=(nh, nw), mode="bicubic", align_corners=False)
-    return grid.permute(0, 2, 3, 1).reshape(1, nh * nw, d).to(table.dtype)
 
 
 def load_pretrained(classifier: nn.Module, source: str | Path | Mapping[str, Any]) -> LoadReport:

@@ -12,6 +12,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from timm.layers import register_notrace_module
 from torch import Tensor, nn
 
 from ..config import StarConfig
@@ -88,6 +89,7 @@ class SSMBranch(nn.Module):
         return y * F.silu(z)
 
 
+@register_notrace_module  # a leaf to torch.fx (timm's tracers): the scan is not traceable
 class Mamba(nn.Module):
     """Mamba-1 mixer over (B, L, D) sequences with ``directions`` scan orders."""
 

@@ -1,7 +1,8 @@
-"""Fixed 2D sin-cos position tables (as in MAE and ARM)."""
+"""Fixed 2D sin-cos position tables (as in MAE and ARM), and a table resized to another grid."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -22,3 +23,15 @@ def sincos_2d(dim: int, grid: tuple[int, int]) -> Tensor:
     rows = torch.arange(h).repeat_interleave(w)  # (h*w,)
     cols = torch.arange(w).repeat(h)  # (h*w,)
     return torch.cat([sincos_1d(dim // 2, rows), sincos_1d(dim // 2, cols)], dim=1).float()
+
+
+def interpolate_pos_embed(table: Tensor, old_grid: tuple[int, int],
+                          new_grid: tuple[int, int]) -> Tensor:
+    """(1, h*w, D) -> (1, h'*w', D) by bicubic interpolation over the grid; same grid: unchanged."""
+    if tuple(old_grid) == tuple(new_grid):
+        return table
+    (h, w), (nh, nw) = old_grid, new_grid
+    d = table.shape[-1]
+    grid = table.reshape(1, h, w, d).permute(0, 3, 1, 2).float()  # (1, D, h, w)
+    grid = F.interpolate(grid, size=(nh, nw), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, nh * nw, d).to(table.dtype)

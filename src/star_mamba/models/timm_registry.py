@@ -23,8 +23,10 @@ PATCH, IMG_SIZE = 16, 224
 
 def _cfg(size: str) -> dict[str, Any]:
     """The fine-tuning recipe's data settings (ARM: 224 px, crop 0.875, bicubic, ImageNet
-    statistics) and where the stem and the head are."""
+    statistics) and where the stem and the head are. ``fixed_input_size`` as timm's ViT: the
+    model takes its config's size unless built with ``dynamic_img_size=True``."""
     return dict(url="", num_classes=1000, input_size=(3, IMG_SIZE, IMG_SIZE), pool_size=None,
+                fixed_input_size=True,
                 crop_pct=0.875, interpolation="bicubic", mean=IMAGENET_DEFAULT_MEAN,
                 std=IMAGENET_DEFAULT_STD, first_conv="backbone.patch_embed.proj",
                 classifier="head", paper_ids="arXiv:2603.03806",
