@@ -93,7 +93,7 @@ class StarClassifier(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
         """(B, L, D) tokens -> logits (B, num_classes), or pooled features with ``pre_logits``;
         with ``global_pool=''`` no pooling: (B, L, num_classes) or the tokens."""
         if self.global_pool == "cls":
-            x = self._split_cls(x)[0][:, 0]
+            x = x[:, self._cls_index_in(x)]
         elif self.global_pool == "avg":  # the patch tokens only
             x = self._split_cls(x)[1].mean(dim=1)
         return x if pre_logits else self.head(x)
@@ -102,8 +102,14 @@ class StarClassifier(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
         """(B, L, D) -> (class token (B, 1, D) or None, patch tokens (B, N, D) in raster order)."""
         if self.cls_index is None:
             return None, x
-        i = self._cls_at(x.shape[1] - 1) if self.cfg.dynamic_img_size else self.cls_index
+        i = self._cls_index_in(x)
         return x[:, i:i + 1], torch.cat([x[:, :i], x[:, i + 1:]], dim=1)
+
+    def _cls_index_in(self, x: Tensor) -> Optional[int]:
+        """The class token's index in (B, L, D) tokens (for the input's grid when dynamic)."""
+        if self.cls_index is None or not self.cfg.dynamic_img_size:
+            return self.cls_index
+        return self._cls_at(x.shape[1] - 1)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(images))

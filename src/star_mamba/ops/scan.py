@@ -84,7 +84,7 @@ def _check_b_c(name: str, t: Tensor, b: int, d: int, n: int, L: int) -> None:
     if t.ndim == 3 and shape != (b, n, L):
         raise ValueError(f"{name} must have shape {(b, n, L)}, got {shape}")
     if t.ndim == 4:
-        if d % shape[1]:
+        if shape[1] == 0 or d % shape[1]:
             raise ValueError(f"{name} has {shape[1]} groups (shape {shape}), which must divide dim={d}")
         if shape != (b, shape[1], n, L):
             raise ValueError(f"{name} must have shape {(b, shape[1], n, L)} (batch, groups, N, L), "
