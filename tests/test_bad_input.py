@@ -114,9 +114,11 @@ def test_an_absurd_image_size_is_refused_before_anything_is_built(tmp_path, caps
     assert main(["pretrain", "--set", "model.img_size=65536", "--output-dir", str(tmp_path)]) == 2
     line = assert_one_error_line(capsys, "pretrain", "model.img_size=65536", "model.max_tokens")
     assert str(star_mamba.config.DEFAULT_MAX_TOKENS) in line
-    raised = load_config("pretrain/fashion_mnist", ["model.img_size=4096",
-                                                    "model.max_tokens=100000"])
-    assert raised.model.star_config().max_tokens == 100000  # a configurable cap
+    big = ["model.img_size=2048"]  # 512 x 512 patches of 4 px: 262144 tokens
+    with pytest.raises(ConfigError, match="262144 tokens"):
+        load_config("pretrain/fashion_mnist", big)
+    raised = load_config("pretrain/fashion_mnist", [*big, "model.max_tokens=300000"])
+    assert raised.model.star_config().max_tokens == 300000  # a configurable cap
     assert not any(tmp_path.iterdir())
 
 
