@@ -9,7 +9,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -170,17 +170,26 @@ def _why(path: Path, error: Exception) -> str:
     return f"{type(error).__name__}: {text}"
 
 
+def model_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                      fields: Optional[Sequence[str]] = None) -> str:
+    """``"model.k: checkpoint a vs config b, ..."`` for each of ``fields`` (default: every
+    field of ``current`` but the runtime ones) where a checkpoint's model config differs from
+    the run's, or ``""``; a field the checkpoint predates counts as its default."""
+    from .config import RUNTIME_FIELDS, StarConfig
+    defaults = StarConfig().to_dict()
+    names = [k for k in current if k not in RUNTIME_FIELDS] if fields is None else fields
+    diff = {k: (saved.get(k, defaults.get(k)), current[k]) for k in names
+            if saved.get(k, defaults.get(k)) != current[k]}
+    return ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+
+
 def check_same_model(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse to resume a checkpoint made for another model configuration.
 
     Runtime fields (``StarConfig`` fields marked ``runtime``, e.g. ``scan_backend``) may differ;
     a field the checkpoint predates counts as its default."""
-    from .config import RUNTIME_FIELDS, StarConfig
-    defaults = StarConfig().to_dict()
-    diff = {k: (saved.get(k, defaults.get(k)), v) for k, v in current.items()
-            if k not in RUNTIME_FIELDS and saved.get(k, defaults.get(k)) != v}
-    if diff:
-        items = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+    items = model_differences(saved, current)
+    if items:
         raise CheckpointError(f"checkpoint {path} was made for another model ({items}); use "
                               "another run.output_dir or set run.resume=never")
 

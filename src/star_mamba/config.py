@@ -306,6 +306,11 @@ class StarConfig:
 RUNTIME_FIELDS = frozenset(f.name for f in dataclasses.fields(StarConfig) if f.metadata.get("runtime"))
 """Fields that say how the model runs, not what it is (the weights do not depend on them)."""
 
+WEIGHT_SHAPE_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "d_state", "d_conv",
+                       "expand", "dt_rank", "mlp_ratio")
+"""Backbone fields that set the shapes of its weights: a pretrained backbone loads into a model
+only where they agree (the image size and the directions are converted, ``models/convert.py``)."""
+
 
 def field_names() -> tuple[str, ...]:
     return tuple(f.name for f in dataclasses.fields(StarConfig))

@@ -19,7 +19,9 @@ from typing import Any, Mapping, Optional
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..checkpoint import model_state
+from ..checkpoint import model_differences, model_state
+from ..config import WEIGHT_SHAPE_FIELDS
+from ..errors import CheckpointError
 from .pos_embed import sincos_2d
 
 _BRANCH = re.compile(r"^(backbone\.blocks\.\d+\.mixer\.branches\.)(\d+)(\..+)$")
@@ -50,8 +52,17 @@ def interpolate_pos_embed(table: Tensor, old_grid: tuple[int, int],
 
 
 def load_pretrained(classifier: nn.Module, source: str | Path | Mapping[str, Any]) -> LoadReport:
-    """Load a pretraining checkpoint (path, engine checkpoint dict or state dict) into a classifier."""
+    """Load a pretraining checkpoint (path, engine checkpoint dict or state dict) into a classifier.
+
+    A checkpoint whose backbone has other weight shapes (:data:`WEIGHT_SHAPE_FIELDS`, or the
+    weights themselves when it holds no model config) is refused, naming what differs."""
     state, pre_cfg = model_state(source)
+    what = "the pretrained checkpoint" + ("" if isinstance(source, Mapping) else f" {source}")
+    if pre_cfg is not None:
+        diff = model_differences(pre_cfg, classifier.cfg.to_dict(), WEIGHT_SHAPE_FIELDS)
+        if diff:
+            raise CheckpointError(f"{what} does not fit this model ({diff}); set those model "
+                                  "fields to the checkpoint's, or start from another checkpoint")
     target = classifier.state_dict()
     report = LoadReport()
     incoming: dict[str, Tensor] = {}
@@ -81,8 +92,11 @@ def load_pretrained(classifier: nn.Module, source: str | Path | Mapping[str, Any
             new = int(round(dest.shape[1] ** 0.5))
             result[key] = interpolate_pos_embed(table, (old, old), (new, new))
             report.converted.append(key)
+        elif key in incoming and key.startswith("backbone."):
+            raise CheckpointError(f"{what} does not fit this model: {key} has shape "
+                                  f"{tuple(incoming[key].shape)} there, {tuple(dest.shape)} here")
         else:
-            report.new.append(key)
+            report.new.append(key)  # a head for other classes included
     classifier.load_state_dict(result, strict=False)
     return report
 
