@@ -120,7 +120,8 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file or a pickle that would need arbitrary code
-        raise CheckpointError(f"cannot load checkpoint {path}: {_why(path, e)}") from e
+        raise (unsafe_pickle_error(path, e)
+               or CheckpointError(f"cannot load checkpoint {path}: {why_unloadable(path, e)}")) from e
 
 
 def model_state(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Tensor], Optional[dict]]:
@@ -157,16 +158,27 @@ def load_training_checkpoint(path: Path) -> dict[str, Any]:
     return saved
 
 
-def _why(path: Path, error: Exception) -> str:
+def unsafe_pickle_error(path: Path, error: Exception) -> Optional[CheckpointError]:
+    """The error to raise when ``torch.load(weights_only=True)`` refused ``path`` because its
+    pickle would call something other than tensors and plain containers (code, when loaded),
+    saying why and what to do; None when ``error`` is another failure."""
+    refused = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(error), re.S)
+    if refused is None:
+        return None
+    reason = " ".join(refused.group(1).split()).split(". ")[0]  # torch's advice left out
+    return CheckpointError(
+        f"cannot load checkpoint {path}: it is not a safe checkpoint (torch.load with "
+        f"weights_only refused it: {reason}), since loading it would call that code. Load it "
+        "only if you trust where it came from, and then re-save just its weights (a state dict "
+        "of tensors, or .safetensors) from that trusted copy")
+
+
+def why_unloadable(path: Path, error: Exception) -> str:
     """Why ``torch.load`` failed, in one line (its own messages run to paragraphs)."""
     if Path(path).is_file() and Path(path).stat().st_size == 0:
         return "the file is empty"
     text = str(error).strip()
-    refused = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
-    if refused:  # a pickle that needs more than tensors and plain containers
-        text = "refused by the weights-only loader: " + " ".join(refused.group(1).split())
-    else:
-        text = text.splitlines()[0].split(". ")[0] if text else "the file ends early"
+    text = text.splitlines()[0].split(". ")[0] if text else "the file ends early"
     return f"{type(error).__name__}: {text}"
 
 
