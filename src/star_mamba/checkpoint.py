@@ -71,14 +71,16 @@ def load_resume(output_dir: Path, resume: str) -> Optional[tuple[Path, dict[str,
     (:func:`resume_candidates`); an unreadable one (half written by a crash, say) is skipped
     with a warning naming it and why, and left where it is (the run's next save replaces
     ``latest`` atomically). Checkpoints of which none loads are an error: starting over would
-    silently discard the run. Anything else is an explicit path, which must load.
+    silently discard the run. Anything else is an explicit path (a file or a run
+    directory, :func:`resolve_checkpoint`), which must load.
     """
     if resume == "never":
         return None
     if resume != "auto":
-        path = Path(resume)
-        if not path.is_file():
-            raise MissingFileError(f"run.resume={resume!r}: no such checkpoint file")
+        try:
+            path = resolve_checkpoint(resume)
+        except MissingFileError as e:
+            raise MissingFileError(f"run.resume={resume!r}: {e}") from None
         try:
             return path, load_training_checkpoint(path)
         except CheckpointError as e:
@@ -107,14 +109,31 @@ def find_resume(output_dir: Path, resume: str) -> Optional[Path]:
     return found[0] if found is not None else None
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory's ``checkpoint-latest.pth``; else a
+    :class:`MissingFileError` naming what is missing."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / LATEST).is_file():
+            return path / LATEST
+        numbered = [p.name for p in sorted(path.glob(NUMBERED))]
+        raise MissingFileError(f"{path} is a directory, not a checkpoint, and holds no {LATEST} "
+                               "(as a run directory does): give "
+                               + (f"one of its checkpoints ({', '.join(numbered)})" if numbered
+                                  else "a checkpoint file"))
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint {path} not found")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load tensors and plain containers only (``weights_only``): a checkpoint cannot run code.
 
+    ``path`` is a file or a run directory (its ``checkpoint-latest.pth``, :func:`resolve_checkpoint`);
     ``.safetensors`` files (see :func:`export_safetensors`) load too. An unreadable file raises
     a :class:`CheckpointError` naming it, with the reason in one line (a missing file:
     :class:`MissingFileError`)."""
-    if not Path(path).exists():
-        raise MissingFileError(f"checkpoint {path} not found")
+    path = resolve_checkpoint(path)
     if Path(path).suffix == ".safetensors":
         return load_safetensors(path)
     try:
