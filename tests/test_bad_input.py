@@ -156,6 +156,14 @@ def test_finetune_from_a_narrower_checkpoint_is_one_line(make, shapes_8, tmp_pat
                           "model.embed_dim: checkpoint 32 vs config 48")
 
 
+def test_weights_of_another_width_without_a_model_config_name_a_weight(tmp_path):
+    from star_mamba.models.convert import load_pretrained
+    state = torch.load(_pretraining_checkpoint(tmp_path / "p.pth"))["model"]  # no model_config
+    wider = tiny_classifier(in_chans=3, img_size=32, patch_size=8, embed_dim=48)
+    with pytest.raises(CheckpointError, match=r"backbone\.\S+: shape \(.*32.*\) there"):
+        load_pretrained(wider, state)
+
+
 class RunsCode:
     """A pickle that runs code when loaded (here a harmless print)."""
 

@@ -308,8 +308,9 @@ RUNTIME_FIELDS = frozenset(f.name for f in dataclasses.fields(StarConfig) if f.m
 
 WEIGHT_SHAPE_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "d_state", "d_conv",
                        "expand", "dt_rank", "mlp_ratio")
-"""Backbone fields that set the shapes of its weights: a pretrained backbone loads into a model
-only where they agree (the image size and the directions are converted, ``models/convert.py``)."""
+"""Backbone fields that set the shapes of its weights: where a pretrained backbone does not load
+into a model, the ones that differ are named (the image size and the directions are converted,
+``models/convert.py``)."""
 
 
 def field_names() -> tuple[str, ...]:
