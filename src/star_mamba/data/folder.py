@@ -56,7 +56,8 @@ def walk_once(top: str) -> Iterator[tuple[str, list[str], list[str]]]:
             real = os.path.realpath(os.path.join(root, name))
             if real in entered:
                 log.warning(f"skipping directory link {printable(os.path.join(root, name))} -> "
-                            f"{printable(real)}: a directory already read (a symlink loop)")
+                            f"{printable(real)}: a directory already read (a symlink loop, or a second "
+                            "link to it)")
             else:
                 entered.add(real)
                 kept.append(name)
