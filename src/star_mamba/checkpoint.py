@@ -9,7 +9,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -71,14 +71,16 @@ def load_resume(output_dir: Path, resume: str) -> Optional[tuple[Path, dict[str,
     (:func:`resume_candidates`); an unreadable one (half written by a crash, say) is skipped
     with a warning naming it and why, and left where it is (the run's next save replaces
     ``latest`` atomically). Checkpoints of which none loads are an error: starting over would
-    silently discard the run. Anything else is an explicit path, which must load.
+    silently discard the run. Anything else is an explicit path (a file or a run
+    directory, :func:`resolve_checkpoint`), which must load.
     """
     if resume == "never":
         return None
     if resume != "auto":
-        path = Path(resume)
-        if not path.is_file():
-            raise MissingFileError(f"run.resume={resume!r}: no such checkpoint file")
+        try:
+            path = resolve_checkpoint(resume)
+        except MissingFileError as e:
+            raise MissingFileError(f"run.resume={resume!r}: {e}") from None
         try:
             return path, load_training_checkpoint(path)
         except CheckpointError as e:
@@ -107,20 +109,38 @@ def find_resume(output_dir: Path, resume: str) -> Optional[Path]:
     return found[0] if found is not None else None
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint file, or a run directory's ``checkpoint-latest.pth``; else a
+    :class:`MissingFileError` naming what is missing."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / LATEST).is_file():
+            return path / LATEST
+        numbered = [p.name for p in sorted(path.glob(NUMBERED))]
+        raise MissingFileError(f"{path} is a directory, not a checkpoint, and holds no {LATEST} "
+                               "(as a run directory does): give "
+                               + (f"one of its checkpoints ({', '.join(numbered)})" if numbered
+                                  else "a checkpoint file"))
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint {path} not found")
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load tensors and plain containers only (``weights_only``): a checkpoint cannot run code.
 
+    ``path`` is a file or a run directory (its ``checkpoint-latest.pth``, :func:`resolve_checkpoint`);
     ``.safetensors`` files (see :func:`export_safetensors`) load too. An unreadable file raises
     a :class:`CheckpointError` naming it, with the reason in one line (a missing file:
     :class:`MissingFileError`)."""
-    if not Path(path).exists():
-        raise MissingFileError(f"checkpoint {path} not found")
+    path = resolve_checkpoint(path)
     if Path(path).suffix == ".safetensors":
         return load_safetensors(path)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt file or a pickle that would need arbitrary code
-        raise CheckpointError(f"cannot load checkpoint {path}: {_why(path, e)}") from e
+        raise (unsafe_pickle_error(path, e)
+               or CheckpointError(f"cannot load checkpoint {path}: {why_unloadable(path, e)}")) from e
 
 
 def model_state(source: str | Path | Mapping[str, Any]) -> tuple[dict[str, Tensor], Optional[dict]]:
@@ -157,17 +177,41 @@ def load_training_checkpoint(path: Path) -> dict[str, Any]:
     return saved
 
 
-def _why(path: Path, error: Exception) -> str:
+def unsafe_pickle_error(path: Path, error: Exception) -> Optional[CheckpointError]:
+    """The error to raise when ``torch.load(weights_only=True)`` refused ``path`` because its
+    pickle would call something other than tensors and plain containers (code, when loaded),
+    saying why and what to do; None when ``error`` is another failure."""
+    refused = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(error), re.S)
+    if refused is None:
+        return None
+    reason = " ".join(refused.group(1).split()).split(". ")[0]  # torch's advice left out
+    return CheckpointError(
+        f"cannot load checkpoint {path}: it is not a safe checkpoint (torch.load with "
+        f"weights_only refused it: {reason}), since loading it would call that code. Load it "
+        "only if you trust where it came from, and then re-save just its weights (a state dict "
+        "of tensors, or .safetensors) from that trusted copy")
+
+
+def why_unloadable(path: Path, error: Exception) -> str:
     """Why ``torch.load`` failed, in one line (its own messages run to paragraphs)."""
     if Path(path).is_file() and Path(path).stat().st_size == 0:
         return "the file is empty"
     text = str(error).strip()
-    refused = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", text, re.S)
-    if refused:  # a pickle that needs more than tensors and plain containers
-        text = "refused by the weights-only loader: " + " ".join(refused.group(1).split())
-    else:
-        text = text.splitlines()[0].split(". ")[0] if text else "the file ends early"
+    text = text.splitlines()[0].split(". ")[0] if text else "the file ends early"
     return f"{type(error).__name__}: {text}"
+
+
+def model_differences(saved: Mapping[str, Any], current: Mapping[str, Any],
+                      fields: Optional[Sequence[str]] = None) -> str:
+    """``"model.k: checkpoint a vs config b, ..."`` for each of ``fields`` (default: every
+    field of ``current`` but the runtime ones) where a checkpoint's model config differs from
+    the run's, or ``""``; a field the checkpoint predates counts as its default."""
+    from .config import RUNTIME_FIELDS, StarConfig
+    defaults = StarConfig().to_dict()
+    names = [k for k in current if k not in RUNTIME_FIELDS] if fields is None else fields
+    diff = {k: (saved.get(k, defaults.get(k)), current[k]) for k in names
+            if saved.get(k, defaults.get(k)) != current[k]}
+    return ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
 
 
 def check_same_model(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
@@ -175,12 +219,8 @@ def check_same_model(saved: dict[str, Any], current: dict[str, Any], path: Path)
 
     Runtime fields (``StarConfig`` fields marked ``runtime``, e.g. ``scan_backend``) may differ;
     a field the checkpoint predates counts as its default."""
-    from .config import RUNTIME_FIELDS, StarConfig
-    defaults = StarConfig().to_dict()
-    diff = {k: (saved.get(k, defaults.get(k)), v) for k, v in current.items()
-            if k not in RUNTIME_FIELDS and saved.get(k, defaults.get(k)) != v}
-    if diff:
-        items = ", ".join(f"model.{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+    items = model_differences(saved, current)
+    if items:
         raise CheckpointError(f"checkpoint {path} was made for another model ({items}); use "
                               "another run.output_dir or set run.resume=never")
 

@@ -45,6 +45,13 @@ DIRECTIONS = (1, 2, 4)
 INIT_SCHEMES = ("arm", "trunc_normal")
 """Weight initialisation schemes (``star_mamba.models.init``)."""
 
+DEFAULT_MAX_TOKENS = 2 ** 16
+"""Default ``model.max_tokens``, the most tokens one sequence may hold (an image's patches; in
+pretraining the packed sequence of K images). 65,536 is 100 x the paper's STAR-B sequence (640
+tokens) and a 4096 px image in 16 px patches; the position table and every layer's activations
+grow with it, to tens of GB for one STAR-B sequence at this length, so a size past it is far more
+likely a typo than a plan. Raise ``model.max_tokens`` to go beyond."""
+
 
 def _fail(name: str, value: Any, allowed: str) -> None:
     raise ConfigError(f"invalid config: model.{name}={value!r}; {allowed}")
@@ -89,6 +96,8 @@ class StarConfig:
     directions: int = 1  # 1 causal (pretraining); 2 forward + reverse; 4 also over the transposed grid
     # how the scan runs, not what the model is: a checkpoint resumes under another backend
     scan_backend: str = field(default="auto", metadata={"runtime": True})
+    # the most tokens one sequence may hold: a guard against absurd sizes, not part of the model
+    max_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata={"runtime": True})
     # -- STAR sequence (pretraining)
     cluster_size: int = 4  # c: a cluster is c x c adjacent patches
     images_per_sequence: int = 4  # K
@@ -127,7 +136,7 @@ class StarConfig:
     def validate(self) -> None:
         for name in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "d_state",
                      "d_conv", "expand", "cluster_size", "images_per_sequence", "decoder_dim",
-                     "decoder_depth", "decoder_heads"):
+                     "decoder_depth", "decoder_heads", "max_tokens"):
             _positive(name, getattr(self, name))
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) \
                 or self.num_classes < 0:
@@ -155,8 +164,17 @@ class StarConfig:
         if self.img_size % self.patch_size:
             _fail("img_size", self.img_size,
                   f"must be divisible by patch_size={self.patch_size}")
+        self._check_tokens("img_size", self.img_size, self.num_patches,
+                           f"{self.grid_size} x {self.grid_size} patches of {self.patch_size} px",
+                           "a smaller img_size or a larger patch_size")
         if self.embed_dim % 4:
             _fail("embed_dim", self.embed_dim, "must be divisible by 4 (2D sin-cos positions)")
+
+    def _check_tokens(self, name: str, value: Any, tokens: int, what: str, instead: str) -> None:
+        if tokens > self.max_tokens:
+            _fail(name, value, f"that makes {tokens} tokens per sequence ({what}), more than "
+                  f"model.max_tokens={self.max_tokens} (the position table and activations grow "
+                  f"with it); use {instead}, or raise model.max_tokens")
 
     def validate_pretraining(self) -> None:
         """Checks of the fields only pretraining uses (clusters, packing, decoder)."""
@@ -176,6 +194,10 @@ class StarConfig:
         if self.decoder_dim % self.decoder_heads:
             _fail("decoder_heads", self.decoder_heads,
                   f"must divide decoder_dim={self.decoder_dim}")
+        self._check_tokens("images_per_sequence", self.images_per_sequence, self.seq_len,
+                           f"{self.images_per_sequence} images x {self.segments_per_image} "
+                           f"segments x {self.tokens_per_segment} tokens",
+                           "fewer images per sequence or larger patches")
         if self.num_segments < 2:
             _fail("images_per_sequence", self.images_per_sequence,
                   "the packed sequence needs at least two segments to predict one from another "
@@ -296,6 +318,12 @@ class StarConfig:
 
 RUNTIME_FIELDS = frozenset(f.name for f in dataclasses.fields(StarConfig) if f.metadata.get("runtime"))
 """Fields that say how the model runs, not what it is (the weights do not depend on them)."""
+
+WEIGHT_SHAPE_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "d_state", "d_conv",
+                       "expand", "dt_rank", "mlp_ratio")
+"""Backbone fields that set the shapes of its weights: where a pretrained backbone does not load
+into a model, the ones that differ are named (the image size and the directions are converted,
+``models/convert.py``)."""
 
 
 def field_names() -> tuple[str, ...]:

@@ -3,6 +3,9 @@
 Valid but odd images (greyscale, RGBA, palette, 16-bit, tiny) are converted to 8-bit RGB;
 unreadable ones (truncated, not an image, empty, no permission) are skipped and the next
 readable image (next index) is returned in their place. Empty class directories are allowed.
+A directory symlink that leads back to a directory already read (a loop such as
+``b/self -> .``) is skipped with one log line, so each file is read once; file names that are
+not valid UTF-8 are shown with their odd bytes escaped (``bad\\xff.png``, :func:`printable`).
 
 Who counts the unreadable images: on its own, the dataset counts them in its process, names
 them in the log and stops once more than ``max_bad_fraction`` of the dataset is broken. In
@@ -18,16 +21,48 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import numpy as np
 from PIL import Image
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import has_file_allowed_extension
 
 from ..errors import MissingFileError, UnreadableImagesError
 
 log = logging.getLogger("star_mamba")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to write to any log or terminal: the bytes of a file name that are not valid
+    UTF-8 (which ``os.fsdecode`` keeps as surrogate escapes) shown as ``\\xNN``."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that is no escaped byte
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+def walk_once(top: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(top, followlinks=True)`` that does not enter a directory it has entered already
+    (by real path): a symlink loop (``b/self -> .``) or a second link to a directory read
+    elsewhere in ``top`` is skipped and named in one log line."""
+    entered = {os.path.realpath(top)}
+    for root, dirs, files in os.walk(top, followlinks=True):
+        kept = []
+        for name in sorted(dirs, key=lambda d: os.path.islink(os.path.join(root, d))):
+            real = os.path.realpath(os.path.join(root, name))
+            if real in entered:
+                log.warning(f"skipping directory link {printable(os.path.join(root, name))} -> "
+                            f"{printable(real)}: a directory already read (a symlink loop, or a second "
+                            "link to it)")
+            else:
+                entered.add(real)
+                kept.append(name)
+        dirs[:] = kept  # os.walk enters only these
+        yield root, dirs, files
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -110,20 +145,21 @@ class FallbackReads:
                         img = self.transform(img)
                     return img, target
             if attempt == 0 and _reports is not None:  # this index's own file
-                _reports.append((index, name, self.bad[name]))
+                _reports.append((index, printable(name), self.bad[name]))
         raise UnreadableImagesError(f"no readable image in {self.where}")
 
     def _record_bad(self, name: str, error: Exception) -> None:
-        self.bad[name] = f"{type(error).__name__}: {error}"
+        reason = self.bad[name] = printable(f"{type(error).__name__}: {error}")
         if _reports is not None:  # collected: the caller counts, names and judges
             return
-        log.warning(f"skipping unreadable image {name} ({self.bad[name]}); "
+        name = printable(name)
+        log.warning(f"skipping unreadable image {name} ({reason}); "
                     f"{len(self.bad)} skipped so far")
         if len(self.bad) > self.max_bad_fraction * len(self):
             raise UnreadableImagesError(
                 f"{len(self.bad)} of {len(self)} images in {self.where} are unreadable, "
                 f"more than data.max_bad_fraction={self.max_bad_fraction}; last: {name} "
-                f"({self.bad[name]})")
+                f"({reason})")
 
 
 class SafeImageFolder(FallbackReads, ImageFolder):
@@ -134,6 +170,19 @@ class SafeImageFolder(FallbackReads, ImageFolder):
             raise MissingFileError(f"image folder {root} holds no images")
         self.max_bad_fraction, self.where = max_bad_fraction, str(root)
         self.bad: dict[str, str] = {}  # path -> reason, in this process
+
+    @staticmethod
+    def make_dataset(directory: str, class_to_idx: dict[str, int], extensions=None,
+                     is_valid_file=None, allow_empty: bool = True) -> list[tuple[str, int]]:
+        """torchvision's ``(path, class)`` list, in its order, with each directory entered once
+        (:func:`walk_once`); empty classes are allowed."""
+        valid = is_valid_file or (lambda path: has_file_allowed_extension(path, extensions))
+        samples = []
+        for name in sorted(class_to_idx):
+            for root, _, files in sorted(walk_once(os.path.join(directory, name))):
+                samples += [(os.path.join(root, f), class_to_idx[name]) for f in sorted(files)
+                            if valid(os.path.join(root, f))]
+        return samples
 
     def _name(self, index: int) -> str:
         return self.samples[index][0]

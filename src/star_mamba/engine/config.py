@@ -269,13 +269,18 @@ def load_config(path: Optional[str], overrides: Sequence[str] = (), task: Option
         resolved = resolve_config_path(path)
         try:
             with open(resolved) as f:
-                values = yaml.safe_load(f) or {}
+                values = yaml.safe_load(f)
         except yaml.YAMLError as e:
             raise ConfigError(f"config {resolved} is not valid YAML: "
                               f"{' '.join(str(e).split())}") from None
-        if not isinstance(values, dict):
+        if values is not None and not isinstance(values, dict):
             raise ConfigError(f"config {resolved} must be a mapping of sections "
                               "(model, data, optim, run)")
+        if not any(section in (values or {}) for section in ("model", *SECTIONS)):
+            raise ConfigError(f"config {resolved} is empty: it holds no sections (model, "
+                              f"{', '.join(SECTIONS)}); an empty file would train the library "
+                              "defaults. Start from a built-in config (configs/), or leave out "
+                              "-c for the command's default")
     elif base is not None:
         values = {k: dict(v) if isinstance(v, Mapping) else v for k, v in base.items()}
     for item in overrides:

@@ -18,7 +18,9 @@ from typing import Any, Mapping, Optional
 
 from torch import Tensor, nn
 
-from ..checkpoint import model_state
+from ..checkpoint import model_differences, model_state
+from ..config import WEIGHT_SHAPE_FIELDS
+from ..errors import CheckpointError
 from .pos_embed import interpolate_pos_embed, sincos_2d
 
 _BRANCH = re.compile(r"^(backbone\.blocks\.\d+\.mixer\.branches\.)(\d+)(\..+)$")
@@ -37,7 +39,11 @@ class LoadReport:
 
 
 def load_pretrained(classifier: nn.Module, source: str | Path | Mapping[str, Any]) -> LoadReport:
-    """Load a pretraining checkpoint (path, engine checkpoint dict or state dict) into a classifier."""
+    """Load a pretraining checkpoint (path, engine checkpoint dict or state dict) into a classifier.
+
+    A checkpoint whose backbone weights have other shapes is refused in one line naming the
+    model fields that differ (:data:`WEIGHT_SHAPE_FIELDS`; without a model config, the first
+    such weight)."""
     state, pre_cfg = model_state(source)
     target = classifier.state_dict()
     report = LoadReport()
@@ -48,6 +54,8 @@ def load_pretrained(classifier: nn.Module, source: str | Path | Mapping[str, Any
             report.unused.append(key)
             continue
         incoming[new_key] = value
+    _check_fit(incoming, target, pre_cfg, classifier,
+               "the pretrained checkpoint" + ("" if isinstance(source, Mapping) else f" {source}"))
     result = {}
     for key, dest in target.items():
         if key in incoming and incoming[key].shape == dest.shape:
@@ -69,9 +77,30 @@ def load_pretrained(classifier: nn.Module, source: str | Path | Mapping[str, Any
             result[key] = interpolate_pos_embed(table, (old, old), (new, new))
             report.converted.append(key)
         else:
-            report.new.append(key)
+            report.new.append(key)  # a head for other classes included
     classifier.load_state_dict(result, strict=False)
     return report
+
+
+def _check_fit(incoming: Mapping[str, Tensor], target: Mapping[str, Tensor],
+               pre_cfg: Optional[dict], classifier: nn.Module, what: str) -> None:
+    """Refuse backbone weights of another shape (the position table: of another width), naming
+    the model fields that differ (:data:`WEIGHT_SHAPE_FIELDS`), else the first such weight."""
+    def shape(key: str, tensor: Tensor) -> tuple[int, ...]:
+        return tuple(tensor.shape[-1:] if key == "backbone.pos_embed" else tensor.shape)
+
+    misfits = [k for k, v in incoming.items() if k.startswith("backbone.") and k in target
+               and shape(k, v) != shape(k, target[k])]
+    if not misfits:
+        return
+    fields = (model_differences(pre_cfg, classifier.cfg.to_dict(), WEIGHT_SHAPE_FIELDS)
+              if pre_cfg is not None and hasattr(classifier, "cfg") else "")
+    first = misfits[0]
+    differs = fields or (f"{first}: shape {tuple(incoming[first].shape)} there, "
+                         f"{tuple(target[first].shape)} here")
+    raise CheckpointError(f"{what} does not fit this model ({differs}; {len(misfits)} backbone "
+                          "weights of another shape); set those model fields to the "
+                          "checkpoint's, or start from another checkpoint")
 
 
 def _pretrained_pos_embed(table: Optional[Tensor], pre_cfg: Optional[dict], dim: int) -> Optional[Tensor]:

@@ -22,9 +22,9 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 from torch import Tensor
 
-from ..checkpoint import LATEST, ema_state, load_checkpoint, model_state
+from ..checkpoint import ema_state, load_checkpoint, model_state, resolve_checkpoint
 from ..config import StarConfig
-from ..errors import CheckpointError, MissingFileError
+from ..errors import CheckpointError
 from .classifier import StarClassifier
 from .convert import load_pretrained
 from .pretrain import StarPretrain
@@ -51,13 +51,8 @@ def has_head(state: Mapping[str, Tensor]) -> bool:
 
 def resolve(path: Union[str, Path]) -> Path:
     """A checkpoint file, or a run directory holding ``checkpoint-latest.pth``; an absent one
-    raises :class:`MissingFileError` naming it."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / LATEST
-    if not path.is_file():
-        raise MissingFileError(f"checkpoint {path} not found")
-    return path
+    raises :class:`MissingFileError` naming it (``checkpoint.resolve_checkpoint``)."""
+    return resolve_checkpoint(path)
 
 
 def _build(model: Any, state: Mapping[str, Tensor], what: str):

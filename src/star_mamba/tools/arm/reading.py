@@ -9,6 +9,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from ...checkpoint import unsafe_pickle_error, why_unloadable
 from ...errors import CheckpointError, MissingFileError
 from .keys import CLASSIFIER_MARKERS, PRETRAIN_MARKERS
 
@@ -60,8 +61,9 @@ def load_arm_file(path: str | Path) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # not a torch file, or a pickle that would run code
-        raise CheckpointError(f"cannot load {path} as an ARM checkpoint (torch.load with "
-                         f"weights_only=True): {e}") from e
+        raise (unsafe_pickle_error(path, e)
+               or CheckpointError(f"cannot load {path} as an ARM checkpoint (torch.load with "
+                                  f"weights_only=True): {why_unloadable(path, e)}")) from e
 
 
 def model_kinds(sd: Mapping[str, Tensor]) -> set[str]:
