@@ -14,7 +14,7 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .errors import CheckpointError, MissingFileError
+from .errors import CheckpointError, MissingFileError, writing
 
 LATEST = "checkpoint-latest.pth"
 BEST = "checkpoint-best.pth"
@@ -24,20 +24,26 @@ log = logging.getLogger("star_mamba")
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
+    """Write to a temporary file in the same directory, fsync, then rename over ``path``.
+
+    A full disk, a read-only folder or a file in the way raises an
+    :class:`~star_mamba.errors.OutputError` naming ``path``; the temporary file is removed and
+    what was at ``path`` is untouched (a process killed mid-write leaves ``*.tmp`` behind: the
+    next run removes it, ``engine/outdir.py``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with writing(path, "checkpoint", f"{path.name} there, if any, is untouched"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -107,6 +113,16 @@ def find_resume(output_dir: Path, resume: str) -> Optional[Path]:
     """The path :func:`load_resume` picks (``auto``: the newest checkpoint that loads)."""
     found = load_resume(output_dir, resume)
     return found[0] if found is not None else None
+
+
+def saved_step(path: Path) -> Optional[int]:
+    """The optimizer step a training checkpoint was saved at (its ``state``), read without
+    loading its tensors (memory-mapped); None when that cannot be read."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                   ["state"]["step"])
+    except Exception:  # unreadable, or not a training checkpoint
+        return None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

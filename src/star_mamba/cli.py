@@ -18,7 +18,9 @@
 A mistake in what was asked (a config value, a missing file, a checkpoint that does not fit:
 a ``star_mamba.errors.UserError``) ends as one line on stderr, "star-mamba <command>: error:
 <message>", with exit code 2; star-mamba --debug <command> ... shows the traceback instead.
-Anything else is a bug: its traceback is shown and the exit code is 1.
+Anything else is a bug: its traceback is shown and the exit code is 1. Ctrl-C (or SIGTERM while
+training, which stops at a step boundary with the checkpoint saved) ends without a traceback,
+with exit code 130 (SIGINT) or 143 (SIGTERM).
 """
 from __future__ import annotations
 
@@ -27,9 +29,10 @@ import json
 import sys
 from typing import Callable, Optional, Sequence
 
-from .errors import ConfigError, UserError
+from .errors import ConfigError, Interrupted, UserError
 from .tools.ablate import Budget
 
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 USER_ERRORS = (UserError,)
 """What :func:`main` reports as one line (exit code 2) instead of a traceback: config, data and
 checkpoint mistakes, missing files, a run stopped by non-finite losses (``errors.py``: every one
@@ -432,6 +435,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"star-mamba {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, or training stopped by a signal (Interrupted)
+        if args.debug:
+            raise
+        if isinstance(e, Interrupted):  # its one line is in the run's log already
+            return e.exit_code
+        print(f"star-mamba {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED_EXIT
 
 
 if __name__ == "__main__":

@@ -101,6 +101,13 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank (every rank gets the same answer; a sync point)."""
+    if dist.is_available() and dist.is_initialized():
+        return all_reduce_sum(torch.tensor(float(flag), device=device)).item() > 0
+    return flag
+
+
 def barrier() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

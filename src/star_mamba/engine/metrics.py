@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import writing
+
 log = logging.getLogger("star_mamba")
 
 
@@ -30,7 +32,7 @@ class MetricWriter:
     def write(self, step: int, values: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a") as f:
+        with writing(self.path, "metrics"), open(self.path, "a") as f:
             f.write(json.dumps({"step": step, **values}) + "\n")
         if self.tb is not None:
             for key, value in values.items():

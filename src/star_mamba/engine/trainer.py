@@ -15,12 +15,15 @@ the same way from one CPU process to many GPU processes under ``torchrun``:
 
 Step hooks (``hooks=``, ``fn(trainer)`` after every optimizer step) let callers watch or
 interrupt training without touching the step; the reliability tests' fault injection is one
-(``faults.py``). Nothing non-finite is ever saved: a save checks the weights first.
+(``faults.py``). Nothing non-finite is ever saved: a save checks the weights first. A run that
+diverges names the checkpoint to go on from (:meth:`Trainer.resume_advice`); SIGINT/SIGTERM stop
+it at a step boundary with the checkpoint saved (``signals.py``).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +35,7 @@ from tqdm import tqdm
 
 from .. import checkpoint as ckpt
 from ..config import StarConfig
-from ..errors import DataError, DivergedError, UnreadableImagesError
+from ..errors import DataError, DivergedError, Interrupted, UnreadableImagesError
 from ..seeding import block_seed, seed_everything
 from . import faults
 from .checkpointer import Checkpointer, rng_state, set_rng_state
@@ -43,6 +46,7 @@ from .lr_sched import lr_at, set_lr
 from .metrics import MetricWriter, plot_loss_curve
 from .run import RunContext, record_config, wrap_for_training
 from .sampler import BatchPlan
+from .signals import StopSignals
 
 log = logging.getLogger("star_mamba")
 
@@ -163,6 +167,8 @@ class Trainer:
         self.state = TrainState()
         self.best: dict[str, Any] = {"score": None}
         self.hooks = [*hooks, *faults.hooks_from_env()]
+        self.signals = StopSignals()
+        self.interrupted = False  # every rank has agreed to stop at this step (a signal)
         self.checkpointer = Checkpointer(ctx.output_dir, r.keep_last, info.is_main)
         resumed_from = self.resume()
         record_config(cfg, ctx)
@@ -226,9 +232,25 @@ class Trainer:
         if bad:
             raise DivergedError(
                 f"non-finite weights at step {self.state.step} ({len(bad)} tensors, e.g. "
-                f"{bad[0]}); not saved: the last checkpoint in {self.ctx.output_dir} is "
-                "untouched. Try a lower optim.blr, a smaller optim.clip_grad or run.amp=off")
+                f"{bad[0]}); not saved. {self.resume_advice()}")
         self.checkpointer.save(self.state_dict(), names)
+
+    def resume_advice(self) -> str:
+        """After a divergence at ``state.step``: which checkpoint to go on from, in a sentence.
+
+        A checkpoint saved at step s < ``state.step`` is known good: step s + 1 was taken, so
+        its weights gave finite losses. One saved at ``state.step`` holds the weights the
+        non-finite losses (or weights) came from, so resuming it with any lr would stop again;
+        then an older numbered checkpoint is named, else starting over."""
+        how = "a lower optim.blr, a smaller optim.clip_grad or run.amp=off"
+        for path in ckpt.resume_candidates(self.ctx.output_dir):
+            step = ckpt.saved_step(path)
+            if step is not None and step < self.state.step:
+                return (f"To go on with {how}, resume from {path} (step {step}, the newest "
+                        f"checkpoint known to give finite losses): run.resume={path}")
+        return (f"No checkpoint in {self.ctx.output_dir} is known to give finite losses (none "
+                f"saved before step {self.state.step}): start over with {how} and "
+                "run.resume=never")
 
     # ----------------------------------------------------------------- the loop
     def train(self) -> dict[str, Any]:
@@ -238,16 +260,19 @@ class Trainer:
         epoch_loss = None
         start = time.perf_counter()
         try:
-            while self.state.epoch < o.epochs and not self.stopping:
-                self.sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch)
-                epoch_loss = self.train_epoch()
-                if self.state.batch_in_epoch < self.steps_per_epoch * o.accum_iter:  # max_steps
-                    self.save([ckpt.LATEST])
-                    continue
-                self.end_epoch(epoch_loss)
-            barrier()
+            with self.signals:
+                while self.state.epoch < o.epochs and not self.stopping:
+                    self.sampler.set_epoch(self.state.epoch, self.state.batch_in_epoch)
+                    epoch_loss = self.train_epoch()
+                    if self.state.batch_in_epoch < self.steps_per_epoch * o.accum_iter:
+                        self.save([ckpt.LATEST])  # stopped mid-epoch: max_steps or a signal
+                        continue
+                    self.end_epoch(epoch_loss)
+                barrier()
         finally:
             self.writer.close()
+        if self.interrupted:
+            self.stop_interrupted()
         elapsed = time.perf_counter() - start
         if self.ctx.info.is_main and self.writer.path.exists():
             plot_loss_curve(self.writer.path, self.ctx.output_dir / "loss_curve.png",
@@ -260,8 +285,19 @@ class Trainer:
 
     @property
     def stopping(self) -> bool:
-        """Whether ``run.max_steps`` steps are done."""
-        return self.cfg.run.max_steps is not None and self.state.step >= self.cfg.run.max_steps
+        """Whether ``run.max_steps`` steps are done, or a signal asked to stop."""
+        return self.interrupted or (self.cfg.run.max_steps is not None
+                                    and self.state.step >= self.cfg.run.max_steps)
+
+    def stop_interrupted(self) -> None:
+        """After the stop a signal asked for (the checkpoint is saved): one line, then
+        :class:`Interrupted` on every rank."""
+        signum = self.signals.received or signal.SIGTERM  # a rank told by the others: torchrun's
+        message = (f"interrupted by {signal.Signals(signum).name} at step {self.state.step}: "
+                   f"saved {self.ctx.output_dir / ckpt.LATEST}; run again to resume")
+        log.info(message)
+        cleanup()
+        raise Interrupted(message, signum)
 
     def train_epoch(self) -> Optional[float]:
         """One pass over the loader from ``state.batch_in_epoch``; the epoch's mean loss.
@@ -294,15 +330,13 @@ class Trainer:
             bar.update(1)
             if micro != accum - 1:
                 continue
-            stepped = self.step(window_sum, bad_window)
+            if self.step(window_sum, bad_window):
+                meter.add_step(window_sum)
+                end_of_epoch = state.batch_in_epoch == self.steps_per_epoch * accum
+                if state.step % r.log_every == 0 or end_of_epoch or self.stopping:
+                    self.log_step(meter, bar)
+                self.after_step()
             bad_window = 0
-            if not stepped:
-                continue
-            meter.add_step(window_sum)
-            end_of_epoch = state.batch_in_epoch == self.steps_per_epoch * accum
-            if state.step % r.log_every == 0 or end_of_epoch or self.stopping:
-                self.log_step(meter, bar)
-            self.after_step()
             if self.stopping:
                 break
         bar.close()
@@ -339,9 +373,13 @@ class Trainer:
         if not self.scaler.is_enabled():  # fp16: the scaler itself skips steps with inf gradients
             ok &= torch.isfinite(grad_norm)
         # One host sync per step, where all ranks agree on whether every window was finite
-        # (gradients are synced, losses are not) and on the unreadable images met.
-        ranks_ok, new_bad = all_reduce_sum(torch.stack(
-            [ok.float(), torch.full((), float(bad_window), device=self.ctx.device)])).tolist()
+        # (gradients are synced, losses are not), on the unreadable images met and on whether
+        # a signal asks to stop after this step.
+        device = self.ctx.device
+        ranks_ok, new_bad, signalled = all_reduce_sum(torch.stack(
+            [ok.float(), torch.full((), float(bad_window), device=device),
+             torch.full((), float(self.signals.received is not None), device=device)])).tolist()
+        self.interrupted = signalled > 0
         self.bad_images.count(self.state, int(new_bad))
         if ranks_ok < self.ctx.info.world_size:
             self.skip_step()
@@ -369,8 +407,8 @@ class Trainer:
         if state.nonfinite_in_row >= self.cfg.run.max_nonfinite:
             raise DivergedError(
                 f"{state.nonfinite_in_row} non-finite losses in a row (run.max_nonfinite="
-                f"{self.cfg.run.max_nonfinite}); stopping. The last good checkpoint is untouched; "
-                "try a lower optim.blr, a smaller optim.clip_grad or run.amp=off")
+                f"{self.cfg.run.max_nonfinite}) after step {state.step}; stopping. "
+                f"{self.resume_advice()}")
 
     def log_step(self, meter: _Meter, bar) -> None:
         loss, ips = meter.flush(self.cfg.optim.accum_iter)

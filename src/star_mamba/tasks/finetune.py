@@ -68,51 +68,52 @@ def finetune(cfg: RunConfig) -> dict[str, Any]:
     o, r = cfg.optim, cfg.run
     train_set, eval_set, num_classes = classification_sets(cfg.data, cfg.model.star_config())
     model_cfg = classifier_config(cfg, num_classes)
-    ctx = start_run(cfg)
-    seed_everything(r.seed)
-    model = StarClassifier(model_cfg)
-    if r.pretrained:
-        report = load_pretrained(model, r.pretrained)
-        log.info(f"loaded {r.pretrained}: {report.summary()}")
-        if r.head_init_std is not None and "head.weight" in report.new:
-            init_head_(model.head, r.head_init_std)
-    if r.linprobe:
-        for name, p in model.named_parameters():
-            p.requires_grad = name.startswith("head.")
-    model.to(ctx.device)  # before the EMA copies it: the EMA lives where the model does
+    with start_run(cfg, trains=True) as ctx:  # the output folder stays locked till the end
+        seed_everything(r.seed)
+        model = StarClassifier(model_cfg)
+        if r.pretrained:
+            report = load_pretrained(model, r.pretrained)
+            log.info(f"loaded {r.pretrained}: {report.summary()}")
+            if r.head_init_std is not None and "head.weight" in report.new:
+                init_head_(model.head, r.head_init_std)
+        if r.linprobe:
+            for name, p in model.named_parameters():
+                p.requires_grad = name.startswith("head.")
+        model.to(ctx.device)  # before the EMA copies it: the EMA lives where the model does
 
-    mixup = (Mixup(mixup_alpha=o.mixup, cutmix_alpha=o.cutmix, prob=o.mixup_prob,
-                   switch_prob=o.mixup_switch_prob, label_smoothing=o.smoothing,
-                   num_classes=model_cfg.num_classes) if mixup_on else None)
-    criterion = (SoftTargetCrossEntropy() if mixup is not None else
-                 LabelSmoothingCrossEntropy(o.smoothing) if o.smoothing > 0 else torch.nn.CrossEntropyLoss())
+        mixup = (Mixup(mixup_alpha=o.mixup, cutmix_alpha=o.cutmix, prob=o.mixup_prob,
+                       switch_prob=o.mixup_switch_prob, label_smoothing=o.smoothing,
+                       num_classes=model_cfg.num_classes) if mixup_on else None)
+        criterion = (SoftTargetCrossEntropy() if mixup is not None else
+                     LabelSmoothingCrossEntropy(o.smoothing) if o.smoothing > 0
+                     else torch.nn.CrossEntropyLoss())
 
-    def loss_fn(m, images, targets):
-        if mixup is not None:
-            images, targets = mixup(images, targets)
-        return criterion(m(images).float(), targets)
+        def loss_fn(m, images, targets):
+            if mixup is not None:
+                images, targets = mixup(images, targets)
+            return criterion(m(images).float(), targets)
 
-    ema = (ModelEmaV3(model, decay=r.ema_decay, device=ctx.device)
-           if r.ema_decay and not r.linprobe else None)
-    loader = eval_loader(eval_set, o.batch_size, ctx.info, cfg.data.num_workers)
-    eval_model = maybe_compile(model, r)
-    eval_ema = maybe_compile(ema.module, r) if ema is not None else None
+        ema = (ModelEmaV3(model, decay=r.ema_decay, device=ctx.device)
+               if r.ema_decay and not r.linprobe else None)
+        loader = eval_loader(eval_set, o.batch_size, ctx.info, cfg.data.num_workers)
+        eval_model = maybe_compile(model, r)
+        eval_ema = maybe_compile(ema.module, r) if ema is not None else None
 
-    def run_eval(epoch: int) -> dict[str, float]:
-        metrics = evaluate(eval_model, loader, ctx.device, ctx.amp_dtype)
-        if eval_ema is not None:
-            metrics.update({f"ema_{k}": v for k, v in
-                            evaluate(eval_ema, loader, ctx.device, ctx.amp_dtype).items()})
-        metrics["score"] = max(metrics["top1"], metrics.get("ema_top1", 0.0))
-        return metrics
+        def run_eval(epoch: int) -> dict[str, float]:
+            metrics = evaluate(eval_model, loader, ctx.device, ctx.amp_dtype)
+            if eval_ema is not None:
+                metrics.update({f"ema_{k}": v for k, v in
+                                evaluate(eval_ema, loader, ctx.device, ctx.amp_dtype).items()})
+            metrics["score"] = max(metrics["top1"], metrics.get("ema_top1", 0.0))
+            return metrics
 
-    task = TrainTask("STAR head-only fine-tuning" if r.linprobe else "STAR fine-tuning", model,
-                     model_cfg, train_set, loss_fn, describe=f", {model_cfg.directions} "
-                     f"directions, class token {model_cfg.class_token}, {num_classes} classes",
-                     extras={"ema": ema} if ema is not None else {},
-                     after_step=(lambda: ema.update(model)) if ema is not None else None,
-                     evaluate=run_eval)
-    return Trainer(cfg, ctx, task).train()
+        task = TrainTask("STAR head-only fine-tuning" if r.linprobe else "STAR fine-tuning", model,
+                         model_cfg, train_set, loss_fn, describe=f", {model_cfg.directions} "
+                         f"directions, class token {model_cfg.class_token}, {num_classes} classes",
+                         extras={"ema": ema} if ema is not None else {},
+                         after_step=(lambda: ema.update(model)) if ema is not None else None,
+                         evaluate=run_eval)
+        return Trainer(cfg, ctx, task).train()
 
 
 DEFAULT_EVAL_CONFIG = "finetune/fashion_mnist"

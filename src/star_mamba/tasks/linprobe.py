@@ -224,32 +224,32 @@ def linprobe(cfg: RunConfig) -> dict[str, Any]:
         raise ConfigError(f"linprobe() needs a linprobe config, got task {cfg.task!r}")
     t0 = time.perf_counter()
     checkpoint = checkpoint_path(cfg.run.pretrained)  # before any file is written
-    ctx = start_run(cfg)
-    record_config(cfg, ctx)
-    if ctx.info.world_size > 1:
-        raise UserError("star-mamba linprobe runs in one process (the features are extracted "
-                        "once, the fit is full-batch); start it without torchrun")
-    model, weights, (train_set, eval_set, num_classes) = probe_model(cfg, checkpoint)
-    p = cfg.probe
-    check_probe_layers(p, model.cfg.depth)
-    log.info(f"linear probe of {checkpoint or f'a random backbone (seed {cfg.run.seed})'}: "
-             f"{model.cfg.embed_dim} wide, {model.cfg.depth} blocks, pool {p.pool}, layers "
-             f"{list(p.layers) if p.layers else 'last'}; {len(train_set)} train / "
-             f"{len(eval_set)} {cfg.data.resolved_eval_split} images")
-    model_id = {k: v for k, v in model.cfg.to_dict().items()
-                if k not in RUNTIME_FIELDS and k != "num_classes"}
-    result = evaluate_representation(
-        model, train_set, eval_set, p, seed=cfg.run.seed, device=ctx.device,
-        amp_dtype=ctx.amp_dtype, num_workers=cfg.data.num_workers, progress=cfg.run.progress,
-        cache_dir=ctx.output_dir if p.cache_features else None,
-        cache_key=dict(weights=weights, model=model_id, data=data_identity(cfg.data)))
-    result.update(checkpoint=str(checkpoint) if checkpoint else None, **weights,
-                  eval_split=cfg.data.resolved_eval_split, num_classes=num_classes,
-                  model=model.cfg.to_dict(), config=cfg.to_dict(),
-                  seconds=time.perf_counter() - t0)
-    write_json(ctx.output_dir / RESULT, result)
-    log.info(f"wrote {ctx.output_dir / RESULT}")
-    return result
+    with start_run(cfg) as ctx:  # the output folder stays locked till the end
+        record_config(cfg, ctx)
+        if ctx.info.world_size > 1:
+            raise UserError("star-mamba linprobe runs in one process (the features are extracted "
+                            "once, the fit is full-batch); start it without torchrun")
+        model, weights, (train_set, eval_set, num_classes) = probe_model(cfg, checkpoint)
+        p = cfg.probe
+        check_probe_layers(p, model.cfg.depth)
+        log.info(f"linear probe of {checkpoint or f'a random backbone (seed {cfg.run.seed})'}: "
+                 f"{model.cfg.embed_dim} wide, {model.cfg.depth} blocks, pool {p.pool}, layers "
+                 f"{list(p.layers) if p.layers else 'last'}; {len(train_set)} train / "
+                 f"{len(eval_set)} {cfg.data.resolved_eval_split} images")
+        model_id = {k: v for k, v in model.cfg.to_dict().items()
+                    if k not in RUNTIME_FIELDS and k != "num_classes"}
+        result = evaluate_representation(
+            model, train_set, eval_set, p, seed=cfg.run.seed, device=ctx.device,
+            amp_dtype=ctx.amp_dtype, num_workers=cfg.data.num_workers, progress=cfg.run.progress,
+            cache_dir=ctx.output_dir if p.cache_features else None,
+            cache_key=dict(weights=weights, model=model_id, data=data_identity(cfg.data)))
+        result.update(checkpoint=str(checkpoint) if checkpoint else None, **weights,
+                      eval_split=cfg.data.resolved_eval_split, num_classes=num_classes,
+                      model=model.cfg.to_dict(), config=cfg.to_dict(),
+                      seconds=time.perf_counter() - t0)
+        write_json(ctx.output_dir / RESULT, result)
+        log.info(f"wrote {ctx.output_dir / RESULT}")
+        return result
 
 
 def pixel_baseline(cfg: RunConfig, path: Path) -> dict[str, Any]:

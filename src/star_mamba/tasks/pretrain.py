@@ -96,15 +96,15 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
     k = model_cfg.images_per_sequence
     # images, or whole sequences for data.sequence != random; fails early on missing data
     dataset = pretraining_set(cfg.data, model_cfg, cfg.run.seed)
-    ctx = start_run(cfg)
-    seed_everything(cfg.run.seed)  # same initial weights on every rank
-    model = StarPretrain(model_cfg)
-    describe = (f", {k} images x {model_cfg.segments_per_image} segments = {model_cfg.seq_len} "
-                f"tokens per sequence ({cfg.data.sequence} sequences)")
-    # every run.diag_every steps on rank 0, as many sequences per forward as a micro-batch
-    diagnose = (TrainingDiagnostics(cfg.data, model_cfg, cfg.run.diag_images,
-                                    max(1, cfg.optim.batch_size // k), ctx.amp_dtype)
-                if cfg.run.diag_every else None)
-    task = TrainTask("STAR pretraining", model, model_cfg, dataset, pretrain_loss,
-                     describe=describe, diagnose=diagnose)
-    return Trainer(cfg, ctx, task).train()
+    with start_run(cfg, trains=True) as ctx:  # the output folder stays locked till the end
+        seed_everything(cfg.run.seed)  # same initial weights on every rank
+        model = StarPretrain(model_cfg)
+        describe = (f", {k} images x {model_cfg.segments_per_image} segments = {model_cfg.seq_len} "
+                    f"tokens per sequence ({cfg.data.sequence} sequences)")
+        # every run.diag_every steps on rank 0, as many sequences per forward as a micro-batch
+        diagnose = (TrainingDiagnostics(cfg.data, model_cfg, cfg.run.diag_images,
+                                        max(1, cfg.optim.batch_size // k), ctx.amp_dtype)
+                    if cfg.run.diag_every else None)
+        task = TrainTask("STAR pretraining", model, model_cfg, dataset, pretrain_loss,
+                         describe=describe, diagnose=diagnose)
+        return Trainer(cfg, ctx, task).train()
