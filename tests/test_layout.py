@@ -101,9 +101,8 @@ def test_no_module_imports_a_layer_above_its_own():
                                             ("import star_mamba.tools.viz", {"tools"})])
 def test_the_import_scan_sees_relative_and_absolute_imports(tmp_path, text, expected,
                                                             monkeypatch):
-    path = SRC / "star_mamba" / "models" / "_probe_for_the_layout_test.py"
-    try:
-        path.write_text(text + "\n")
-        assert imported_layers(path) == expected
-    finally:
-        path.unlink()
+    monkeypatch.setattr(__import__(__name__, fromlist=["SRC"]), "SRC", tmp_path)
+    path = tmp_path / "star_mamba" / "models" / "probe.py"  # a module of a package laid out
+    path.parent.mkdir(parents=True)                         # as ours, outside the checkout
+    path.write_text(text + "\n")
+    assert imported_layers(path) == expected

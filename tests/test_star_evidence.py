@@ -41,6 +41,10 @@ def test_every_phase_at_smoke_budget_and_resume(tmp_path, monkeypatch):
         return Subset(train, range(300)), Subset(test, range(100))
 
     monkeypatch.setattr(se, "probe_datasets", small)
+    # a smaller model than the experiment's (width 64, 4 blocks): the phases are what is tested
+    monkeypatch.setattr(se, "MODEL", ["model.embed_dim=16", "model.depth=2",
+                                      "model.decoder_dim=16", "model.decoder_depth=1",
+                                      "model.decoder_heads=2"])
     monkeypatch.setattr(se, "DIAG_SEQUENCES", 4)
     monkeypatch.setattr(se, "FINETUNE", [*se.FINETUNE, "data.max_eval_images=64"])
     runs, out = tmp_path / "runs", tmp_path / "out"
