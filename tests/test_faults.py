@@ -245,3 +245,40 @@ def test_a_full_disk_while_saving_is_one_line_and_keeps_the_previous_checkpoint(
     saved = ckpt.load_checkpoint(tmp_path / ckpt.LATEST)
     assert saved["state"]["step"] == 2 and finite(saved["model"])
     assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("override", ["optim.blr=.inf", "optim.lr=-inf", "optim.clip_grad=nan",
+                                      "optim.weight_decay=nan"])
+def test_a_non_finite_number_in_the_config_is_one_line_before_anything_is_written(
+        tmp_path, override, capsys):
+    """`--set optim.blr=.inf` once trained a step and saved 66 non-finite tensors."""
+    from star_mamba.cli import main
+    argv = ["pretrain", *(f"--set={s}" for s in (*PRETRAIN_RUN, override)),
+            "--output-dir", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    key = override.partition("=")[0]
+    assert len(err) == 1 and key in err[0] and "expected a finite number" in err[0], err
+    assert not list(tmp_path.iterdir())  # no checkpoint, log or metrics
+
+
+def test_a_save_refuses_non_finite_weights_and_keeps_the_last_checkpoint(tmp_path):
+    """The last line of defence: whatever reaches Trainer.save, NaN weights never reach a file."""
+    from star_mamba.data.build import pretraining_set
+    from star_mamba.engine.run import start_run
+    from star_mamba.engine.trainer import Trainer, TrainTask
+    from star_mamba.models.pretrain import StarPretrain
+    from star_mamba.tasks.pretrain import pretrain_loss
+    pretrain(pretrain_config(tmp_path, "run.max_steps=1"))
+    before = (tmp_path / ckpt.LATEST).read_bytes()
+    cfg = pretrain_config(tmp_path, "run.max_steps=2")
+    model_cfg = cfg.model.star_config()
+    with start_run(cfg, trains=True) as ctx:
+        task = TrainTask("test", StarPretrain(model_cfg), model_cfg,
+                         pretraining_set(cfg.data, model_cfg, cfg.run.seed), pretrain_loss)
+        trainer = Trainer(cfg, ctx, task)  # resumed from the step-1 checkpoint
+        with torch.no_grad():
+            next(trainer.model.parameters()).fill_(float("nan"))
+        with pytest.raises(DivergedError, match="non-finite"):
+            trainer.save([ckpt.LATEST])
+    assert (tmp_path / ckpt.LATEST).read_bytes() == before
