@@ -470,7 +470,8 @@ def to_markdown(result: dict) -> str:
                      f"{_fmt(e.get('linear_probe_top1'))} | {_fmt(e.get('knn_top1'))} | "
                      f"{_fmt(e.get('finetune_top1'))} | {loss} |")
     diffs = result["paired_differences"]
-    same = [d for d in diffs if d["base"] == BASELINE_ARM and d["metric"] != "finetune_top1"]
+    same = [d for d in diffs if d["base"] == BASELINE_ARM and d["metric"] != "finetune_top1"
+            and d["arm"] != BASELINE_ARM]  # not arm_k1 at P passes against itself at 1
     lines += ["", f"The gap against {BASELINE_ARM} at the same budget (paired by seed), in points: "
               "mean [95% t interval]; per seed.", "",
               "| passes | arm | linear probe | 95% CI | per seed | 20-NN | 95% CI | per seed |",
@@ -593,7 +594,8 @@ def plot_budget(result: dict, path: Path) -> None:
     """The gap against arm_k1 at the same budget (linear probe, 20-NN) against the budget, with
     95% whiskers and one dot per seed, and both arms' linear probe top-1 against the budget."""
     plt = _pyplot()
-    gaps = [d for d in result["paired_differences"] if d["base"] == BASELINE_ARM]
+    gaps = [d for d in result["paired_differences"]
+            if d["base"] == BASELINE_ARM and d["arm"] != BASELINE_ARM]  # same budget only
     if not any(d["passes"] > 1 for d in gaps):
         return
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), dpi=120)

@@ -111,6 +111,8 @@ def test_every_phase_at_smoke_budget_and_resume(tmp_path, monkeypatch):
     assert (own["passes"], own["base_passes"]) == (3, 1)
     assert (runs / "arm_k1" / "passes3" / "seed1" / "pretrain" / "checkpoint-latest.pth").exists()
     assert (out / "star_evidence_budget.png").stat().st_size > 10_000
+    md = (out / "star_evidence.md").read_text()  # the same-budget gap table: arm_k1 is the base,
+    assert "| 3 | star_k4_token |" in md and "| 3 | arm_k1 |" not in md  # not a row of its own
 
     # a fresh checkout has only the committed report: its runs are not run again
     fresh = tmp_path / "fresh"
