@@ -50,13 +50,14 @@ def test_a_directory_symlink_out_of_the_tree_is_followed(tmp_path):
 
 @pytest.fixture
 def strict_utf8_log():
-    """A handler writing the package log to a strict UTF-8 stream (as a log file does)."""
+    """The package log written to a strict UTF-8 stream only (as a log file is): the handlers
+    earlier runs in this process left (on streams pytest has since closed) are set aside."""
     stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
-    handler = logging.StreamHandler(stream)
     logger = logging.getLogger("star_mamba")
-    logger.addHandler(handler)
+    before = logger.handlers[:]
+    logger.handlers[:] = [logging.StreamHandler(stream)]
     yield stream
-    logger.removeHandler(handler)
+    logger.handlers[:] = before
 
 
 def test_non_utf8_file_names_are_named_safely(tmp_path, strict_utf8_log, capsys):
