@@ -723,7 +723,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if "report" in phases:  # after every run: a session cut off keeps what it finished
             report(runs, out, args, command.strip())
     if "report" in phases:
-        report(runs, out, args, command.strip())
+        if not todo:  # nothing ran: the report of what --runs and --out hold
+            report(runs, out, args, command.strip())
         print((out / "star_evidence.md").read_text())
     return 0
 

@@ -22,7 +22,7 @@ from typing import Any, Literal, Mapping, Optional, Union
 
 from torch import Tensor
 
-from ..checkpoint import ema_state, load_checkpoint, model_state, resolve_checkpoint
+from ..checkpoint import ema_state, load_checkpoint, model_state
 from ..config import StarConfig
 from ..errors import CheckpointError
 from .classifier import StarClassifier
@@ -49,12 +49,6 @@ def has_head(state: Mapping[str, Tensor]) -> bool:
     return "head.weight" in state
 
 
-def resolve(path: Union[str, Path]) -> Path:
-    """A checkpoint file, or a run directory holding ``checkpoint-latest.pth``; an absent one
-    raises :class:`MissingFileError` naming it (``checkpoint.resolve_checkpoint``)."""
-    return resolve_checkpoint(path)
-
-
 def _build(model: Any, state: Mapping[str, Tensor], what: str):
     try:
         model.load_state_dict(state)
@@ -64,11 +58,12 @@ def _build(model: Any, state: Mapping[str, Tensor], what: str):
     return model
 
 
-def load_pretrain(source: Source, **overrides: Any) -> StarPretrain:
+def load_pretrain(source: Source, name: Optional[str] = None, **overrides: Any) -> StarPretrain:
     """The :class:`StarPretrain` in a pretraining checkpoint (path, run directory or dict), in
-    eval mode. ``overrides``: runtime fields such as ``scan_backend``."""
-    what = source if not isinstance(source, Mapping) else "the checkpoint"
-    state, cfg = model_state(resolve(source) if not isinstance(source, Mapping) else source)
+    eval mode. ``name``: the checkpoint in messages (default: the path given); ``overrides``:
+    runtime fields such as ``scan_backend``."""
+    what = name or (source if not isinstance(source, Mapping) else "the checkpoint")
+    state, cfg = model_state(source)  # a path (or run directory) is loaded there
     kind = kind_of(state)
     if kind != "pretrain" or not any(k.startswith("decoder.") for k in state):
         found = "a classifier (fine-tuning) checkpoint" if kind == "classifier" else "not a STAR model"
@@ -96,7 +91,7 @@ def load_classifier(source: Source, ema: bool = False, head: bool = False,
     ``ema``: its EMA weights instead; ``head``: it must have a classification head; ``name``:
     the checkpoint in messages (default: the path given)."""
     name = name or (str(source) if not isinstance(source, Mapping) else "the checkpoint")
-    saved = load_checkpoint(resolve(source)) if not isinstance(source, Mapping) else source
+    saved = load_checkpoint(source) if not isinstance(source, Mapping) else source
     state, cfg = model_state(saved)
     check_classifier(state, name, head)
     if cfg is None:
@@ -116,7 +111,7 @@ def probe_classifier(source: Source, **overrides: Any) -> StarClassifier:
     widens the mixers, see :func:`~.convert.load_pretrained`). Raises if a backbone weight is
     not in the checkpoint.
     """
-    state, cfg = model_state(resolve(source) if not isinstance(source, Mapping) else source)
+    state, cfg = model_state(source)
     if kind_of(state) == "classifier":
         return load_classifier({"model": state, "model_config": cfg}, **overrides)
     values = dict(cfg or {})

@@ -128,14 +128,14 @@ def load_pretrain_checkpoint(checkpoint: str | Path, device: str | torch.device 
 
 def _load_pretrain(checkpoint: str | Path, device: str | torch.device):
     """(model, path, the optimizer step it was saved at or None when it does not say)."""
-    from ..checkpoint import load_checkpoint
-    from ..models.io import load_pretrain, resolve
+    from ..checkpoint import load_checkpoint, resolve_checkpoint
+    from ..models.io import load_pretrain
 
-    path = resolve(checkpoint)
-    payload = load_checkpoint(path)
+    path = resolve_checkpoint(checkpoint)
+    payload = load_checkpoint(path)  # read once: the step and the model
     saved_state = payload.get("state") if isinstance(payload, dict) else None
     step = saved_state.get("step") if isinstance(saved_state, dict) else None
-    return load_pretrain(path).to(device), path, step
+    return load_pretrain(payload, name=str(path)).to(device), path, step
 
 
 def _batch_size(requested: int, k: int) -> int:
