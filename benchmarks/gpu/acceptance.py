@@ -554,9 +554,12 @@ def section_pretrain_step(plan: Plan, device: torch.device, ctx: dict, out: dict
     out.update(flops_per_step=flops, achieved_tflops=float(f"{achieved / 1e12:.4g}"),
                mfu=None if not peak_flops else round(achieved / peak_flops, 4),
                fraction_of_measured_gemm=None if not gemm else round(achieved / gemm, 4),
-               flops_note="torch.utils.flop_counter on forward+backward (matmul, conv, "
-                          "attention) + 18 FLOPs per scan state update, counted on one sequence "
-                          "and scaled by the batch; the AdamW step is not counted")
+               flops_note="star_mamba.tools.flops on forward+backward: torch.utils.flop_counter "
+                          "(matmul, conv, attention) with the depthwise conv backward counted "
+                          "per group (torch counts it dense: 8.5% too many at STAR-B) and "
+                          "attention counted dense (masked scores included), + 18 FLOPs per "
+                          "scan state update; counted on one sequence and scaled by the batch; "
+                          "the AdamW step is not counted")
     if not peak_flops:
         out["mfu_note"] = "no bf16 peak for this device (section 1): MFU is not computed"
     out["fallbacks"] = fallbacks()

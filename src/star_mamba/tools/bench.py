@@ -127,16 +127,10 @@ def gemm_flops(n: int = 2048, repeats: int = 5) -> float:
 
 
 def _step_flops(model, images: torch.Tensor) -> float:
-    """FLOPs of one forward+backward: matmul/conv/attention counted by torch, scan added by hand."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
-        model(images).loss.backward()
-    model.zero_grad(set_to_none=True)
-    cfg = model.cfg
-    tokens = (images.shape[0] // cfg.images_per_sequence) * (cfg.num_segments - 1) * cfg.tokens_per_segment
-    # per state update: exp, 2 mul + add (recurrence), mul + add (output): ~6 forward, ~3x with backward
-    scan = 3 * 6 * tokens * cfg.d_inner * cfg.d_state * cfg.depth
-    return counter.get_total_flops() + scan
+    """FLOPs of one forward+backward (``tools/flops.py``: depthwise conv and CPU attention
+    counted correctly, the scan added analytically)."""
+    from .flops import step_flops
+    return float(step_flops(model, images).total)
 
 
 def bench_step(model_name: str = "star_tiny", images=(1, 2, 4, 8), sequences: int = 4,
