@@ -240,6 +240,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two spawned interpreters importing torch: ~30 s on 2 busy cores
 def test_two_gloo_processes_sum_to_the_one_process_metrics(tmp_path):
     images, masks = _data()
     one = evaluate_segmentation(Pointwise(), [(images[i:i + 1], masks[i:i + 1]) for i in range(6)],
