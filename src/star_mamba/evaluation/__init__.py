@@ -4,5 +4,7 @@
 flattened pixels; ``linear.py`` the converged logistic regression (the linear probe's solver);
 ``knn.py`` the weighted k-NN vote; ``probe.py`` both on given features; ``classification.py``
 top-1 / top-5 of a classifier over a loader; ``diagnostics.py`` the cross-image diagnostics of
-a pretraining model. Nothing here writes files or knows about runs (``tasks/`` does).
+a pretraining model; ``segmentation.py`` the confusion matrix, mIoU / mAcc / aAcc and
+whole / sliding-window / multi-scale / flipped inference of a segmenter. Nothing here writes
+files or knows about runs (``tasks/`` does).
 """
