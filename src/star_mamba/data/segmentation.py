@@ -164,8 +164,9 @@ class SegmentationFolder(FallbackReads, Dataset):
         (``size`` = (W, H))."""
         path = printable(self.pairs[index][1])
         if mask.mode not in MASK_MODES:
-            raise DataError(f"mask {path} is a {mask.mode} image; expected an 8-bit label PNG "
-                            "(mode L or P: one class index per pixel), not colours")
+            kind = "colours, not labels" if mask.mode.startswith("RGB") else "not 8-bit labels"
+            raise DataError(f"mask {path} is a {mask.mode} image ({kind}); expected an 8-bit "
+                            "label PNG (mode L or P: one class index per pixel)")
         if mask.size != size:
             raise DataError(f"mask {path} is {mask.size[0]}x{mask.size[1]} but its image "
                             f"{printable(self.pairs[index][0])} is {size[0]}x{size[1]}")
