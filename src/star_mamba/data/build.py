@@ -9,6 +9,9 @@
                                         whole sequences for data.sequence != random
     classification_sets(data, model)    (train, eval, number of classes) of a classifier
     held_out_images(data, model, n)     a fixed batch of eval images (diagnostics, viz)
+    segmentation_sets(data, crop_size,  (train, eval, class names) of a segmentation model:
+        in_chans, seed)                 data.name scenes, ade20k or seg_folder, which the
+                                        functions above refuse
 
 What a dataset is (RGB or not, its statistics, eval split, random access, sequence kinds) comes
 from :mod:`.specs`; the limits ``data.max_images`` / ``data.max_eval_images`` apply here.
@@ -27,6 +30,9 @@ from .config import DataConfig
 from .fashion_mnist import FashionMNIST
 from .folder import build_image_folder
 from .hf import build_hf_images
+from .scenes import SceneDataset
+from .seg_transforms import SegEvalTransform, SegTrainTransform
+from .segmentation import SceneSegmentation, build_ade20k, build_seg_folder
 from .sequences import build_sequence_dataset
 from .shards import ShardSet, build_shard_set
 from .specs import SPECS
@@ -74,8 +80,18 @@ def _rgb(data: DataConfig, split: str, transform) -> Dataset:
     return readers[data.name](root=data.root, split=split, transform=transform, **rgb_options(data))
 
 
+def refuse_segmentation(data: DataConfig, what: str) -> None:
+    """A segmentation dataset for a task that reads images with class labels (``what``): one
+    :class:`ConfigError` line saying which task reads it."""
+    if data.spec.task_kind == "segmentation":
+        raise ConfigError(f"invalid config: data.name={data.name} is a segmentation dataset "
+                          f"(per-pixel masks), read by `star-mamba segment`, not by {what}")
+
+
 def _dataset(data: DataConfig, model: StarConfig, split: str, purpose: Purpose) -> Dataset:
     """The whole split ``split`` (a name) read for ``purpose``, no limits applied."""
+    refuse_segmentation(data, "pretraining" if purpose == "pretrain" else
+                        "fine-tuning, linprobe, eval or diagnostics")
     check_model(data, model)
     spec = data.spec
     own_geometry = purpose == "pretrain" and data.sequence in ("views", "clip")
@@ -130,6 +146,7 @@ def pretraining_set(data: DataConfig, model: StarConfig, seed: int) -> Dataset:
     plain images: ``views`` (K crops of one image) the whole image, without ARM's crop or
     Fashion-MNIST's ``augment``; ``clip`` Fashion-MNIST's raw 28x28 items.
     """
+    refuse_segmentation(data, "pretraining")
     images = build(data, model, "train", "pretrain")
     if data.sequence == "random":
         return images
@@ -151,6 +168,7 @@ def classification_sets(data: DataConfig, model: StarConfig, train: bool = True,
                         augment: bool = True) -> tuple[Optional[Dataset], Dataset, int]:
     """(train set or None, eval set, number of classes) of a classifier. ``augment=False``: the
     training split goes through the evaluation transform (a probe's features)."""
+    refuse_segmentation(data, "fine-tuning, linprobe or eval")
     if not data.spec.classes:
         usable = [name for name, s in SPECS.items() if s.classes]
         raise ConfigError(f"invalid config: data.name={data.name!r} for fine-tuning, linprobe "
@@ -160,6 +178,56 @@ def classification_sets(data: DataConfig, model: StarConfig, train: bool = True,
                  if train else None)
     eval_set = build(data, model, "eval", "eval")
     return train_set, eval_set, num_classes(eval_set)
+
+
+SEG_CHANNELS = {"scenes": 1, "ade20k": 3, "seg_folder": 3}  # input channels of each dataset
+
+
+def segmentation_sets(data: DataConfig, crop_size: int, in_chans: int, seed: int,
+                      train: bool = True) -> tuple[Optional[Dataset], Dataset, tuple[str, ...]]:
+    """(train set or None, eval set, class names) of a segmentation model on ``data``.
+
+    Items are ``(image (in_chans, H, W) float, mask (H, W) int64)`` with ``data.ignore_index``
+    on ignored pixels: training ones through :class:`~.seg_transforms.SegTrainTransform`
+    (``crop_size`` squares), evaluation ones through :class:`~.seg_transforms.SegEvalTransform`
+    (images of any size, masks at their original size). ``data.split`` / the eval split and
+    ``data.max_images`` / ``data.max_eval_images`` apply. Scenes: ``data.scene_images`` per
+    split, the training ones drawn with ``seed`` (``run.seed``), the evaluation ones always
+    with :data:`HELD_OUT_SEED` (runs are compared on the same scenes); ``data.root`` is where
+    Fashion-MNIST is looked for."""
+    if data.spec.task_kind != "segmentation":
+        usable = [n for n, s in SPECS.items() if s.task_kind == "segmentation"]
+        raise ConfigError(f"invalid config: data.name={data.name} has no masks to segment; "
+                          f"allowed: {', '.join(usable)}")
+    problems = []
+    if data.spec.root is not None and data.root is None:
+        problems.append(f"data.root is required for data.name={data.name!r} ({data.spec.root})")
+    if in_chans != SEG_CHANNELS[data.name]:
+        problems.append(f"model.in_chans={in_chans} but data.name={data.name} images have "
+                        f"{SEG_CHANNELS[data.name]} channel(s)")
+    if problems:
+        raise ConfigError("invalid config: " + "; ".join(problems))
+    spec = data.spec
+    train_tf = SegTrainTransform(crop_size, data.seg_base_scale, tuple(data.seg_ratio),
+                                 data.cat_max_ratio, data.hflip, data.photometric, spec.mean,
+                                 spec.std, data.ignore_index)
+    eval_tf = SegEvalTransform(spec.mean, spec.std, data.seg_base_scale)
+
+    def read(split: str, transform, scene_seed: int) -> Dataset:
+        if data.name == "scenes":
+            scenes = SceneDataset(data.scene_images, split, scene_seed, data.scene_options(),
+                                  data.root)
+            return SceneSegmentation(scenes, transform)
+        options = dict(ignore_index=data.ignore_index, max_bad_fraction=data.max_bad_fraction)
+        if data.reduce_zero_label is not None:
+            options["reduce_zero_label"] = data.reduce_zero_label
+        builder = build_ade20k if data.name == "ade20k" else build_seg_folder
+        return builder(data.root, split, transform, **options)
+
+    train_set = (first(read(data.split, train_tf, seed), data.max_images) if train else None)
+    eval_set = first(read(data.resolved_eval_split, eval_tf, HELD_OUT_SEED), data.max_eval_images)
+    base = eval_set.dataset if isinstance(eval_set, Subset) else eval_set
+    return train_set, eval_set, tuple(base.classes)
 
 
 def describe_eval_data(data: DataConfig) -> str:
@@ -224,4 +292,5 @@ def split_images(data: DataConfig, model: StarConfig, split: str) -> Dataset:
 
 __all__ = ["HELD_OUT_SEED", "build", "check_model", "classification_sets", "describe_eval_data",
            "first", "held_out_images", "held_out_source", "num_classes", "pretraining_set",
-           "rgb_options", "sample_images", "split_images", "split_name"]
+           "refuse_segmentation", "rgb_options", "sample_images", "segmentation_sets",
+           "split_images", "split_name"]

@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional
 
 from ..config import did_you_mean
 from ..errors import ConfigError
+from .scenes import SceneOptions
 from .sequences import SEQUENCE_KINDS, SEQUENCE_OPTIONS
 from .specs import SPECS
 
@@ -19,7 +20,10 @@ SEQUENCE_FIELDS = {"num_sequences": "num_sequences", "view_scale": "scale", "vie
                    "view_flip": "flip_prob", "clip_canvas": "canvas_size", "clip_items": "num_items",
                    "clip_speed": "speed", "clip_per_epoch": "per_epoch"}
 
-DatasetName = Literal["fashion_mnist", "imagefolder", "shards", "hf", "synthetic"]
+DatasetName = Literal["fashion_mnist", "imagefolder", "shards", "hf", "synthetic", "scenes",
+                      "ade20k", "seg_folder"]
+SceneSource = Literal["auto", "fashion_mnist", "shapes"]
+LABEL_VALUES = 256  # segmentation masks are 8-bit: data.ignore_index is one of these values
 SequenceKind = Literal["random", "same_class", "views", "clip"]
 
 
@@ -28,7 +32,8 @@ class DataConfig:
     """``data``. All tasks read the first group; the marked fields only one kind of task."""
 
     # fashion_mnist | imagefolder | shards (star-mamba prepare-data's OUT, streamed) | hf (a
-    # saved Hugging Face dataset) | synthetic (pretraining only); what each is: data/specs.py
+    # saved Hugging Face dataset) | synthetic (pretraining only) | scenes, ade20k, seg_folder
+    # (segmentation only: `star-mamba segment`); what each is: data/specs.py
     name: DatasetName = "fashion_mnist"
     root: Optional[str] = None  # dataset directory (shards: or URL); None searches the usual places
     split: str = "train"  # the training split
@@ -63,6 +68,23 @@ class DataConfig:
     reprob: float = 0.25  # random erasing probability
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale
     crop_pct: float = 0.875  # eval: resize to img_size / crop_pct, then centre crop
+    # -- segmentation only (data.name scenes | ade20k | seg_folder; data/seg_transforms.py)
+    # resize target (long, short side) scaled by a ratio drawn from seg_ratio in training, as
+    # is at evaluation (image only); null: the image's own size (the ADE20K recipe: [2048, 512])
+    seg_base_scale: Optional[tuple[int, int]] = None
+    seg_ratio: tuple[float, float] = (0.5, 2.0)  # training resize ratio range
+    cat_max_ratio: float = 0.75  # training crop: most frequent class below this share (1: off)
+    hflip: float = 0.5  # training horizontal flip probability
+    photometric: bool = True  # training brightness/contrast (RGB: saturation/hue) distortion
+    ignore_index: int = 255  # mask label of ignored pixels (not a class)
+    reduce_zero_label: Optional[bool] = None  # 0 -> ignore, v -> v - 1; null: the dataset's
+    scene_images: int = 8000  # scenes: images per split (data.max_*images cut them)
+    scene_canvas: int = 64  # scenes: canvas side in pixels
+    scene_items: tuple[int, int] = (2, 4)  # scenes: min, max items per scene
+    scene_scale: tuple[float, float] = (0.7, 1.6)  # scenes: item side / the 28 px source item
+    # scenes: item source; auto = Fashion-MNIST when found (data.root or the usual places),
+    # else generated shapes with a warning
+    scene_source: SceneSource = "auto"
 
     def __post_init__(self) -> None:
         if self.name not in SPECS:  # constructed directly, not through typed_values
@@ -78,6 +100,10 @@ class DataConfig:
                 raise ConfigError(f"invalid config: data.{name} is read only by data.sequence="
                                   f"{', '.join(readers)}, not {self.sequence!r}; set it to null")
         spec = SPECS[self.name]
+        if spec.task_kind == "segmentation" and self.sequence != "random":
+            raise ConfigError(f"invalid config: data.sequence={self.sequence!r} packs pretraining "
+                              f"sequences, but data.name={self.name} is a segmentation dataset "
+                              "(read by `star-mamba segment`); leave data.sequence=random")
         if self.sequence not in spec.sequences:
             if not spec.random_access:
                 raise ConfigError(
@@ -101,6 +127,38 @@ class DataConfig:
                               "expected a fraction in [0, 1]")
         if not 0 < self.crop_pct <= 1:
             raise ConfigError(f"invalid config: data.crop_pct={self.crop_pct}; expected (0, 1]")
+        self._check_segmentation()
+
+    def _check_segmentation(self) -> None:
+        """The segmentation fields' ranges (they are checked whatever data.name is)."""
+        if self.seg_base_scale is not None and (len(self.seg_base_scale) != 2
+                                                or min(self.seg_base_scale) <= 0):
+            raise ConfigError(f"invalid config: data.seg_base_scale={self.seg_base_scale}; "
+                              "expected [long, short] positive sides (e.g. [2048, 512]) or null")
+        lo, hi = self.seg_ratio
+        if not 0 < lo <= hi:
+            raise ConfigError(f"invalid config: data.seg_ratio={list(self.seg_ratio)}; expected "
+                              "[min, max] with 0 < min <= max (e.g. [0.5, 2.0])")
+        if not 0 < self.cat_max_ratio <= 1:
+            raise ConfigError(f"invalid config: data.cat_max_ratio={self.cat_max_ratio}; "
+                              "expected (0, 1] (1: no check)")
+        if not 0 <= self.hflip <= 1:
+            raise ConfigError(f"invalid config: data.hflip={self.hflip}; expected [0, 1]")
+        if not 0 <= self.ignore_index < LABEL_VALUES:
+            raise ConfigError(f"invalid config: data.ignore_index={self.ignore_index}; masks are "
+                              f"8-bit, expected 0..{LABEL_VALUES - 1}")
+        if self.scene_images <= 0:
+            raise ConfigError(f"invalid config: data.scene_images={self.scene_images}; expected "
+                              "a positive number")
+        try:
+            self.scene_options()
+        except ValueError as e:  # SceneOptions names its field: items=..., canvas=...
+            raise ConfigError(f"invalid config: data.scene_{e}") from None
+
+    def scene_options(self) -> SceneOptions:
+        """The :class:`~.scenes.SceneOptions` that the ``data.scene_*`` fields set."""
+        return SceneOptions(canvas=self.scene_canvas, items=tuple(self.scene_items),
+                            scale=tuple(self.scene_scale), source=self.scene_source)
 
     def sequence_options(self) -> dict[str, Any]:
         """The options of ``build_sequence_dataset`` that this config sets (not null)."""

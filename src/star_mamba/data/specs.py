@@ -3,7 +3,8 @@
 A :class:`DatasetSpec` says whether the images are RGB files, the statistics the inputs are
 normalised with (and so how to show them again), the split kept for evaluation, whether items
 can be read by index or only as a stream, which ``data.sequence`` kinds can draw from it, what
-``data.root`` must point at, and whether it has classes (fine-tuning, probing).
+``data.root`` must point at, whether it has classes (fine-tuning, probing) and which kind of
+task reads it (classification or segmentation).
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ class DatasetSpec:
     sequences: tuple[str, ...]  # the data.sequence kinds it serves
     root: Optional[str]  # what data.root points at, when it is required
     classes: bool = True  # labels with a meaning (fine-tuning, linear probes)
+    # what its labels are for: classification (fine-tuning, probes, pretraining on the images)
+    # or segmentation (per-pixel masks, `star-mamba segment` only)
+    task_kind: str = "classification"
 
     def display(self, x):
         """Undo the input normalisation: (..., C, H, W) -> display values in [0, 1]."""
@@ -55,12 +59,26 @@ SPECS: dict[str, DatasetSpec] = {s.name: s for s in (
     # no files and no split: held-out images are the generator's next ones
     DatasetSpec("synthetic", rgb=False, mean=None, std=None, eval_split=None, random_access=True,
                 sequences=SEQUENCE_KINDS, root=None, classes=False),
+    # segmentation: (image, mask) pairs, never read as STAR sequences ("random" keeps
+    # data.sequence's default valid; the segmentation task ignores it)
+    DatasetSpec("scenes", rgb=False, mean=(fm.MEAN,), std=(fm.STD,), eval_split="test",
+                random_access=True, sequences=("random",), root=None,
+                task_kind="segmentation"),
+    DatasetSpec("ade20k", rgb=True, **_IMAGENET, eval_split="validation", random_access=True,
+                sequences=("random",),
+                root="the ADEChallengeData2016 directory (images/, annotations/)",
+                task_kind="segmentation"),
+    DatasetSpec("seg_folder", rgb=True, **_IMAGENET, eval_split="val", random_access=True,
+                sequences=("random",),
+                root="a directory holding images/<split>/, masks/<split>/ and classes.txt",
+                task_kind="segmentation"),
 )}
 DATASET_NAMES = tuple(SPECS)
+TASK_KINDS = ("classification", "segmentation")
 
 
 def spec(name: str) -> DatasetSpec:
     return SPECS[name]
 
 
-__all__ = ["DATASET_NAMES", "DatasetSpec", "SPECS", "spec"]
+__all__ = ["DATASET_NAMES", "DatasetSpec", "SPECS", "TASK_KINDS", "spec"]
