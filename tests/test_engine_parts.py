@@ -21,6 +21,15 @@ def test_lr_schedule_warmup_then_half_cosine():
     assert math.isclose(lr_at(3.0, 2.0, 0.0, 0, 6), 1.0)
 
 
+def test_poly_schedule_decays_as_a_power_after_warmup():
+    assert lr_at(1.0, 1.0, 0.0, 2, 10, "poly") == pytest.approx(0.5)  # warm-up as cosine's
+    assert lr_at(6.0, 1.0, 0.0, 2, 10, "poly") == pytest.approx(0.5)  # half way: 1 - 1/2
+    assert lr_at(6.0, 1.0, 0.0, 2, 10, "poly", power=2.0) == pytest.approx(0.25)
+    assert lr_at(6.0, 1.0, 0.1, 2, 10, "poly") == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(10.0, 1.0, 0.1, 2, 10, "poly") == pytest.approx(0.1)
+    assert lr_at(6.0, 1.0, 0.0, 2, 10, "poly") != lr_at(7.0, 1.0, 0.0, 2, 10, "poly")
+
+
 def test_sampler_two_ranks_cover_the_same_global_batches_as_one():
     one = BlockShardSampler(40, batch_size=8, seed=3)
     r0 = BlockShardSampler(40, batch_size=4, rank=0, world_size=2, seed=3)

@@ -145,20 +145,20 @@ def test_image_size_not_a_multiple_of_the_patch_is_refused():
 
 
 @pytest.mark.parametrize("fields,message", [
-    (dict(taps=(0, 1, 2, 9)), r"segmenter.taps=\(0, 1, 2, 9\); block indices are 0 to 3"),
+    (dict(taps=(0, 1, 2, 9)), r"segment.taps=\(0, 1, 2, 9\); block indices are 0 to 3"),
     (dict(taps=(0, 1, 2)), "needs one scale per tap"),
     (dict(taps=(2, 1, 3, 0)), "blocks must increase"),
-    (dict(pyramid=(4.0, 3.0)), "segmenter.pyramid"),
+    (dict(pyramid=(4.0, 3.0)), "segment.pyramid"),
     (dict(pyramid=(1.0, 2.0)), "scales must decrease"),
-    (dict(aux_tap=4), "segmenter.aux_tap=4"),
-    (dict(head="fcn"), "segmenter.head='fcn'"),
-    (dict(channels=0), "segmenter.channels=0"),
-    (dict(dropout=1.0), "segmenter.dropout"),
+    (dict(aux_tap=4), "segment.aux_tap=4"),
+    (dict(head="fcn"), "segment.head='fcn'"),
+    (dict(channels=0), "segment.channels=0"),
+    (dict(dropout=1.0), "segment.dropout"),
 ])
 def test_bad_config_is_one_clear_value_error(fields, message):
     with pytest.raises(ValueError, match=message):
         StarSegmenter(tiny_cfg(), K, SegmenterConfig(**fields))
-    with pytest.raises(ValueError, match="segmenter.taps=None; a backbone of depth 2"):
+    with pytest.raises(ValueError, match="segment.taps=None; a backbone of depth 2"):
         SegmenterConfig().resolved_taps(2)
 
 

@@ -2,8 +2,10 @@
 
   star-mamba pretrain  [-c CONFIG] [--set section.key=value ...]   STAR pretraining
   star-mamba finetune  [-c CONFIG] [--set ...]                     fine-tune the classifier
+  star-mamba segment   [-c CONFIG] [--pretrained CKPT] [--set ...]  semantic segmentation
   star-mamba linprobe  [-c CONFIG] [--pretrained CKPT] [--set ...] converged linear probe + k-NN
-  star-mamba eval --checkpoint CKPT [-c CONFIG] [--set ...] [--ema] top-1 / top-5 of a classifier
+  star-mamba eval --checkpoint CKPT [-c CONFIG] [--set ...] [--ema] top-1 / top-5 of a classifier,
+                                                                   mIoU of a segmenter
   star-mamba export --checkpoint CKPT --out FILE.safetensors [--ema]
   star-mamba prepare-data SRC OUT [--short-side N] [--shard-size BYTES] [--workers W]
                                                                    ImageFolder splits -> shards
@@ -58,6 +60,13 @@ def _train_args(default_config: str) -> Callable[[argparse.ArgumentParser], None
     return add
 
 
+def _segment_args(p: argparse.ArgumentParser) -> None:
+    _train_args("segment/scenes")(p)
+    p.add_argument("--pretrained", metavar="CKPT",
+                   help="shortcut for --set run.pretrained=CKPT: the backbone's STAR pretraining "
+                        "checkpoint or fine-tuned classifier; 'null' starts from random weights")
+
+
 def _linprobe_args(p: argparse.ArgumentParser) -> None:
     _config_args(p, "linprobe/fashion_mnist")
     p.add_argument("--pretrained", metavar="CKPT",
@@ -69,7 +78,8 @@ def _linprobe_args(p: argparse.ArgumentParser) -> None:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     _config_args(p, None, "YAML file or built-in config name for the data (default: the run "
                           "config saved in the checkpoint, so the data it was trained for)")
-    p.add_argument("--checkpoint", required=True, help="classifier checkpoint (star-mamba finetune)")
+    p.add_argument("--checkpoint", required=True, help="classifier (star-mamba finetune) or "
+                                                       "segmentation (star-mamba segment) checkpoint")
     p.add_argument("--ema", action="store_true", help="evaluate the EMA weights")
 
 
@@ -194,8 +204,9 @@ def _run_shortcuts(args: argparse.Namespace, *names: str) -> list[str]:
 def _train(args: argparse.Namespace) -> int:
     from .engine.config import load_config
     from .tasks import run_task
-    run_task(load_config(args.config, _run_shortcuts(args, "output_dir", "resume"),
-                         task=args.command))
+    shortcuts = ("output_dir", "resume", "pretrained") if args.command == "segment" else (
+        "output_dir", "resume")
+    run_task(load_config(args.config, _run_shortcuts(args, *shortcuts), task=args.command))
     return 0
 
 
@@ -216,6 +227,13 @@ def _linprobe(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .engine.config import load_config
     from .tasks.finetune import evaluate_checkpoint
+    from .tasks.segment import evaluate_segmentation_checkpoint, holds_segmenter
+    if holds_segmenter(args.checkpoint):
+        cfg = (load_config(args.config, args.overrides, task="segment")
+               if args.config is not None else None)
+        result = evaluate_segmentation_checkpoint(args.checkpoint, cfg, overrides=args.overrides)
+        print(json.dumps({k: v for k, v in result.items() if k != "per_class"}))
+        return 0
     if args.config is not None:
         result = evaluate_checkpoint(args.checkpoint, load_config(args.config, args.overrides,
                                                                   task="finetune"), args.ema)
@@ -381,11 +399,13 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handle
                  _train_args("pretrain/fashion_mnist"), _train),
     "finetune": ("fine-tune the classifier from a pretraining checkpoint",
                  _train_args("finetune/fashion_mnist"), _train),
+    "segment": ("semantic segmentation on a STAR backbone (default: UPerNet on the built-in "
+                "scenes, from the default pretraining run)", _segment_args, _train),
     "linprobe": ("linear probe of a frozen backbone: features extracted once, logistic "
                  "regression to convergence with a weight-decay sweep, and k-NN",
                  _linprobe_args, _linprobe),
-    "eval": ("top-1/top-5 of a fine-tuned checkpoint, by default on the data of the run that "
-             "made it", _eval_args, _eval),
+    "eval": ("top-1/top-5 of a fine-tuned classifier, or mIoU of a segmentation checkpoint, "
+             "by default on the data of the run that made it", _eval_args, _eval),
     "export": ("checkpoint weights + model config -> .safetensors", _export_args, _export),
     "ablate": ("grid over separator kind/position, K and cluster size: pretrain + probe per "
                "point, resumable, table + plot", _ablate_args, _ablate),

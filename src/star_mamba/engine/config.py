@@ -1,7 +1,7 @@
 """Run configuration: YAML files plus ``--set section.key=value`` overrides.
 
-A run config has five sections: ``model`` (a size ``name`` plus any :class:`StarConfig` field),
-``data`` (``data/config.py``), ``optim`` and ``run`` (below), and ``probe``
+A run config has six sections: ``model`` (a size ``name`` plus any :class:`StarConfig` field),
+``data`` (``data/config.py``), ``optim``, ``run`` and ``segment`` (below), and ``probe``
 (``evaluation/config.py``); each dataclass lists every field any task reads, with a comment on
 which task reads it. Every section is checked by the same helper,
 :func:`star_mamba.config.typed_values`: unknown keys fail with a "did you mean" hint and values
@@ -16,9 +16,10 @@ Where defaults live:
   unset follows the dataset when fine-tuning.
 * ``data`` / ``optim`` / ``run``: the dataclass defaults (STAR pretraining's values for the
   fields every task reads, ARM fine-tuning's for the fields only fine-tuning reads), then the YAML
-  file and ``--set``. ``probe`` (read by ``linprobe`` only): the protocol's defaults.
+  file and ``--set``. ``probe`` (read by ``linprobe`` only): the protocol's defaults;
+  ``segment`` (read by ``segment`` only): the dense model's and its scoring's.
   Each task's recipe is its YAML file under ``configs/`` (``pretrain/``, ``finetune/``,
-  ``linprobe/``): a new config should start from a copy of one.
+  ``linprobe/``, ``segment/``): a new config should start from a copy of one.
 """
 from __future__ import annotations
 
@@ -37,9 +38,10 @@ from ..models.registry import model_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-TASKS = ("pretrain", "finetune", "linprobe")
+TASKS = ("pretrain", "finetune", "linprobe", "segment")
 """``finetune`` covers fine-tuning (and head-only fine-tuning, ``run.linprobe``) and evaluation;
-``linprobe`` is the converged probe of a frozen backbone (``engine/linprobe.py``)."""
+``linprobe`` is the converged probe of a frozen backbone (``tasks/linprobe.py``); ``segment``
+semantic segmentation (``tasks/segment.py``)."""
 
 
 @dataclass
@@ -89,6 +91,8 @@ class OptimConfig:
     warmup_epochs: float = 1.0
     clip_grad: Optional[float] = 3.0
     layer_decay: Optional[float] = None  # layer-wise lr decay (ARM fine-tuning: 0.65); null = off
+    schedule: Literal["cosine", "poly"] = "cosine"  # after warm-up: cosine | poly (segmentation)
+    poly_power: float = 1.0  # poly: lr falls as (1 - progress) ** poly_power
     # -- fine-tuning only
     smoothing: float = 0.1  # label smoothing
     mixup: float = 0.8
@@ -111,6 +115,8 @@ class OptimConfig:
         if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
             raise _bad("optim", "layer_decay", self.layer_decay,
                        "expected a factor in (0, 1], or null for none")
+        if not self.poly_power > 0:
+            raise _bad("optim", "poly_power", self.poly_power, "expected a power > 0")
         if not all(0 <= b < 1 for b in self.betas):
             raise _bad("optim", "betas", self.betas, "expected two values in [0, 1)")
 
@@ -140,6 +146,9 @@ class RunOptions:
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
     compile: bool = False  # torch.compile the model for training and evaluation
     compile_mode: Optional[str] = None  # torch.compile mode (e.g. max-autotune); null = default
+    # recompute each block in the backward instead of saving its activations (less memory,
+    # about a third more compute; gradients unchanged)
+    grad_checkpointing: bool = False
     # -- pretraining only: cross-image diagnostics (evaluation/diagnostics.py) on a fixed batch
     # of held-out images of data's eval split, logged as a "diag" row of metrics.jsonl
     diag_every: Optional[int] = 100  # optimizer steps between them; 0 or null = off
@@ -185,7 +194,73 @@ class RunOptions:
                        "for no EMA")
 
 
-SECTIONS = {"data": DataConfig, "optim": OptimConfig, "run": RunOptions, "probe": ProbeConfig}
+@dataclass
+class SegmentOptions:
+    """``segment``: the dense model on the backbone and how it is scored (``star-mamba
+    segment``; read by no other task). The model fields are
+    :class:`~star_mamba.models.segmentation.SegmenterConfig`'s, the ``infer_`` fields
+    :class:`~star_mamba.evaluation.segmentation.InferenceConfig`'s, checked there."""
+
+    head: Literal["upernet", "linear"] = "upernet"  # upernet | linear (frozen backbone probe)
+    taps: Optional[tuple[int, ...]] = None  # 0-based blocks; null: 4 evenly spaced, the last last
+    pyramid: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5)  # simple feature pyramid scale per tap
+    channels: int = 128  # the head's width (mmseg's UPerNet: 512 or 768)
+    pool_scales: tuple[int, ...] = (1, 2, 3, 6)  # pyramid pooling bins
+    aux_weight: float = 0.4  # auxiliary FCN head's loss weight (0: no auxiliary head)
+    aux_tap: Optional[int] = None  # which tap feeds it (index into taps); null: the third of four
+    aux_channels: int = 64
+    aux_convs: int = 1  # 3x3 conv layers of the auxiliary head
+    linear_norm: bool = False  # head=linear: a LayerNorm before the per-patch classifier
+    dropout: float = 0.1  # before each classifier
+    norm: Literal["gn", "bn"] = "gn"  # gn: batch-independent, the same on 1 or N processes
+    gn_groups: int = 8
+    # -- evaluation: whole-image or sliding-window inference at the original resolution
+    infer_mode: Literal["whole", "slide"] = "whole"
+    infer_crop: Optional[int] = None  # slide: window side (null: model.img_size)
+    infer_stride: Optional[int] = None  # slide: window stride (null: 2/3 of the window)
+    infer_scales: tuple[float, ...] = (1.0,)  # multi-scale test: image scales, logits averaged
+    infer_flip: bool = False  # add the horizontally flipped image's prediction
+    eval_batch_size: Optional[int] = None  # null: optim.batch_size for scenes, 1 for files
+    viz_images: int = 6  # images drawn in predictions.png after each evaluation (0: none)
+
+    def __post_init__(self) -> None:
+        for name in ("channels", "aux_channels", "gn_groups"):
+            if getattr(self, name) <= 0:
+                raise _bad("segment", name, getattr(self, name), "expected a positive integer")
+        if self.aux_weight < 0 or not 0 <= self.dropout < 1:
+            raise _bad("segment", "aux_weight" if self.aux_weight < 0 else "dropout",
+                       self.aux_weight if self.aux_weight < 0 else self.dropout,
+                       "expected aux_weight >= 0 and dropout in [0, 1)")
+        if self.eval_batch_size is not None and self.eval_batch_size <= 0:
+            raise _bad("segment", "eval_batch_size", self.eval_batch_size,
+                       "expected a positive integer, or null")
+        if self.viz_images < 0:
+            raise _bad("segment", "viz_images", self.viz_images, "expected >= 0")
+        try:
+            self.segmenter_config(), self.inference_config()
+        except ValueError as e:
+            raise ConfigError(f"invalid config: segment: {e}") from None
+
+    def segmenter_config(self):
+        """The :class:`~star_mamba.models.segmentation.SegmenterConfig` this section sets."""
+        from ..models.segmentation import SegmenterConfig
+        return SegmenterConfig(head=self.head, taps=self.taps, pyramid=self.pyramid,
+                               channels=self.channels, pool_scales=self.pool_scales,
+                               aux_weight=self.aux_weight, aux_tap=self.aux_tap,
+                               aux_channels=self.aux_channels, aux_convs=self.aux_convs,
+                               linear_norm=self.linear_norm, dropout=self.dropout,
+                               norm=self.norm, gn_groups=self.gn_groups)
+
+    def inference_config(self):
+        """The :class:`~star_mamba.evaluation.segmentation.InferenceConfig` this section sets."""
+        from ..evaluation.segmentation import InferenceConfig
+        return InferenceConfig(mode=self.infer_mode, crop=self.infer_crop,
+                               stride=self.infer_stride, scales=self.infer_scales,
+                               flip=self.infer_flip)
+
+
+SECTIONS = {"data": DataConfig, "optim": OptimConfig, "run": RunOptions, "probe": ProbeConfig,
+            "segment": SegmentOptions}
 
 
 @dataclass
@@ -195,6 +270,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunOptions = field(default_factory=RunOptions)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    segment: SegmentOptions = field(default_factory=SegmentOptions)
     task: str = "pretrain"
 
     def to_dict(self) -> dict[str, Any]:

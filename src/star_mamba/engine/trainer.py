@@ -158,6 +158,8 @@ class Trainer:
         self.cfg, self.ctx, self.task = cfg, ctx, task
         o, r, info = cfg.optim, cfg.run, ctx.info
         self.model = task.model.to(ctx.device)
+        if r.grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
         self.global_batch = o.batch_size * o.accum_iter * info.world_size
         self.base_lr = o.base_lr(self.global_batch)
         self.optimizer = create_optimizer_v2(self.model, "adamw", lr=self.base_lr,
@@ -321,7 +323,7 @@ class Trainer:
             if micro == 0:
                 set_lr(self.optimizer, lr_at(
                     state.epoch + state.batch_in_epoch / (self.steps_per_epoch * accum),
-                    self.base_lr, o.min_lr, o.warmup_epochs, o.epochs))
+                    self.base_lr, o.min_lr, o.warmup_epochs, o.epochs, o.schedule, o.poly_power))
             loss = self.forward_backward(images, targets, last=micro == accum - 1)
             # NaN and inf survive summation, so the window's sum is finite iff every loss was.
             window_sum = loss if micro == 0 else window_sum + loss

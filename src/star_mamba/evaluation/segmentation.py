@@ -7,6 +7,7 @@ from per-batch means, so they do not depend on the batch size or the number of p
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
 
@@ -14,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from tqdm import tqdm
 
 from ..config import field_types, typed_values
 from ..errors import ConfigError
@@ -208,7 +210,7 @@ def evaluate_segmentation(model: nn.Module, loader: Iterable, device: torch.devi
                           amp_dtype: Optional[torch.dtype], num_classes: int, ignore_index: int,
                           infer: InferenceConfig, patch_size: int,
                           classes: Optional[Sequence[str]] = None, loss: bool = True,
-                          align_corners: bool = False) -> dict[str, Any]:
+                          align_corners: bool = False, progress: bool = False) -> dict[str, Any]:
     """mIoU, mAcc, aAcc, per-class IoU / Acc (see :func:`segmentation_metrics`) and, with
     ``loss``, the mean cross-entropy over valid pixels, of ``model`` over ``loader``.
 
@@ -216,13 +218,14 @@ def evaluate_segmentation(model: nn.Module, loader: Iterable, device: torch.devi
     for testing, the masks at their original size; logits are resized bilinear to the mask's
     size before the argmax and the loss. Under a process group each rank reads its own share;
     the confusion matrix (int64) and the loss sums (float64) are summed over ranks, so the
-    numbers are exact counts whatever the number of processes.
+    numbers are exact counts whatever the number of processes. ``progress``: a progress bar.
     """
     model.eval()
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     valid = torch.zeros((), dtype=torch.int64, device=device)
-    for images, masks in loader:
+    for images, masks in tqdm(loader, desc="eval", leave=False, disable=not progress,
+                              dynamic_ncols=True, file=sys.stdout):
         images, masks = images.to(device), masks.to(device).long()
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
                             enabled=amp_dtype is not None):

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
+import torch.utils.checkpoint
 from timm.layers import PatchEmbed
 from torch import Tensor, nn
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.utils.checkpoint
 from huggingface_hub import PyTorchModelHubMixin
 from torch import Tensor, nn
 
@@ -58,6 +59,7 @@ class StarDecoder(nn.Module):
             for _ in range(n))
         self.norm = nn.LayerNorm(dd, eps=cfg.norm_eps)
         self.pred = nn.Linear(dd, cfg.patch_dim)
+        self.grad_checkpointing = False
 
     def forward(self, taps: Sequence[Tensor], query_pos: Tensor, mask: Tensor) -> Tensor:
         """taps: n x (B, L, D); query_pos: (1, L, Dd); mask: (L, L) bool -> (B, L, p*p*C)."""
@@ -65,7 +67,10 @@ class StarDecoder(nn.Module):
         memories = self.enc2dec(feats).chunk(len(self.blocks), dim=-1)  # n x (B, L, Dd)
         x = (self.query_token + query_pos).expand(taps[0].shape[0], -1, -1)  # (B, L, Dd)
         for block, memory in zip(self.blocks, memories):
-            x = block(x, memory, mask)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, memory, mask, use_reentrant=False)
+            else:
+                x = block(x, memory, mask)
         return self.pred(self.norm(x))
 
 
@@ -194,6 +199,11 @@ class StarPretrain(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
         patch_loss = self.patch_loss(pred, target)
         return PretrainOutput(self.forward_loss(patch_loss), pred, target, self.loss_weight,
                               patch_loss)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute every encoder and decoder block in the backward instead of keeping its
+        activations (timm's surface; ``run.grad_checkpointing``); gradients are unchanged."""
+        self.encoder.grad_checkpointing = self.decoder.grad_checkpointing = enable
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:

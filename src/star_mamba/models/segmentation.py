@@ -37,7 +37,7 @@ IGNORE_INDEX = 255  # the label of pixels that count in no loss and no metric (A
 
 
 def _bad(name: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"invalid config: segmenter.{name}={value!r}; {allowed}")
+    return ConfigError(f"invalid config: segment.{name}={value!r}; {allowed}")
 
 
 @dataclass
@@ -399,8 +399,12 @@ class StarSegmenter(nn.Module):
     def _upsample(self, logits: Tensor, images: Tensor) -> Tensor:
         return resize(logits, images.shape[-2:], self.seg_cfg.align_corners)
 
-    def forward(self, images: Tensor) -> Tensor:
-        """(B, C, H, W), H and W multiples of the patch -> logits (B, K, H, W)."""
+    def forward(self, images: Tensor, with_aux: bool = False):
+        """(B, C, H, W), H and W multiples of the patch -> logits (B, K, H, W); with
+        ``with_aux`` the training form, :meth:`forward_train`'s pair (the trainer calls the
+        model, which DDP may wrap, rather than a method of it)."""
+        if with_aux:
+            return self.forward_train(images)
         logits, _ = self._heads(images, with_aux=False)
         return self._upsample(logits, images)
 

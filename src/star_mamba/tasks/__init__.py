@@ -2,8 +2,9 @@
 (training through :class:`~star_mamba.engine.trainer.Trainer`).
 
 ``pretrain`` (``star-mamba pretrain``), ``finetune`` (``star-mamba finetune``; ``eval`` is its
-``evaluate_checkpoint``) and ``linprobe`` (``star-mamba linprobe``, the converged probe of a
-frozen backbone). Each takes a :class:`~star_mamba.engine.config.RunConfig` of its task.
+``evaluate_checkpoint``), ``linprobe`` (``star-mamba linprobe``, the converged probe of a
+frozen backbone) and ``segment`` (``star-mamba segment``, semantic segmentation; ``eval`` of its
+checkpoints is its ``evaluate_segmentation_checkpoint``). Each takes a :class:`~star_mamba.engine.config.RunConfig` of its task.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ..engine.config import RunConfig
 
 
 def run_task(cfg: RunConfig) -> dict[str, Any]:
-    """Run ``cfg.task`` (pretrain, finetune or linprobe) with ``cfg``; its summary."""
+    """Run ``cfg.task`` (pretrain, finetune, linprobe or segment) with ``cfg``; its summary."""
     return TASKS[cfg.task]()(cfg)
 
 
@@ -32,5 +33,11 @@ def _linprobe() -> Callable:
     return linprobe
 
 
+def _segment() -> Callable:
+    from .segment import segment
+    return segment
+
+
 TASKS: dict[str, Callable[[], Callable[[RunConfig], dict[str, Any]]]] = {
-    "pretrain": _pretrain, "finetune": _finetune, "linprobe": _linprobe}
+    "pretrain": _pretrain, "finetune": _finetune, "linprobe": _linprobe,
+    "segment": _segment}
