@@ -353,6 +353,9 @@ def _viz(args: argparse.Namespace) -> int:
     if out is None:
         ckpt = Path(args.checkpoint)
         out = (ckpt if ckpt.is_dir() else ckpt.parent) / "viz"
+    if args.config is None and args.overrides:  # a bad --set is named before the checkpoint
+        from .engine.config import load_config  # is read (its saved config comes with it)
+        load_config("pretrain/fashion_mnist", list(args.overrides), task="pretrain")
     # no -c: the data config saved in the checkpoint
     r = visualize(args.checkpoint, out, args.config, num_sequences=args.num_sequences,
                   max_batches=args.max_batches, device=args.device, seed=args.seed,
