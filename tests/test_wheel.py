@@ -47,8 +47,8 @@ print(json.dumps(dict(
     metadata=str(importlib.metadata.distribution("star-mamba").locate_file("")),
     config_tasks=sorted(p.name for p in configs.iterdir() if p.is_dir()))))
 """
-# the log line ("linear probe top-1 59.38 (wd 0.001, ...), 20-NN top-1 50.00, ...") and the
-# summary line ("CKPT: linear probe top-1 59.38% (weight decay 0.001), 20-NN top-1 50.00%; ...")
+# the log line ("linear probe top-1 59.38 (wd 0.001, ...), 20-NN top-1 50.00, ...") and, before
+# the command printed it once only, the summary line ("CKPT: linear probe top-1 59.38% ...")
 TOP1 = re.compile(r"linear probe top-1 (\d+\.\d+)%? .*?(\d+)-NN top-1 (\d+\.\d+)")
 
 

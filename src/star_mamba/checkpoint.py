@@ -7,7 +7,8 @@ import json
 import logging
 import os
 import re
-import tempfile
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -23,8 +24,42 @@ NUMBERED = "checkpoint-[0-9][0-9][0-9][0-9].pth"
 log = logging.getLogger("star_mamba")
 
 
-def atomic_save(obj: Any, path: Path) -> None:
+def _new_tmp(path: Path) -> tuple[int, str]:
+    """A new ``<name>.<random>.tmp`` beside ``path``, opened for writing, with the permissions
+    of any new file (0666 less the umask: 0644 under umask 022; tempfile's would be 0600)."""
+    while True:
+        tmp = str(path.parent / f"{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def _place_copy(src: str, path: Path) -> None:
+    """Put the finished file ``src`` at ``path`` too, atomically: a hard link to it (the same
+    bytes on disk once), or a copy where the file system refuses links."""
+    fd, tmp = _new_tmp(path)
+    os.close(fd)
+    try:
+        os.unlink(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:  # no hard links here (some network or FUSE file systems)
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save(obj: Any, path: Path, also: Sequence[str | Path] = ()) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over ``path``.
+
+    ``also``: more paths (in the same directory) to hold the same checkpoint: it is written
+    once and hard-linked there (copied where links fail), each renamed into place as ``path``
+    is. A later save replaces a name's directory entry, never the file's bytes, so the other
+    names keep what they held. The files have the permissions of any new file (the umask's).
 
     A full disk, a read-only folder or a file in the way raises an
     :class:`~star_mamba.errors.OutputError` naming ``path``; the temporary file is removed and
@@ -33,12 +68,14 @@ def atomic_save(obj: Any, path: Path) -> None:
     path = Path(path)
     with writing(path, "checkpoint", f"{path.name} there, if any, is untouched"):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        fd, tmp = _new_tmp(path)
         try:
             with os.fdopen(fd, "wb") as f:
                 torch.save(obj, f)
                 f.flush()
                 os.fsync(f.fileno())
+            for other in also:
+                _place_copy(tmp, Path(other))
             os.replace(tmp, path)
         except BaseException:
             if os.path.exists(tmp):
@@ -242,13 +279,18 @@ def check_same_model(saved: dict[str, Any], current: dict[str, Any], path: Path)
 
 
 def export_safetensors(checkpoint: Path, out: Path, use_ema: bool = False) -> Path:
-    """Write a checkpoint's weights (or its EMA weights) and model config to a .safetensors file."""
+    """Write a checkpoint's weights (or its EMA weights), model config and run config (when it
+    has one: ``eval`` then scores it on its run's data) to a .safetensors file. ``checkpoint``:
+    a file or a run directory (its ``checkpoint-latest.pth``)."""
     from safetensors.torch import save_file
-    saved = load_checkpoint(Path(checkpoint))
+    checkpoint = resolve_checkpoint(checkpoint)
+    saved = load_checkpoint(checkpoint)
     if not isinstance(saved, dict) or "model" not in saved:
         raise CheckpointError(f"{checkpoint} is not a star-mamba checkpoint (no 'model' weights)")
     weights = ema_state(saved, checkpoint) if use_ema else saved["model"]
     metadata = {"format": "star-mamba", "model_config": json.dumps(saved.get("model_config"))}
+    if saved.get("run_config") is not None:
+        metadata["run_config"] = json.dumps(saved["run_config"])
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in weights.items()}, str(out), metadata=metadata)
@@ -256,9 +298,13 @@ def export_safetensors(checkpoint: Path, out: Path, use_ema: bool = False) -> Pa
 
 
 def load_safetensors(path: Path) -> dict[str, Any]:
-    """``{"model": weights, "model_config": dict or None}`` from :func:`export_safetensors`."""
+    """``{"model": weights, "model_config": dict or None}`` from :func:`export_safetensors`,
+    with ``"run_config"`` when the file holds one."""
     from safetensors import safe_open
     with safe_open(str(path), framework="pt") as f:
-        config = json.loads((f.metadata() or {}).get("model_config", "null"))
+        metadata = f.metadata() or {}
         weights = {k: f.get_tensor(k) for k in f.keys()}
-    return {"model": weights, "model_config": config}
+    out = {"model": weights, "model_config": json.loads(metadata.get("model_config", "null"))}
+    if metadata.get("run_config") is not None:
+        out["run_config"] = json.loads(metadata["run_config"])
+    return out

@@ -1,8 +1,8 @@
 """The ``star-mamba`` command line.
 
   star-mamba pretrain  [-c CONFIG] [--set section.key=value ...]   STAR pretraining
-  star-mamba finetune  [-c CONFIG] [--set ...]                     fine-tune the classifier
-  star-mamba segment   [-c CONFIG] [--pretrained CKPT] [--set ...]  semantic segmentation
+  star-mamba finetune  [-c CONFIG] [--pretrained CKPT] [--set ...] fine-tune the classifier
+  star-mamba segment   [-c CONFIG] [--pretrained CKPT] [--set ...] semantic segmentation
   star-mamba linprobe  [-c CONFIG] [--pretrained CKPT] [--set ...] converged linear probe + k-NN
   star-mamba eval --checkpoint CKPT [-c CONFIG] [--set ...] [--ema] top-1 / top-5 of a classifier,
                                                                    mIoU of a segmenter
@@ -32,7 +32,13 @@ import sys
 from typing import Callable, Optional, Sequence
 
 from .errors import ConfigError, Interrupted, UserError
-from .tools.ablate import Budget
+
+# Building the parser imports neither torch nor timm (``star-mamba --help`` is instant): every
+# command imports what it needs in its handler. The defaults below are those of
+# ``tools.ablate.Budget`` and ``data.prepare.PrepareOptions`` (tests/test_cli.py checks it).
+ABLATE_DEFAULTS = dict(depth=6, pretrain_images=6400, probe_images=10000, eval_images=5000, seed=0)
+PREPARE_DEFAULTS = dict(short_side=256, quality=90, seed=0)
+BENCH_OUT = "runs/bench"  # bench's default output, untracked (benchmarks/results/ is tracked)
 
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 USER_ERRORS = (UserError,)
@@ -51,20 +57,18 @@ def _config_args(p: argparse.ArgumentParser, default_config: Optional[str],
                    help="override one config value, e.g. --set optim.blr=1e-4 (repeatable)")
 
 
-def _train_args(default_config: str) -> Callable[[argparse.ArgumentParser], None]:
+def _train_args(default_config: str, pretrained: bool = False
+                ) -> Callable[[argparse.ArgumentParser], None]:
     def add(p: argparse.ArgumentParser) -> None:
         _config_args(p, default_config)
+        if pretrained:
+            p.add_argument("--pretrained", metavar="CKPT",
+                           help="shortcut for --set run.pretrained=CKPT: the STAR pretraining "
+                                "checkpoint to start from; 'null' starts from random weights")
         p.add_argument("--output-dir", help="shortcut for --set run.output_dir=DIR")
         p.add_argument("--resume", help="checkpoint to resume from; 'never' to start over "
                                         "(default: the latest checkpoint in the output directory)")
     return add
-
-
-def _segment_args(p: argparse.ArgumentParser) -> None:
-    _train_args("segment/scenes")(p)
-    p.add_argument("--pretrained", metavar="CKPT",
-                   help="shortcut for --set run.pretrained=CKPT: the backbone's STAR pretraining "
-                        "checkpoint or fine-tuned classifier; 'null' starts from random weights")
 
 
 def _linprobe_args(p: argparse.ArgumentParser) -> None:
@@ -84,7 +88,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint to export (.pth), or a run directory (its newest checkpoint)")
     p.add_argument("--out", required=True, help="output .safetensors file")
     p.add_argument("--ema", action="store_true", help="export the EMA weights")
 
@@ -101,13 +106,20 @@ def _ablate_args(a: argparse.ArgumentParser) -> None:
     a.add_argument("--probe", choices=["linprobe", "finetune"], default="linprobe",
                    help="linprobe (default): star-mamba linprobe's converged linear probe and "
                         "k-NN of the frozen backbone; finetune: a one-pass fine-tune")
-    a.add_argument("--depth", type=int, default=Budget.depth)
-    a.add_argument("--pretrain-images", type=int, default=Budget.pretrain_images)
-    a.add_argument("--probe-images", type=int, default=Budget.probe_images)
-    a.add_argument("--eval-images", type=int, default=Budget.eval_images)
+    d = ABLATE_DEFAULTS
+    a.add_argument("--depth", type=int, default=d["depth"],
+                   help=f"encoder blocks of every model (default {d['depth']})")
+    a.add_argument("--pretrain-images", type=int, default=d["pretrain_images"],
+                   help=f"images seen in each pretraining run (default {d['pretrain_images']})")
+    a.add_argument("--probe-images", type=int, default=d["probe_images"],
+                   help=f"training images of each probe (default {d['probe_images']})")
+    a.add_argument("--eval-images", type=int, default=d["eval_images"],
+                   help=f"held-out test images each probe is scored on "
+                        f"(default {d['eval_images']})")
     a.add_argument("--probe-blr", type=float, default=None,
                    help="the fine-tune's base lr (--probe finetune only; default 8e-3)")
-    a.add_argument("--seed", type=int, default=Budget.seed)
+    a.add_argument("--seed", type=int, default=d["seed"],
+                   help=f"seed of every pretraining and probe run (default {d['seed']})")
     a.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="extra override for every pretraining and probe run")
     a.add_argument("--dry-run", action="store_true", help="list the points and exit")
@@ -116,7 +128,8 @@ def _ablate_args(a: argparse.ArgumentParser) -> None:
 def _viz_args(v: argparse.ArgumentParser) -> None:
     v.add_argument("--checkpoint", required=True,
                    help="STAR pretraining checkpoint (.pth / .safetensors) or its run directory")
-    _config_args(v, "pretrain/fashion_mnist")
+    _config_args(v, None, "YAML file or built-in config name for the data (default: the run "
+                          "config saved in the checkpoint, so the data it was trained on)")
     v.add_argument("--out", default=None, help="output directory (default: <checkpoint dir>/viz)")
     v.add_argument("--num-sequences", type=int, default=2, help="packed sequences in the grid")
     v.add_argument("--max-batches", type=int, default=8, help="batches averaged in the loss plot")
@@ -124,12 +137,14 @@ def _viz_args(v: argparse.ArgumentParser) -> None:
                                                  "data's eval split, images not trained on)")
     v.add_argument("--first-clusters", type=int, default=1,
                    help="clusters counted as 'first' in the printed summary (default 1)")
-    v.add_argument("--seed", type=int, default=0)
-    v.add_argument("--device", default="cpu")
+    v.add_argument("--seed", type=int, default=0,
+                   help="seed of the draw of the images shown and scored (default 0)")
+    v.add_argument("--device", default="cpu", help="device the model runs on, e.g. cuda "
+                                                   "(default cpu)")
     v.add_argument("--no-diagnostics", dest="diagnostics", action="store_false",
                    help="skip diagnostics.png (the run's logged cross-image diagnostics and this "
-                        "checkpoint's values on run.diag_images held-out images of the config's "
-                        "data; pass the run's config.yaml with -c to match the logged ones)")
+                        "checkpoint's values on run.diag_images held-out images of the run's "
+                        "data, or of -c's)")
 
 
 def _convert_arm_args(c: argparse.ArgumentParser) -> None:
@@ -146,7 +161,8 @@ def _convert_arm_args(c: argparse.ArgumentParser) -> None:
 
 def _bench_args(b: argparse.ArgumentParser) -> None:
     b.add_argument("--output-dir", default=None,
-                   help="default: benchmarks/results (benchmarks/results/gpu with --gpu)")
+                   help=f"where the results go (default: {BENCH_OUT}, {BENCH_OUT}/gpu with "
+                        "--gpu; benchmarks/results/ holds the tracked, published ones)")
     b.add_argument("--quick", action="store_true", help="fewer shapes and repeats (a smoke run)")
     b.add_argument("--gpu", action="store_true",
                    help="GPU acceptance run: device, CUDA tests, scan accuracy and speed, STAR-B "
@@ -170,22 +186,22 @@ def _bench_args(b: argparse.ArgumentParser) -> None:
 
 
 def _prepare_data_args(p: argparse.ArgumentParser) -> None:
-    from .data.prepare import PrepareOptions
+    d = PREPARE_DEFAULTS
     p.add_argument("src", help="ImageFolder tree: SRC/<split>/<class>/<images> for every split "
                                "folder (train/, val/, ...)")
     p.add_argument("out", help="output: OUT/<split>/shard-NNNNNN.tar and OUT/<split>/index.json; "
                                "train with --set data.name=shards --set data.root=OUT")
-    p.add_argument("--short-side", type=int, default=PrepareOptions.short_side, metavar="N",
+    p.add_argument("--short-side", type=int, default=d["short_side"], metavar="N",
                    help="short side of the re-encoded images in pixels, never enlarged; 0 keeps "
-                        f"their size (default {PrepareOptions.short_side})")
+                        f"their size (default {d['short_side']})")
     p.add_argument("--shard-size", default="128MiB", metavar="BYTES",
                    help="target bytes per shard, e.g. 134217728, 128MiB, 100MB (default 128MiB)")
     p.add_argument("--workers", type=int, default=None, metavar="W",
                    help="processes writing shards in parallel (default: the CPUs available)")
-    p.add_argument("--quality", type=int, default=PrepareOptions.quality,
-                   help=f"JPEG quality (default {PrepareOptions.quality})")
-    p.add_argument("--seed", type=int, default=PrepareOptions.seed,
-                   help="seed of the shuffle of the files before sharding (default 0)")
+    p.add_argument("--quality", type=int, default=d["quality"],
+                   help=f"JPEG quality (default {d['quality']})")
+    p.add_argument("--seed", type=int, default=d["seed"],
+                   help=f"seed of the shuffle of the files before sharding (default {d['seed']})")
 
 
 def _no_args(p: argparse.ArgumentParser) -> None:
@@ -198,29 +214,23 @@ def _run_shortcuts(args: argparse.Namespace, *names: str) -> list[str]:
     """``--set`` overrides, then ``run.<name>=<value>`` for each shortcut option given
     (``--output-dir``, ``--resume``, ``--pretrained``)."""
     return [*args.overrides, *(f"run.{name}={getattr(args, name)}" for name in names
-                               if getattr(args, name))]
+                               if getattr(args, name, None))]
 
 
 def _train(args: argparse.Namespace) -> int:
     from .engine.config import load_config
     from .tasks import run_task
-    shortcuts = ("output_dir", "resume", "pretrained") if args.command == "segment" else (
-        "output_dir", "resume")
-    run_task(load_config(args.config, _run_shortcuts(args, *shortcuts), task=args.command))
+    run_task(load_config(args.config, _run_shortcuts(args, "output_dir", "resume", "pretrained"),
+                         task=args.command))
     return 0
 
 
 def _linprobe(args: argparse.Namespace) -> int:
     from .engine.config import load_config
-    from .tasks.linprobe import RESULT, linprobe
-    r = linprobe(load_config(args.config, _run_shortcuts(args, "pretrained", "output_dir"),
-                             task="linprobe"))
-    source = r["checkpoint"] or f"random backbone (seed {r['random_init_seed']})"
-    print(f"{source}: linear probe top-1 {r['linear_probe_top1']:.2f}% (weight decay "
-          f"{r['weight_decay']:g}), {r['knn_k']}-NN top-1 {r['knn_top1']:.2f}%; "
-          f"{r['n_train']} train / {r['n_test']} {r['eval_split']} images, "
-          f"{r['feature_dim']} features, {r['seconds']:.0f} s")
-    print(f"wrote {r['config']['run']['output_dir']}/{RESULT}")
+    from .tasks.linprobe import linprobe
+    # its log (stdout and log.txt) already names the weights, the result and the file written
+    linprobe(load_config(args.config, _run_shortcuts(args, "pretrained", "output_dir"),
+                         task="linprobe"))
     return 0
 
 
@@ -307,7 +317,7 @@ def _bench(args: argparse.Namespace) -> int:
         if not args.dry_run and not torch.cuda.is_available():
             raise UserError("--gpu needs a CUDA device (torch.cuda.is_available() is False); "
                             "--gpu --dry-run runs the same code on CPU at tiny sizes")
-        out = args.output_dir or "benchmarks/results/gpu"
+        out = args.output_dir or f"{BENCH_OUT}/gpu"
         sections = None if args.sections is None else [x.strip() for x in args.sections.split(",")
                                                          if x.strip()]
         if args.budget is not None and args.budget <= 0:
@@ -324,20 +334,20 @@ def _bench(args: argparse.Namespace) -> int:
             raise UserError(f"{flag} belongs to --gpu")
     if args.data:
         from .tools.bench_input import run_input_bench, to_markdown
-        out = args.output_dir or "benchmarks/results"
+        out = args.output_dir or BENCH_OUT
         print(to_markdown(run_input_bench(out, quick=args.quick,
                                           command="star-mamba " + " ".join(args.argv))), end="")
         print(f"results written to {out}/input_pipeline.json and input_pipeline.md")
         return 0
     from .tools.bench import run_all, to_markdown
-    out = args.output_dir or "benchmarks/results"
+    out = args.output_dir or BENCH_OUT
     print(to_markdown(run_all(out, quick=args.quick, compile_backend=args.compile_backend)), end="")
     print(f"results written to {out}/bench.json and bench.md")
     return 0
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from .tools.ablate import ablate, parse_axes
+    from .tools.ablate import Budget, ablate, parse_axes
     budget = Budget(args.depth, args.pretrain_images, args.probe, args.probe_images,
                     args.eval_images, args.probe_blr, args.seed, tuple(args.overrides))
     ablate(args.out, budget, parse_axes(args.axes), args.full, not args.no_scratch,
@@ -348,17 +358,19 @@ def _ablate(args: argparse.Namespace) -> int:
 def _viz(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from .engine.config import load_config
     from .tools.viz import visualize
     out = args.out
     if out is None:
         ckpt = Path(args.checkpoint)
         out = (ckpt if ckpt.is_dir() else ckpt.parent) / "viz"
-    cfg = load_config(args.config, list(args.overrides), task="pretrain")
-    r = visualize(args.checkpoint, out, cfg, num_sequences=args.num_sequences,
+    if args.config is None and args.overrides:  # a bad --set is named before the checkpoint
+        from .engine.config import load_config  # is read (its saved config comes with it)
+        load_config("pretrain/fashion_mnist", list(args.overrides), task="pretrain")
+    # no -c: the data config saved in the checkpoint
+    r = visualize(args.checkpoint, out, args.config, num_sequences=args.num_sequences,
                   max_batches=args.max_batches, device=args.device, seed=args.seed,
                   split=args.split, first_clusters=args.first_clusters,
-                  diagnostics=args.diagnostics)
+                  diagnostics=args.diagnostics, overrides=args.overrides)
     per_image = ", ".join(f"{v:.4f}" for v in r["mean_loss_per_image"])
     print(f"{r['sequences']} sequences of K={r['images_per_sequence']} from {r['data']} "
           f"({r['split']}): loss {r['loss']:.4f}; mean loss per image k=0..: {per_image}")
@@ -398,9 +410,10 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handle
     "pretrain": ("STAR pretraining (default: star_tiny on Fashion-MNIST)",
                  _train_args("pretrain/fashion_mnist"), _train),
     "finetune": ("fine-tune the classifier from a pretraining checkpoint",
-                 _train_args("finetune/fashion_mnist"), _train),
+                 _train_args("finetune/fashion_mnist", pretrained=True), _train),
     "segment": ("semantic segmentation on a STAR backbone (default: UPerNet on the built-in "
-                "scenes, from the default pretraining run)", _segment_args, _train),
+                "scenes, from the default pretraining run)",
+                _train_args("segment/scenes", pretrained=True), _train),
     "linprobe": ("linear probe of a frozen backbone: features extracted once, logistic "
                  "regression to convergence with a weight-decay sweep, and k-NN",
                  _linprobe_args, _linprobe),
@@ -422,12 +435,20 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handle
 }
 
 
+def plain_text(text: str) -> str:
+    """reStructuredText as a terminal shows it: ``literal`` and :role:`target` markup removed."""
+    import re
+    text = re.sub(r":\w+:`~?([^`]+)`", r"\1", text)
+    return text.replace("``", "")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="star-mamba", description=__doc__,
+    parser = argparse.ArgumentParser(prog="star-mamba", description=plain_text(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true",
                         help="show the traceback of an error instead of a one-line message")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True,
+                                help="the command; star-mamba COMMAND --help lists its options")
     for name, (text, add_arguments, _) in COMMANDS.items():
         p = sub.add_parser(name, help=text, description=text)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

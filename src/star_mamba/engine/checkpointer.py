@@ -36,7 +36,8 @@ class Checkpointer:
     """Saves and finds the checkpoints of one run directory.
 
     ``save(payload, names)`` writes the payload atomically under each name (rank 0 only; the
-    others return) and keeps the ``keep_last`` newest numbered ones; :meth:`load` is the resume
+    others return): once, the other names hard links to it (``atomic_save``), and keeps the
+    ``keep_last`` newest numbered ones; :meth:`load` is the resume
     rule of :func:`star_mamba.checkpoint.load_resume` (``auto``: the newest that loads).
     """
 
@@ -49,8 +50,10 @@ class Checkpointer:
     def save(self, payload: dict[str, Any], names: Sequence[str]) -> None:
         if not self.enabled:
             return
-        for name in names:
-            ckpt.atomic_save(payload, self.output_dir / name)
+        if names:
+            first, *others = names
+            ckpt.atomic_save(payload, self.output_dir / first,
+                             also=[self.output_dir / n for n in others])
         ckpt.prune_numbered(self.output_dir, self.keep_last)
 
     @staticmethod

@@ -15,6 +15,12 @@ log = logging.getLogger("star_mamba")
 class MetricWriter:
     """Rank 0 appends one JSON object per logged step to ``metrics.jsonl`` (and TensorBoard).
 
+    The trainer's rows: ``step``, ``epoch``, ``loss``, ``lr``, ``images_per_s`` per logged step,
+    where ``epoch`` is the 0-based index of the epoch the step belongs to and ``lr`` the largest
+    parameter group's (the head's with ``optim.layer_decay``: the schedule's lr itself); an
+    evaluation row (``top1``, ``score`` ...) after an epoch, whose ``epoch`` is the number of
+    epochs done (1 after the first; the log's "epoch 1/E eval"); ``diag`` rows in pretraining.
+
     Numbers become TensorBoard scalars under their key; a dict of numbers (the pretraining
     diagnostics' ``diag``) one scalar per entry, tagged ``key/entry``. None is skipped there."""
 
@@ -72,8 +78,10 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_loss_curve(metrics_path: Path, out_path: Path, title: Optional[str] = None) -> Path:
-    """Plot ``loss`` against ``step`` from a metrics file into a PNG."""
+def plot_loss_curve(metrics_path: Path, out_path: Path, title: Optional[str] = None,
+                    ylabel: str = "training loss (MSE on per-patch-normalised pixels)") -> Path:
+    """Plot ``loss`` against ``step`` from a metrics file into a PNG; ``ylabel`` names the
+    loss (the trainer passes its task's ``loss_name``)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -89,10 +97,12 @@ def plot_loss_curve(metrics_path: Path, out_path: Path, title: Optional[str] = N
         ax.plot(steps, smooth, lw=2.0, label=f"moving average of {k}")
         ax.legend()
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (normalised-pixel MSE)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title or "STAR pretraining")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_path)
+    # the labels as PNG text too, for whoever reads the file without looking at it
+    fig.savefig(out_path, metadata={"Title": title or "STAR pretraining",
+                                    "Description": f"{ylabel} against optimizer step"})
     plt.close(fig)
     return out_path

@@ -72,6 +72,7 @@ class TrainTask:
     dataset: Any  # the training set
     loss_fn: Callable  # (model, images, targets) -> loss
     describe: str = ""  # one line for the log
+    loss_name: str = "MSE on per-patch-normalised pixels"  # the loss curve's y axis
     extras: dict[str, Any] = field(default_factory=dict)  # more state_dict()-able things to save
     after_step: Optional[Callable[[], None]] = None  # e.g. an EMA update
     evaluate: Optional[Callable[[int], dict[str, float]]] = None  # epoch -> metrics incl. "score"
@@ -260,6 +261,8 @@ class Trainer:
         summary (``step``, ``epoch``, ``loss`` of the last epoch, ``seconds``, ``best``)."""
         o, r = self.cfg.optim, self.cfg.run
         epoch_loss = None
+        if self.state.epoch >= o.epochs or self.stopping:
+            return self.already_finished()
         start = time.perf_counter()
         try:
             with self.signals:
@@ -278,12 +281,27 @@ class Trainer:
         elapsed = time.perf_counter() - start
         if self.ctx.info.is_main and self.writer.path.exists():
             plot_loss_curve(self.writer.path, self.ctx.output_dir / "loss_curve.png",
-                            f"{self.task.title}, {self.cfg.model.name} on {self.cfg.data.name}")
+                            f"{self.task.title}, {self.cfg.model.name} on {self.cfg.data.name}",
+                            ylabel=f"training loss ({self.task.loss_name})")
             log.info(f"finished: step {self.state.step}, {elapsed:.0f}s; outputs in "
                      f"{self.ctx.output_dir}")
         cleanup()
         return dict(step=self.state.step, epoch=self.state.epoch, loss=epoch_loss,
                     seconds=elapsed, best=self.best, output_dir=str(self.ctx.output_dir))
+
+    def already_finished(self) -> dict[str, Any]:
+        """A resumed run that has nothing left to train: one line saying so and what to change;
+        the summary, with nothing plotted or saved again."""
+        o, r = self.cfg.optim, self.cfg.run
+        limit = (f"optim.epochs={o.epochs}" if self.state.epoch >= o.epochs
+                 else f"run.max_steps={r.max_steps}")
+        log.info(f"{self.ctx.output_dir} already finished at step {self.state.step} ({limit}): "
+                 "nothing to train; raise optim.epochs / run.max_steps to go on, or pick another "
+                 "run.output_dir")
+        self.writer.close()
+        cleanup()
+        return dict(step=self.state.step, epoch=self.state.epoch, loss=None, seconds=0.0,
+                    best=self.best, output_dir=str(self.ctx.output_dir))
 
     @property
     def stopping(self) -> bool:
@@ -315,7 +333,8 @@ class Trainer:
         window_sum = torch.zeros((), device=device)  # losses of the current accumulation window
         bad_window = 0  # unreadable images in the micro-batches since the last step
         bar = tqdm(total=self.steps_per_epoch * accum, initial=state.batch_in_epoch, leave=False,
-                   disable=not (r.progress and info.is_main), desc=f"epoch {state.epoch}",
+                   disable=not (r.progress and info.is_main),
+                   desc=f"epoch {state.epoch + 1}/{o.epochs}",
                    dynamic_ncols=True, file=sys.stdout)
         for (images, targets), bad in self.loader:
             bad_window += self.bad_images.note(bad)
@@ -413,13 +432,17 @@ class Trainer:
                 f"{self.resume_advice()}")
 
     def log_step(self, meter: _Meter, bar) -> None:
+        """One logged step: metrics.jsonl, the progress bar, or a log line without it. ``lr`` is
+        the largest parameter group's: with layer-wise decay (``optim.layer_decay``) the head's,
+        the schedule's own lr; the groups of earlier layers run at a fraction of it."""
         loss, ips = meter.flush(self.cfg.optim.accum_iter)
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = max(group["lr"] for group in self.optimizer.param_groups)
         self.writer.write(self.state.step, dict(epoch=self.state.epoch, loss=loss, lr=lr,
                                                 images_per_s=round(ips, 2)))
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.1f}")
         if not (self.cfg.run.progress and self.ctx.info.is_main):
-            log.info(f"epoch {self.state.epoch} step {self.state.step} loss {loss:.4f} "
+            log.info(f"epoch {self.state.epoch + 1}/{self.cfg.optim.epochs} step "
+                     f"{self.state.step} loss {loss:.4f} "
                      f"lr {lr:.2e} {ips:.1f} img/s")
 
     def after_step(self) -> None:
@@ -448,7 +471,8 @@ class Trainer:
         """Close a finished epoch: log, evaluate (every ``run.eval_every`` epochs and at the
         end), keep the best, and save the rolling, numbered and best checkpoints."""
         o, r, state = self.cfg.optim, self.cfg.run, self.state
-        log.info(f"epoch {state.epoch} done: mean loss {epoch_loss:.4f}, step {state.step}")
+        log.info(f"epoch {state.epoch + 1}/{o.epochs} done: mean loss {epoch_loss:.4f}, "
+                 f"step {state.step}")
         state.epoch += 1
         state.batch_in_epoch = state.bad_in_epoch = 0
         names = [ckpt.LATEST]
@@ -458,7 +482,7 @@ class Trainer:
                                                or state.epoch == o.epochs):
             metrics = self.task.evaluate(state.epoch)
             self.writer.write(state.step, dict(epoch=state.epoch, **metrics))
-            log.info(f"epoch {state.epoch} eval: "
+            log.info(f"epoch {state.epoch}/{o.epochs} eval: "
                      + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
             if self.best["score"] is None or metrics["score"] > self.best["score"]:
                 self.best = dict(score=metrics["score"], epoch=state.epoch)

@@ -99,11 +99,15 @@ def finetune(cfg: RunConfig) -> dict[str, Any]:
         eval_model = maybe_compile(model, r)
         eval_ema = maybe_compile(ema.module, r) if ema is not None else None
 
+        progress = r.progress and ctx.info.is_main
+
         def run_eval(epoch: int) -> dict[str, float]:
-            metrics = evaluate(eval_model, loader, ctx.device, ctx.amp_dtype)
+            metrics = evaluate(eval_model, loader, ctx.device, ctx.amp_dtype, progress=progress,
+                               desc=f"epoch {epoch}/{o.epochs} eval")
             if eval_ema is not None:
-                metrics.update({f"ema_{k}": v for k, v in
-                                evaluate(eval_ema, loader, ctx.device, ctx.amp_dtype).items()})
+                metrics.update({f"ema_{k}": v for k, v in evaluate(
+                    eval_ema, loader, ctx.device, ctx.amp_dtype, progress=progress,
+                    desc=f"epoch {epoch}/{o.epochs} eval (EMA)").items()})
             metrics["score"] = max(metrics["top1"], metrics.get("ema_top1", 0.0))
             return metrics
 
@@ -112,7 +116,7 @@ def finetune(cfg: RunConfig) -> dict[str, Any]:
                          f"directions, class token {model_cfg.class_token}, {num_classes} classes",
                          extras={"ema": ema} if ema is not None else {},
                          after_step=(lambda: ema.update(model)) if ema is not None else None,
-                         evaluate=run_eval)
+                         evaluate=run_eval, loss_name="cross-entropy")
         return Trainer(cfg, ctx, task).train()
 
 
@@ -134,8 +138,13 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Optional[RunConfig] = None,
     if not isinstance(saved, dict):
         raise CheckpointError(f"{checkpoint} is not a checkpoint written by star-mamba")
     check_classifier(model_state(saved)[0], checkpoint, head=True)  # before reading its config
+    note = None
     if cfg is None:
         run_config = saved.get("run_config")
+        if not run_config:
+            note = (f"{checkpoint} holds no run config (exported before export kept it, or "
+                     f"converted): evaluating on the data of the built-in {DEFAULT_EVAL_CONFIG} "
+                    "config; pass -c CONFIG (or --set data.KEY=VALUE) for other data")
         cfg = load_config(None if run_config else DEFAULT_EVAL_CONFIG, overrides, task="finetune",
                           base=run_config)
     runtime = {k: v for k, v in cfg.model.fields.items() if k in RUNTIME_FIELDS}
@@ -145,11 +154,15 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Optional[RunConfig] = None,
         raise ConfigError(f"{checkpoint} is a {model.cfg.num_classes}-class classifier but the "
                           f"evaluation data ({describe_eval_data(cfg.data)}) has {num_classes} "
                           "classes; evaluate it on the data it was trained for (without -c, "
-                          "eval reads the data config saved in the checkpoint)")
+                          "eval reads the data config saved in the checkpoint)"
+                          + (f". {note}" if note else ""))
     ctx = start_run(cfg, record=False)
+    if note is not None:
+        log.info(note)
     model = maybe_compile(model.to(ctx.device), cfg.run)
     result = evaluate(model, eval_loader(eval_set, cfg.optim.batch_size, ctx.info,
-                                         cfg.data.num_workers), ctx.device, ctx.amp_dtype)
+                                         cfg.data.num_workers), ctx.device, ctx.amp_dtype,
+                      progress=cfg.run.progress and ctx.info.is_main)
     log.info(f"{checkpoint}{' (EMA)' if use_ema else ''}: top-1 {result['top1']:.2f}, "
              f"top-5 {result['top5']:.2f}, loss {result['loss']:.4f} on {len(eval_set)} images")
     return result

@@ -106,5 +106,6 @@ def pretrain(cfg: RunConfig) -> dict[str, Any]:
                                         max(1, cfg.optim.batch_size // k), ctx.amp_dtype)
                     if cfg.run.diag_every else None)
         task = TrainTask("STAR pretraining", model, model_cfg, dataset, pretrain_loss,
-                         describe=describe, diagnose=diagnose)
+                         describe=describe, diagnose=diagnose,
+                         loss_name="MSE on per-patch-normalised pixels")
         return Trainer(cfg, ctx, task).train()

@@ -113,7 +113,9 @@ def segment(cfg: RunConfig) -> dict[str, Any]:
         task = TrainTask("STAR segmentation", model, model_cfg, train_set, loss_fn,
                          describe=f", {model_cfg.directions} directions, {head}, "
                                   f"{len(classes)} classes",
-                         evaluate=run_eval)
+                         evaluate=run_eval,
+                         loss_name="per-pixel cross-entropy" + (f" + {s.aux_weight:g} x auxiliary"
+                                                                if s.aux_weight else ""))
         summary = Trainer(cfg, ctx, task).train()
     return {**summary, **{k: last[k] for k in ("mIoU", "mAcc", "aAcc") if k in last}}
 

@@ -279,7 +279,7 @@ def to_markdown(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def run_all(output_dir: str | Path = "benchmarks/results", quick: bool = False,
+def run_all(output_dir: str | Path = "runs/bench", quick: bool = False,
             compile_backend: Optional[str] = None) -> dict:
     """Run (a) to (d) and write ``bench.json`` and ``bench.md`` into ``output_dir``."""
     output_dir = Path(output_dir)

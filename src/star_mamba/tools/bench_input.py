@@ -134,7 +134,7 @@ def step_rate(path: Path = GPU_RESULTS) -> tuple[float, str]:
                                    f"({ASSUMED_STEP_RATE:.0f} images/s; {where})")
 
 
-def run_input_bench(output_dir: str | Path = "benchmarks/results", images_per_class: int = 48,
+def run_input_bench(output_dir: str | Path = "runs/bench", images_per_class: int = 48,
                     size: tuple[int, int] = (500, 375), short_side: int = 256,
                     img_size: int = 192, batch: int = 32, repeats: int = 3, passes: int = 1,
                     workers: int = 1, quick: bool = False, gpu_results: Path = GPU_RESULTS,

@@ -21,9 +21,10 @@ own; :func:`visualize` strings them together.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -31,6 +32,8 @@ from torch import Tensor
 from .. import sequence as seq
 from ..config import StarConfig
 from ..errors import ConfigError, DataError
+
+log = logging.getLogger("star_mamba")
 
 __all__ = ["unnormalize_patches", "segment_index_table", "segments_to_images",
            "unpredicted_clusters", "loss_per_position", "diagnostic_series",
@@ -122,12 +125,13 @@ def load_pretrain_checkpoint(checkpoint: str | Path, device: str | torch.device 
     ``MissingFileError``; a classifier checkpoint or one without a model config
     ``CheckpointError``.
     """
-    model, path, _ = _load_pretrain(checkpoint, device)
+    model, path, _, _ = _load_pretrain(checkpoint, device)
     return model, path
 
 
 def _load_pretrain(checkpoint: str | Path, device: str | torch.device):
-    """(model, path, the optimizer step it was saved at or None when it does not say)."""
+    """(model, path, the optimizer step it was saved at or None when it does not say, the run
+    config saved with it or None)."""
     from ..checkpoint import load_checkpoint, resolve_checkpoint
     from ..models.io import load_pretrain
 
@@ -135,7 +139,8 @@ def _load_pretrain(checkpoint: str | Path, device: str | torch.device):
     payload = load_checkpoint(path)  # read once: the step and the model
     saved_state = payload.get("state") if isinstance(payload, dict) else None
     step = saved_state.get("step") if isinstance(saved_state, dict) else None
-    return load_pretrain(payload, name=str(path)).to(device), path, step
+    run_config = payload.get("run_config") if isinstance(payload, dict) else None
+    return load_pretrain(payload, name=str(path)).to(device), path, step, run_config
 
 
 def _batch_size(requested: int, k: int) -> int:
@@ -338,14 +343,15 @@ def _nanmean(t: Tensor) -> float:
 def visualize(checkpoint: str | Path, out_dir: str | Path, config: Any = None,
               num_sequences: int = 2, max_batches: int = 4, device: str | torch.device = "cpu",
               seed: int = 0, split: Optional[str] = None, first_clusters: int = 1,
-              diagnostics: bool = True) -> dict[str, Any]:
+              diagnostics: bool = True, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """Write ``predictions.png``, ``loss_per_position.png`` and ``loss_per_position.json``, and
     with ``diagnostics`` ``diagnostics.png`` / ``diagnostics.json`` (:func:`write_diagnostics`).
 
     ``checkpoint``: a STAR pretraining checkpoint (or a run directory). ``config``: a loaded
-    ``RunConfig``, a config path / built-in name, or None for the built-in
-    ``pretrain/fashion_mnist``; only its ``data`` section (and ``optim.batch_size``) is used, the
-    model comes from the checkpoint. ``split``: the split the images come from (default: the
+    ``RunConfig``, a config path / built-in name, or None for the run config saved in the
+    checkpoint (the built-in ``pretrain/fashion_mnist`` for a checkpoint without one), with
+    ``overrides`` (``section.key=value``) applied to a path, a name or None; only its ``data``
+    section (and ``optim.batch_size``) is used, the model comes from the checkpoint. ``split``: the split the images come from (default: the
     data's eval split, images not trained on), read through the evaluation transform
     (``data.build``). Images are drawn at random (``seed``; a stream of shards: its first ones),
     ``max_batches`` batches of ``optim.batch_size`` images for the loss table; the predictions
@@ -362,10 +368,18 @@ def visualize(checkpoint: str | Path, out_dir: str | Path, config: Any = None,
 
     if num_sequences < 1 or max_batches < 1 or first_clusters < 1:
         raise ConfigError("num_sequences, max_batches and first_clusters must be >= 1")
-    model, path, step = _load_pretrain(checkpoint, device)
+    model, path, step, saved_run = _load_pretrain(checkpoint, device)
     cfg = model.cfg
-    run_cfg = config if isinstance(config, RunConfig) else load_config(
-        str(config) if config is not None else "pretrain/fashion_mnist")
+    if isinstance(config, RunConfig):
+        run_cfg = config
+    elif config is not None:
+        run_cfg = load_config(str(config), list(overrides), task="pretrain")
+    elif saved_run:  # the data the checkpoint was trained on
+        run_cfg = load_config(None, list(overrides), task="pretrain", base=saved_run)
+    else:
+        log.warning(f"{path} holds no run config: drawing images from the built-in "
+                 "pretrain/fashion_mnist data; pass -c CONFIG for other data")
+        run_cfg = load_config("pretrain/fashion_mnist", list(overrides), task="pretrain")
     data_cfg = run_cfg.data
     split = split or data_cfg.resolved_eval_split
     dataset = split_images(data_cfg, cfg, split)  # unrelated images, whatever data.sequence
