@@ -87,6 +87,8 @@ def segment(cfg: RunConfig) -> dict[str, Any]:
     with start_run(cfg, trains=True) as ctx:
         seed_everything(r.seed)
         model = build_segmenter(cfg, model_cfg).to(ctx.device)
+        if s.norm == "bn" and ctx.info.enabled:  # batch statistics over every rank's images
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
         def loss_fn(m, images, masks):
             logits, aux = m(images, with_aux=True)
