@@ -62,7 +62,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, two_epochs):
 
 def test_damaged_latest_resumes_from_the_newest_numbered_checkpoint(tmp_path, two_epochs):
     """latest (step 11) cut in half: auto-resume warns, naming it and why, takes
-    checkpoint-0001.pth (end of epoch 0, step 8), redoes steps 9-16 and ends where an
+    checkpoint-0001.pth (end of the first epoch, step 8), redoes steps 9-16 and ends where an
     uninterrupted run does; the metrics rows of the redone steps are not doubled."""
     out = tmp_path / "run"
     assert pretrain(tiny_config(out, "optim.epochs=2", "run.max_steps=11"))["step"] == 11
@@ -72,7 +72,7 @@ def test_damaged_latest_resumes_from_the_newest_numbered_checkpoint(tmp_path, tw
     log = (out / "log.txt").read_text()
     assert re.search(rf"cannot load checkpoint {re.escape(str(latest))}: RuntimeError: "
                      r".*failed finding central directory; left in place", log)
-    assert re.search(r"resumed from \S+checkpoint-0001.pth at epoch 1, step 8\b", log)
+    assert re.search(r"resumed from \S+checkpoint-0001.pth at step 8, 0 batches into epoch 2/2\b", log)
     assert_same_tensors(load_checkpoint(two_epochs / ckpt.LATEST)["model"],
                         load_checkpoint(latest)["model"], "weights")
     assert [r["step"] for r in metrics(out)] == list(range(1, 17))

@@ -51,7 +51,7 @@ def test_sigkill_with_workers_then_resume_gives_identical_weights(tmp_path):
     for done in (run_cli("pretrain", full_sets, env=reproducible),
                  run_cli("pretrain", sets, env=reproducible)):  # the second resumes by itself
         assert done.returncode == 0, output_of(done)
-    assert re.search(r"resumed from \S+checkpoint-latest.pth at epoch 0, step 6\b",
+    assert re.search(r"resumed from \S+checkpoint-latest.pth at step 6, \d+ batches into epoch 1/\d+",
                      (tmp_path / "killed" / "log.txt").read_text())
     assert steps_logged(tmp_path / "killed") == list(range(1, 17))  # step 7 once, redone
     a = ckpt.load_checkpoint(tmp_path / "full" / ckpt.LATEST)
@@ -142,7 +142,7 @@ def test_unreadable_images_are_counted_over_workers_and_across_a_resume(tmp_path
         assert log.count(f"unreadable image {files[i]} (") == 1 and f"dataset index {i})" in log
     assert run("above", 0.07, "run.max_steps=4")["step"] == 4
     assert ckpt.load_checkpoint(tmp_path / "above" / ckpt.LATEST)["state"]["bad_in_epoch"] == 2
-    with pytest.raises(RuntimeError, match=r"3 unreadable images in epoch 0 \(all ranks\) of 40: "
+    with pytest.raises(RuntimeError, match=r"3 unreadable images in epoch 1 \(all ranks\) of 40: "
                                            r"more than data.max_bad_fraction=0.07; stopping "
                                            r"before step 6") as stop:
         run("above", 0.07)
@@ -219,7 +219,7 @@ def test_torchrun_job_survives_a_killed_worker(tmp_path):
     assert out.returncode == 0, output_of(out)
     log = (tmp_path / "log.txt").read_text()
     assert "exitcode: -9" in out.stderr or "SIGKILL" in out.stderr  # the worker really died
-    assert re.search(r"resumed from .* at epoch 0, step [45]\b", log), log  # rank 0 saved 4 or 5
+    assert re.search(r"resumed from .* at step [45], \d+ batches into epoch 1/\d+", log), log  # rank 0 saved 4 or 5
     assert "finished: step 16" in log
     assert ckpt.load_checkpoint(tmp_path / ckpt.LATEST)["state"]["step"] == 16
 

@@ -115,7 +115,7 @@ class BadImages:
         state.bad_in_epoch += new
         if state.bad_in_epoch > self.max_fraction * self.dataset_size:
             raise UnreadableImagesError(
-                f"{state.bad_in_epoch} unreadable images in epoch {state.epoch} (all ranks) of "
+                f"{state.bad_in_epoch} unreadable images in epoch {state.epoch + 1} (all ranks) of "
                 f"{self.dataset_size}: more than data.max_bad_fraction={self.max_fraction}; "
                 f"stopping before step {state.step + 1}, the last checkpoint is untouched. Last "
                 f"one met here: {self.last or '(on another rank)'}")
@@ -222,7 +222,9 @@ class Trainer:
         path, saved = found
         ckpt.check_same_model(saved["model_config"], self.task.model_cfg.to_dict(), path)
         self.load_state_dict(saved)
-        log.info(f"resumed from {path} at epoch {self.state.epoch}, step {self.state.step}")
+        st, epochs = self.state, self.cfg.optim.epochs
+        log.info(f"resumed from {path} at step {st.step}, {st.batch_in_epoch} batches into epoch "
+                 f"{st.epoch + 1}/{epochs}")
         return path
 
     def save(self, names: Sequence[str]) -> None:
@@ -422,7 +424,7 @@ class Trainer:
         first = state.batch_in_epoch - accum
         indices = [i for b in range(first, state.batch_in_epoch)
                    for i in self.sampler.batch_indices(b)]
-        log.warning(f"non-finite loss or gradient before step {state.step} (epoch {state.epoch}, "
+        log.warning(f"non-finite loss or gradient before step {state.step} (epoch {state.epoch + 1}, "
                     f"batches {first}..{state.batch_in_epoch - 1}, dataset indices {indices}); "
                     f"step skipped, weights untouched ({state.nonfinite_in_row} in a row)")
         if state.nonfinite_in_row >= self.cfg.run.max_nonfinite:
