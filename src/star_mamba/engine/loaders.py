@@ -1,7 +1,7 @@
 """The data loaders of training and evaluation: how a dataset is read by one rank of a run."""
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -25,7 +25,8 @@ class TrainingItems(NamedTuple):
     what: str  # for the log
 
 
-def training_items(dataset: Dataset, batch_size: int, seed: int, world_size: int) -> TrainingItems:
+def training_items(dataset: Dataset, batch_size: int, seed: int, world_size: int,
+                   collate: Optional[Callable[[list], Any]] = None) -> TrainingItems:
     """How ``dataset`` is read in training; ``optim.batch_size`` (``batch_size``) counts images
     per process and micro-batch either way.
 
@@ -34,7 +35,8 @@ def training_items(dataset: Dataset, batch_size: int, seed: int, world_size: int
     sequence by sequence, ``batch_size // K`` per micro-batch (:class:`ReportedSequences`): the
     sampler shards whole sequences, so a sequence is never split across ranks."""
     if not isinstance(dataset, SequenceDataset):
-        return TrainingItems(SeededDataset(dataset, seed), batch_size, collate_reported, True,
+        batches = collate_reported if collate is None else with_reports(collate)
+        return TrainingItems(SeededDataset(dataset, seed), batch_size, batches, True,
                              len(dataset), f"{len(dataset)} images")
     k = dataset.images_per_sequence
     if batch_size % k:
@@ -49,10 +51,22 @@ def training_items(dataset: Dataset, batch_size: int, seed: int, world_size: int
                          f"{len(dataset) * k} images ({len(dataset)} {dataset.kind} sequences of {k})")
 
 
-def training_loader(dataset: Any, cfg: RunConfig, info: DistInfo, device: torch.device
-                    ) -> tuple[Any, int, str]:
+class with_reports:  # noqa: N801 - used as a function; a class so that workers can pickle it
+    """A task's collate of samples, batched with their unreadable-image reports as
+    :func:`collate_reported` does."""
+
+    def __init__(self, collate: Callable[[list], Any]):
+        self.collate = collate
+
+    def __call__(self, items: list[tuple[Any, list]]) -> tuple[Any, list]:
+        return self.collate([sample for sample, _ in items]), [r for _, rs in items for r in rs]
+
+
+def training_loader(dataset: Any, cfg: RunConfig, info: DistInfo, device: torch.device,
+                    collate: Optional[Callable[[list], Any]] = None) -> tuple[Any, int, str]:
     """(loader, images per epoch, what for the log). The loader yields ``((images, targets),
-    reports)`` and its ``sampler`` is the epoch's :class:`~.sampler.BatchPlan`: a
+    reports)`` (``collate``: how samples become ``(images, targets)``, default_collate's
+    stacking by default) and its ``sampler`` is the epoch's :class:`~.sampler.BatchPlan`: a
     :class:`EpochIndexSampler` over a map-style dataset, or, for shards
     (:class:`~star_mamba.data.shards.ShardSet`), the stream's own plan, which gives every rank
     the same number of batches."""
@@ -62,7 +76,7 @@ def training_loader(dataset: Any, cfg: RunConfig, info: DistInfo, device: torch.
                                       pin_memory=device.type == "cuda")
         return loader, len(dataset), (f"{len(dataset)} images in {len(dataset.index.shards)} "
                                       f"shards (streamed, buffer {dataset.shuffle_buffer})")
-    items = training_items(dataset, o.batch_size, r.seed, info.world_size)
+    items = training_items(dataset, o.batch_size, r.seed, info.world_size, collate)
     sampler = EpochIndexSampler(len(items.dataset), items.batch_size, info.rank, info.world_size,
                                 r.seed, shuffle=items.shuffle)
     loader = DataLoader(items.dataset, batch_size=items.batch_size,

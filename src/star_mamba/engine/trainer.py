@@ -79,6 +79,20 @@ class TrainTask:
     # model -> numbers for metrics.jsonl's "diag" (None: nothing to log), every run.diag_every
     # steps, on rank 0 only (so it must not use collectives); it logs its own summary
     diagnose: Optional[Callable[[torch.nn.Module], Optional[dict[str, Any]]]] = None
+    # samples -> (images, targets) for a batch, when default_collate's stacking does not fit
+    # (detection: lists of images of several sizes and of target dicts)
+    collate: Optional[Callable[[list], Any]] = None
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """A batch's tensors on ``device`` (non-blocking), through lists, tuples and dicts."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
 
 
 class BadImages:
@@ -176,7 +190,8 @@ class Trainer:
         resumed_from = self.resume()
         record_config(cfg, ctx)
         self.trained = wrap_for_training(self.model, r, ctx.device, info)
-        self.loader, num_images, what = training_loader(task.dataset, cfg, info, ctx.device)
+        self.loader, num_images, what = training_loader(task.dataset, cfg, info, ctx.device,
+                                                        task.collate)
         self.sampler: BatchPlan = self.loader.sampler
         self.steps_per_epoch = self.sampler.batches_per_epoch // o.accum_iter
         if self.steps_per_epoch == 0:
@@ -349,7 +364,7 @@ class Trainer:
             # NaN and inf survive summation, so the window's sum is finite iff every loss was.
             window_sum = loss if micro == 0 else window_sum + loss
             state.batch_in_epoch += 1
-            meter.images += images.shape[0] * info.world_size
+            meter.images += len(images) * info.world_size
             bar.update(1)
             if micro != accum - 1:
                 continue
@@ -372,8 +387,7 @@ class Trainer:
         state, device, amp_dtype = self.state, self.ctx.device, self.ctx.amp_dtype
         seed_everything(block_seed(self.cfg.run.seed, state.epoch,
                                    self.sampler.global_block(state.batch_in_epoch)))
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
+        images, targets = to_device(images, device), to_device(targets, device)
         sync = (self.trained.no_sync() if (self.ctx.info.enabled and not last)
                 else contextlib.nullcontext())
         with sync:
