@@ -131,10 +131,11 @@ def test_loss_ignores_255_pixels():
     logits = torch.randn(2, K, 6, 7)
     masks = torch.full((2, 6, 7), 255)
     masks[1, 3, 4] = 2
-    one = F.cross_entropy(logits[1:, :, 3, 4], torch.tensor([2]))
+    pixels = masks.numel()  # the loss is a sum over valid pixels / all pixels (mmseg's default)
+    one = F.cross_entropy(logits[1:, :, 3, 4], torch.tensor([2])) / pixels
     torch.testing.assert_close(segmentation_loss(logits, None, masks, 0.4), one)
     aux = torch.randn(2, K, 6, 7)
-    with_aux = one + 0.4 * F.cross_entropy(aux[1:, :, 3, 4], torch.tensor([2]))
+    with_aux = one + 0.4 * F.cross_entropy(aux[1:, :, 3, 4], torch.tensor([2])) / pixels
     torch.testing.assert_close(segmentation_loss(logits, aux, masks, 0.4), with_aux)
     assert segmentation_loss(logits, aux, torch.full((2, 6, 7), 255), 0.4) == 0  # not NaN
 

@@ -448,13 +448,20 @@ class StarSegmenter(nn.Module):
 
 def segmentation_loss(logits: Tensor, aux_logits: Optional[Tensor], masks: Tensor,
                       aux_weight: float, ignore_index: int = IGNORE_INDEX) -> Tensor:
-    """Pixel cross-entropy, the mean over pixels whose label is not ``ignore_index``, plus
+    """Pixel cross-entropy summed over the pixels whose label is not ``ignore_index`` and
+    divided by all pixels of the batch (mmseg's default, ``avg_non_ignore=False``), plus
     ``aux_weight`` x the same on the auxiliary logits (if any). logits (B, K, H, W), masks
-    (B, H, W) int64. A batch with no valid pixel gives 0 (not NaN), with no host sync."""
-    valid = (masks != ignore_index).sum().clamp(min=1)
+    (B, H, W) int64.
+
+    Dividing by the batch's pixels rather than its valid ones keeps the loss a mean over a
+    fixed count: under DDP each rank's loss then weighs its pixels as one process's would, so
+    N processes train the weights one process trains with the same global batch (a mean over
+    each rank's valid pixels would weigh ranks with more padding more). A batch with no valid
+    pixel gives 0."""
+    count = masks.numel()
 
     def mean_ce(x: Tensor) -> Tensor:
-        return F.cross_entropy(x.float(), masks, ignore_index=ignore_index, reduction="sum") / valid
+        return F.cross_entropy(x.float(), masks, ignore_index=ignore_index, reduction="sum") / count
 
     loss = mean_ce(logits)
     if aux_logits is not None and aux_weight:
