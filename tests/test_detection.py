@@ -4,10 +4,13 @@ COCO reader on a tree written here, the joint transforms, scene targets and the 
 end to end."""
 import json
 import logging
+import socket
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from PIL import Image
 from timm.optim import create_optimizer_v2
 
@@ -430,14 +433,14 @@ def test_untrained_detector_is_scored_end_to_end_on_scenes():
 class _Oracle(torch.nn.Module):
     """Returns each scene's ground truth (resized to the input) as its predictions."""
 
-    def __init__(self, scenes):
+    def __init__(self, scenes, order=None):
         super().__init__()
-        self.scenes = scenes
+        self.scenes, self.order = scenes, list(order) if order is not None else list(range(len(scenes)))
 
     def forward(self, images):
         outs = []
         for image in images:
-            idx = self._next
+            idx = self.order[self._next]
             self._next += 1
             _, t = self.scenes.raw(idx)
             h, w = image.shape[-2:]
@@ -448,3 +451,58 @@ class _Oracle(torch.nn.Module):
         return outs
 
     _next = 0
+
+
+def test_a_training_step_on_collated_scene_items_with_lsj_and_an_empty_image():
+    scenes = SceneDataset(2, "train", seed=0, opts=SCENES)
+    opts = DetectionDataOptions(lsj=True, lsj_size=32, lsj_range=(0.5, 1.5))
+    data = SceneDetection(scenes, DetectionTransform(opts, train=True))
+    np.random.seed(0)
+    items = [data[0], data[1]]
+    empty = (torch.rand(1, 28, 36), make_target(np.zeros((0, 4)), [], np.zeros((0, 28, 36)), 9, (28, 36)))
+    images, targets = collate_detection([*items, empty])
+    model = detector(num_classes=10).train()
+    losses = model(images, targets)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+
+
+def test_evaluation_under_bf16_autocast_runs():
+    scenes = SceneDetection(SceneDataset(2, "test", seed=0, opts=SCENES))
+    loader = torch.utils.data.DataLoader(scenes, batch_size=2, collate_fn=collate_detection)
+    metrics = evaluate_detection(detector(num_classes=10), loader, "cpu", torch.bfloat16,
+                                 scenes_to_coco(scenes), scenes.label_to_category)
+    assert set(metrics) == set(metric_names())
+
+
+# ------------------------------------------------------------------------------ two processes
+
+def _rank_eval(rank: int, world: int, port: int, path: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        scenes = SceneDetection(SceneDataset(3, "test", seed=0, opts=SCENES))
+        share = [[0, 2], [1, 0]][rank]  # a padded sampler: image 0 on both ranks
+        loader = [collate_detection([scenes[i]]) for i in share]
+        out = evaluate_detection(_Oracle(scenes, share), loader, "cpu", None,
+                                 scenes_to_coco(scenes), None)
+        torch.save(out, f"{path}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow  # two spawned interpreters importing torch: ~30 s on 2 busy cores
+def test_two_gloo_processes_gather_every_image_once(tmp_path):
+    path = str(tmp_path / "out")
+    mp.spawn(_rank_eval, args=(2, _free_port(), path), nprocs=2, join=True)
+    for rank in (0, 1):  # every image scored (a missing one would cost recall), the same dict
+        out = torch.load(f"{path}.{rank}")
+        assert out["bbox_mAP"] == pytest.approx(100.0) and out["bbox_AR_100"] == pytest.approx(100.0)
+    same = [{k: repr(v) for k, v in torch.load(f"{path}.{r}").items()} for r in (0, 1)]
+    assert same[0] == same[1]  # NaN (no ground truth in an area range) included

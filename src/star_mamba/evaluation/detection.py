@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
