@@ -76,21 +76,21 @@ class DetectionDataOptions:
 
     def __post_init__(self) -> None:
         if (self.min_size is None) != (self.max_size is None):
-            raise ConfigError("invalid config: data.detect_min_size / detect_max_size: give both "
-                              "or neither (neither: keep the image size)")
+            raise ConfigError("invalid detection data options: min_size / max_size: give both or "
+                              "neither (neither: keep the image size)")
         if self.min_size is not None and not 0 < self.min_size <= self.max_size:
-            raise ConfigError(f"invalid config: data.detect_min_size={self.min_size}, "
-                              f"detect_max_size={self.max_size}; expected 0 < min <= max")
+            raise ConfigError(f"invalid detection data options: min_size={self.min_size}, "
+                              f"max_size={self.max_size}; expected 0 < min <= max")
         if not 0.0 <= self.flip_prob <= 1.0:
-            raise ConfigError(f"invalid config: data.flip_prob={self.flip_prob}; expected [0, 1]")
+            raise ConfigError(f"invalid detection data options: flip_prob={self.flip_prob}; expected [0, 1]")
         lo, hi = self.lsj_range
         if not 0 < lo <= hi:
-            raise ConfigError(f"invalid config: data.lsj_range={tuple(self.lsj_range)}; "
+            raise ConfigError(f"invalid detection data options: lsj_range={tuple(self.lsj_range)}; "
                               "expected 0 < min <= max")
         if self.lsj_size < 1:
-            raise ConfigError(f"invalid config: data.lsj_size={self.lsj_size}; expected >= 1")
+            raise ConfigError(f"invalid detection data options: lsj_size={self.lsj_size}; expected >= 1")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
-            raise ConfigError(f"invalid config: data.max_bad_fraction={self.max_bad_fraction}; "
+            raise ConfigError(f"invalid detection data options: max_bad_fraction={self.max_bad_fraction}; "
                               "expected [0, 1]")
 
 
