@@ -67,8 +67,9 @@ def assert_one_error_line(capsys, command, *needles):
 
 
 def test_commands_are_one_table():
-    assert list(COMMANDS) == ["pretrain", "finetune", "segment", "linprobe", "eval", "export", "ablate",
-                              "viz", "convert-arm", "prepare-data", "models", "bench"]
+    assert list(COMMANDS) == ["pretrain", "finetune", "segment", "detect", "linprobe", "eval",
+                              "export", "ablate", "viz", "convert-arm", "prepare-data", "models",
+                              "bench"]
     for name, (text, add_arguments, handler) in COMMANDS.items():
         assert text and callable(add_arguments) and callable(handler), name
 

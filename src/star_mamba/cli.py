@@ -3,6 +3,7 @@
   star-mamba pretrain  [-c CONFIG] [--set section.key=value ...]   STAR pretraining
   star-mamba finetune  [-c CONFIG] [--pretrained CKPT] [--set ...] fine-tune the classifier
   star-mamba segment   [-c CONFIG] [--pretrained CKPT] [--set ...] semantic segmentation
+  star-mamba detect    [-c CONFIG] [--pretrained CKPT] [--set ...] Mask R-CNN detection
   star-mamba linprobe  [-c CONFIG] [--pretrained CKPT] [--set ...] converged linear probe + k-NN
   star-mamba eval --checkpoint CKPT [-c CONFIG] [--set ...] [--ema] top-1 / top-5 of a classifier,
                                                                    mIoU of a segmenter
@@ -237,7 +238,13 @@ def _linprobe(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from .engine.config import load_config
     from .tasks.finetune import evaluate_checkpoint
+    from .tasks.detect import evaluate_detection_checkpoint, holds_detector
     from .tasks.segment import evaluate_segmentation_checkpoint, holds_segmenter
+    if holds_detector(args.checkpoint):
+        cfg = (load_config(args.config, args.overrides, task="detect")
+               if args.config is not None else None)
+        print(json.dumps(evaluate_detection_checkpoint(args.checkpoint, cfg, args.overrides)))
+        return 0
     if holds_segmenter(args.checkpoint):
         cfg = (load_config(args.config, args.overrides, task="segment")
                if args.config is not None else None)
@@ -414,11 +421,14 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Handle
     "segment": ("semantic segmentation on a STAR backbone (default: UPerNet on the built-in "
                 "scenes, from the default pretraining run)",
                 _train_args("segment/scenes", pretrained=True), _train),
+    "detect": ("detection and instance segmentation (Mask R-CNN) on a STAR backbone (default: "
+               "the built-in scenes, from the default pretraining run)",
+               _train_args("detect/scenes", pretrained=True), _train),
     "linprobe": ("linear probe of a frozen backbone: features extracted once, logistic "
                  "regression to convergence with a weight-decay sweep, and k-NN",
                  _linprobe_args, _linprobe),
-    "eval": ("top-1/top-5 of a fine-tuned classifier, or mIoU of a segmentation checkpoint, "
-             "by default on the data of the run that made it", _eval_args, _eval),
+    "eval": ("top-1/top-5 of a fine-tuned classifier, mIoU of a segmenter or box/mask AP of a "
+             "detector, by default on the data of the run that made it", _eval_args, _eval),
     "export": ("checkpoint weights + model config -> .safetensors", _export_args, _export),
     "ablate": ("grid over separator kind/position, K and cluster size: pretrain + probe per "
                "point, resumable, table + plot", _ablate_args, _ablate),

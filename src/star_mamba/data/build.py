@@ -31,6 +31,7 @@ from .fashion_mnist import FashionMNIST
 from .folder import build_image_folder
 from .hf import build_hf_images
 from .scenes import SceneDataset
+from .detection import DetectionDataOptions, DetectionTransform, SceneDetection, build_coco_detection
 from .seg_transforms import SegEvalTransform, SegTrainTransform
 from .segmentation import SceneSegmentation, build_ade20k, build_seg_folder
 from .sequences import build_sequence_dataset
@@ -86,6 +87,9 @@ def refuse_segmentation(data: DataConfig, what: str) -> None:
     if data.spec.task_kind == "segmentation":
         raise ConfigError(f"invalid config: data.name={data.name} is a segmentation dataset "
                           f"(per-pixel masks), read by `star-mamba segment`, not by {what}")
+    if data.spec.task_kind == "detection":
+        raise ConfigError(f"invalid config: data.name={data.name} is a detection dataset "
+                          f"(boxes and instance masks), read by `star-mamba detect`, not by {what}")
 
 
 def _dataset(data: DataConfig, model: StarConfig, split: str, purpose: Purpose) -> Dataset:
@@ -228,6 +232,38 @@ def segmentation_sets(data: DataConfig, crop_size: int, in_chans: int, seed: int
     eval_set = first(read(data.resolved_eval_split, eval_tf, HELD_OUT_SEED), data.max_eval_images)
     base = eval_set.dataset if isinstance(eval_set, Subset) else eval_set
     return train_set, eval_set, tuple(base.classes)
+
+
+def detection_sets(data: DataConfig, opts: DetectionDataOptions, in_chans: int, seed: int,
+                   with_masks: bool = True, train: bool = True):
+    """(train set or None, eval set, class names with "background" first, label -> dataset
+    category id) of a detector on ``data``: ``scenes`` (1 channel; their boxes and visible
+    masks) or ``coco`` (3 channels; ``data.root`` the COCO 2017 directory). Items are
+    ``(image (C, H, W) float in [0, 1], target dict)`` (torchvision's format; the detector
+    normalises); batches need :func:`~.detection.collate_detection`. ``max_images`` /
+    ``max_eval_images`` apply; evaluation scenes are drawn with :data:`HELD_OUT_SEED`."""
+    if data.name not in ("scenes", "coco"):
+        raise ConfigError(f"invalid config: data.name={data.name} has no boxes to detect; "
+                          "allowed: scenes, coco")
+    channels = 1 if data.name == "scenes" else 3
+    if in_chans != channels:
+        raise ConfigError(f"invalid config: model.in_chans={in_chans} but data.name={data.name} "
+                          f"images have {channels} channel(s)")
+    if data.name == "coco" and data.root is None:
+        raise ConfigError(f"invalid config: data.root is required for data.name=coco "
+                          f"({data.spec.root})")
+
+    def read(split: str, training: bool, count: Optional[int], scene_seed: int):
+        if data.name == "scenes":
+            n = data.scene_images if count is None else min(count, data.scene_images)
+            scenes = SceneDataset(n, split, scene_seed, data.scene_options(), data.root)
+            return SceneDetection(scenes, DetectionTransform(opts, training), with_masks)
+        return first(build_coco_detection(data.root, split, opts, training, with_masks), count)
+
+    train_set = read(data.split, True, data.max_images, seed) if train else None
+    eval_set = read(data.resolved_eval_split, False, data.max_eval_images, HELD_OUT_SEED)
+    base = eval_set.dataset if isinstance(eval_set, Subset) else eval_set
+    return train_set, eval_set, tuple(base.classes), dict(base.label_to_category)
 
 
 def describe_eval_data(data: DataConfig) -> str:

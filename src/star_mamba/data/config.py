@@ -21,7 +21,7 @@ SEQUENCE_FIELDS = {"num_sequences": "num_sequences", "view_scale": "scale", "vie
                    "clip_speed": "speed", "clip_per_epoch": "per_epoch"}
 
 DatasetName = Literal["fashion_mnist", "imagefolder", "shards", "hf", "synthetic", "scenes",
-                      "ade20k", "seg_folder"]
+                      "ade20k", "seg_folder", "coco"]
 SceneSource = Literal["auto", "fashion_mnist", "shapes"]
 LABEL_VALUES = 256  # segmentation masks are 8-bit: data.ignore_index is one of these values
 SequenceKind = Literal["random", "same_class", "views", "clip"]

@@ -72,9 +72,14 @@ SPECS: dict[str, DatasetSpec] = {s.name: s for s in (
                 sequences=("random",),
                 root="a directory holding images/<split>/, masks/<split>/ and classes.txt",
                 task_kind="segmentation"),
+    # detection: images with boxes and instance masks (the scenes serve detection too)
+    DatasetSpec("coco", rgb=True, **_IMAGENET, eval_split="val", random_access=True,
+                sequences=("random",),
+                root="the COCO 2017 directory (train2017/, val2017/, annotations/)",
+                task_kind="detection"),
 )}
 DATASET_NAMES = tuple(SPECS)
-TASK_KINDS = ("classification", "segmentation")
+TASK_KINDS = ("classification", "segmentation", "detection")
 
 
 def spec(name: str) -> DatasetSpec:

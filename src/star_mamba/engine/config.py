@@ -1,7 +1,7 @@
 """Run configuration: YAML files plus ``--set section.key=value`` overrides.
 
-A run config has six sections: ``model`` (a size ``name`` plus any :class:`StarConfig` field),
-``data`` (``data/config.py``), ``optim``, ``run`` and ``segment`` (below), and ``probe``
+A run config has seven sections: ``model`` (a size ``name`` plus any :class:`StarConfig` field),
+``data`` (``data/config.py``), ``optim``, ``run``, ``segment`` and ``detect`` (below), and ``probe``
 (``evaluation/config.py``); each dataclass lists every field any task reads, with a comment on
 which task reads it. Every section is checked by the same helper,
 :func:`star_mamba.config.typed_values`: unknown keys fail with a "did you mean" hint and values
@@ -17,9 +17,9 @@ Where defaults live:
 * ``data`` / ``optim`` / ``run``: the dataclass defaults (STAR pretraining's values for the
   fields every task reads, ARM fine-tuning's for the fields only fine-tuning reads), then the YAML
   file and ``--set``. ``probe`` (read by ``linprobe`` only): the protocol's defaults;
-  ``segment`` (read by ``segment`` only): the dense model's and its scoring's.
+  ``segment`` / ``detect`` (read by that task only): the dense model's and its scoring's.
   Each task's recipe is its YAML file under ``configs/`` (``pretrain/``, ``finetune/``,
-  ``linprobe/``, ``segment/``): a new config should start from a copy of one.
+  ``linprobe/``, ``segment/``, ``detect/``): a new config should start from a copy of one.
 """
 from __future__ import annotations
 
@@ -38,10 +38,11 @@ from ..models.registry import model_config
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
-TASKS = ("pretrain", "finetune", "linprobe", "segment")
+TASKS = ("pretrain", "finetune", "linprobe", "segment", "detect")
 """``finetune`` covers fine-tuning (and head-only fine-tuning, ``run.linprobe``) and evaluation;
 ``linprobe`` is the converged probe of a frozen backbone (``tasks/linprobe.py``); ``segment``
-semantic segmentation (``tasks/segment.py``)."""
+semantic segmentation (``tasks/segment.py``); ``detect`` detection and instance segmentation
+(``tasks/detect.py``)."""
 
 
 @dataclass
@@ -259,8 +260,50 @@ class SegmentOptions:
                                flip=self.infer_flip)
 
 
+def _detect_section() -> type:
+    """``detect``: the detector (:class:`~star_mamba.models.detection.DetectorConfig`'s fields,
+    but its own resize, which the data transforms do) and how its images are sized and
+    augmented (:class:`~star_mamba.data.detection.DetectionDataOptions`' fields, but
+    ``max_bad_fraction``, which is ``data``'s); read by ``star-mamba detect`` only. Built from
+    those two dataclasses, so each option and its default is written once, where it is used."""
+    from ..data.detection import DetectionDataOptions
+    from ..models.detection import DetectorConfig
+    model_fields = [f for f in dataclasses.fields(DetectorConfig)
+                    if f.name not in ("min_size", "max_size")]
+    data_fields = [f for f in dataclasses.fields(DetectionDataOptions)
+                   if f.name != "max_bad_fraction"]
+    hints = {**field_types(DetectorConfig), **field_types(DetectionDataOptions)}
+    extra = [("eval_batch_size", int, field(default=4)),  # images per evaluation batch
+             ("viz_images", int, field(default=4))]  # images drawn in predictions.png (0: none)
+
+    def post_init(self) -> None:
+        if self.eval_batch_size <= 0 or self.viz_images < 0:
+            raise ConfigError("invalid config: detect.eval_batch_size must be > 0 and "
+                              "detect.viz_images >= 0")
+        try:
+            self.detector_config(), self.data_options()
+        except ValueError as e:
+            raise ConfigError(f"invalid config: {e}") from None
+
+    def detector_config(self) -> DetectorConfig:
+        return DetectorConfig(**{f.name: getattr(self, f.name) for f in model_fields})
+
+    def data_options(self, max_bad_fraction: float = 0.01) -> DetectionDataOptions:
+        return DetectionDataOptions(**{f.name: getattr(self, f.name) for f in data_fields},
+                                    max_bad_fraction=max_bad_fraction)
+
+    spec = [(f.name, hints[f.name], field(default=f.default) if f.default is not dataclasses.MISSING
+             else field(default_factory=f.default_factory)) for f in (*model_fields, *data_fields)]
+    return dataclasses.make_dataclass(
+        "DetectOptions", [*spec, *extra], namespace=dict(
+            __post_init__=post_init, detector_config=detector_config, data_options=data_options,
+            __doc__=_detect_section.__doc__))
+
+
+DetectOptions = _detect_section()
+
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "run": RunOptions, "probe": ProbeConfig,
-            "segment": SegmentOptions}
+            "segment": SegmentOptions, "detect": DetectOptions}
 
 
 @dataclass
@@ -271,6 +314,7 @@ class RunConfig:
     run: RunOptions = field(default_factory=RunOptions)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     segment: SegmentOptions = field(default_factory=SegmentOptions)
+    detect: Any = field(default_factory=DetectOptions)  # DetectOptions
     task: str = "pretrain"
 
     def to_dict(self) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 
 ``pretrain`` (``star-mamba pretrain``), ``finetune`` (``star-mamba finetune``; ``eval`` is its
 ``evaluate_checkpoint``), ``linprobe`` (``star-mamba linprobe``, the converged probe of a
-frozen backbone) and ``segment`` (``star-mamba segment``, semantic segmentation; ``eval`` of its
-checkpoints is its ``evaluate_segmentation_checkpoint``). Each takes a :class:`~star_mamba.engine.config.RunConfig` of its task.
+frozen backbone), ``segment`` (``star-mamba segment``, semantic segmentation) and ``detect``
+(``star-mamba detect``, Mask R-CNN); ``eval`` of their checkpoints is their
+``evaluate_*_checkpoint``. Each takes a :class:`~star_mamba.engine.config.RunConfig` of its task.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from ..engine.config import RunConfig
 
 
 def run_task(cfg: RunConfig) -> dict[str, Any]:
-    """Run ``cfg.task`` (pretrain, finetune, linprobe or segment) with ``cfg``; its summary."""
+    """Run ``cfg.task`` (pretrain, finetune, linprobe, segment or detect) with ``cfg``; its summary."""
     return TASKS[cfg.task]()(cfg)
 
 
@@ -38,6 +39,11 @@ def _segment() -> Callable:
     return segment
 
 
+def _detect() -> Callable:
+    from .detect import detect
+    return detect
+
+
 TASKS: dict[str, Callable[[], Callable[[RunConfig], dict[str, Any]]]] = {
     "pretrain": _pretrain, "finetune": _finetune, "linprobe": _linprobe,
-    "segment": _segment}
+    "segment": _segment, "detect": _detect}
