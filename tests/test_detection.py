@@ -32,7 +32,8 @@ K = 3
 # a small detector: 32 px pyramid, few proposals and RoIs, anchors 4 ... 64 px (stride 1 ... 16)
 DET = dict(fpn_channels=32, gn_groups=8, anchor_scale=0.5, rpn_pre_nms_top_n_train=64,
            rpn_post_nms_top_n_train=32, rpn_pre_nms_top_n_test=64, rpn_post_nms_top_n_test=32,
-           rpn_batch_size_per_image=32, box_batch_size_per_image=32, box_detections_per_img=20)
+           rpn_batch_size_per_image=32, box_batch_size_per_image=32, box_detections_per_img=20,
+           image_mean=(0.286,), image_std=(0.353,))  # grey: the task fills the data's statistics
 
 
 def tiny_cfg(**overrides):

@@ -197,12 +197,10 @@ class DetectorConfig:
                 raise _bad("image_mean", self.image_mean, f"expected {channels} values "
                            f"(model.in_chans={channels})")
             return tuple(self.image_mean), tuple(self.image_std)
-        if channels == 1:
-            from ..data.fashion_mnist import MEAN, STD
-            return (MEAN,), (STD,)
         if channels == 3:
             return IMAGENET_MEAN, IMAGENET_STD
-        raise _bad("image_mean", None, f"give image_mean and image_std for {channels} channels")
+        raise _bad("image_mean", None, f"give image_mean and image_std for {channels} channel(s) "
+                   "(the detect task fills them from the dataset's statistics)")
 
     # ---------------------------------------------------------------- round trip
     def to_dict(self) -> dict[str, Any]:

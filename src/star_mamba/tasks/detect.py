@@ -11,6 +11,7 @@ checkpoint is kept by box AP. ``evaluate_detection_checkpoint``: the same for a 
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -39,11 +40,22 @@ DEFAULT_PRETRAINED = "runs/pretrain_fashion_mnist/checkpoint-latest.pth"
 SCORES = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP")  # logged each evaluation
 
 
+def detector_config(cfg: RunConfig):
+    """``detect``'s DetectorConfig; the input normalisation, when unset, is the dataset's
+    (``data/specs.py``: Fashion-MNIST's for the grey scenes, ImageNet's for COCO)."""
+    det_cfg = cfg.detect.detector_config()
+    spec = cfg.data.spec
+    if det_cfg.image_mean is None and spec.mean is not None:
+        det_cfg = dataclasses.replace(det_cfg, image_mean=tuple(spec.mean),
+                                      image_std=tuple(spec.std))
+    return det_cfg
+
+
 def detector_for(cfg: RunConfig, num_classes: int):
     """The run's detector (``num_classes`` object classes), the backbone loaded from
     ``run.pretrained`` (the default checkpoint missing: a warning and random weights)."""
     model_cfg = cfg.model.star_config()
-    model = build_detector(model_cfg, num_classes, cfg.detect.detector_config())
+    model = build_detector(model_cfg, num_classes, detector_config(cfg))
     source = cfg.run.pretrained
     if source:
         if not Path(source).exists() and source == DEFAULT_PRETRAINED:
@@ -185,7 +197,7 @@ def evaluate_detection_checkpoint(checkpoint: str | Path, cfg: Optional[RunConfi
     if len(classes) - 1 != model_cfg.num_classes:
         raise ConfigError(f"{checkpoint} detects {model_cfg.num_classes} classes but the "
                           f"evaluation data (data.name={cfg.data.name}) has {len(classes) - 1}")
-    model = build_detector(model_cfg, model_cfg.num_classes, cfg.detect.detector_config())
+    model = build_detector(model_cfg, model_cfg.num_classes, detector_config(cfg))
     model.load_state_dict(saved["model"])
     ctx = start_run(cfg, record=False)
     result = evaluate_detection(model.to(ctx.device), eval_loader(eval_set, cfg, ctx.info),
