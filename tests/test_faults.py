@@ -177,7 +177,8 @@ def test_a_signal_stops_at_a_step_saves_and_the_run_resumes(tmp_path, signum, co
                                 f"run.max_steps={step + 2}"])
     assert done.returncode == 0, output_of(done)
     log = (tmp_path / "log.txt").read_text()
-    assert re.search(rf"resumed from \S+{ckpt.LATEST} at epoch \d+, step {step}\b", log)
+    assert re.search(rf"resumed from \S+{ckpt.LATEST} at step {step}, \d+ batches into epoch "
+                     r"\d+/\d+", log)
     assert f"removed 1 temporary file(s) of an interrupted save in {tmp_path}" in log
     assert not list(tmp_path.glob("*.tmp"))
     assert steps_logged(tmp_path) == list(range(1, step + 3))
