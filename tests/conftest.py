@@ -6,6 +6,7 @@ Helpers are plain functions (``from .conftest import ...``); fixtures are below 
 """
 import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -144,6 +145,13 @@ def assert_same_tensors(a: dict, b: dict, what: str = "", **tolerance) -> None:
 
 
 # ------------------------------------------------------------------------------ subprocesses
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a test's process group)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 def run_module(args: list[str], env: Optional[dict] = None, timeout: int = 300):
     """``python -m ARGS`` from the repository root, one thread, output captured as text."""

@@ -4,7 +4,6 @@ COCO reader on a tree written here, the joint transforms, scene targets and the 
 end to end."""
 import json
 import logging
-import socket
 
 import numpy as np
 import pytest
@@ -27,6 +26,8 @@ from star_mamba.models.detection import (DetectorConfig, build_detector, detecto
                                          detector_config_dict, detector_param_groups)
 from star_mamba.models.pretrain import StarPretrain
 from star_mamba.models.registry import model_config
+
+from .conftest import free_port
 
 K = 3
 # a small detector: 32 px pyramid, few proposals and RoIs, anchors 4 ... 64 px (stride 1 ... 16)
@@ -492,16 +493,11 @@ def _rank_eval(rank: int, world: int, port: int, path: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow  # two spawned interpreters importing torch: ~30 s on 2 busy cores
 def test_two_gloo_processes_gather_every_image_once(tmp_path):
     path = str(tmp_path / "out")
-    mp.spawn(_rank_eval, args=(2, _free_port(), path), nprocs=2, join=True)
+    mp.spawn(_rank_eval, args=(2, free_port(), path), nprocs=2, join=True)
     for rank in (0, 1):  # every image scored (a missing one would cost recall), the same dict
         out = torch.load(f"{path}.{rank}")
         assert out["bbox_mAP"] == pytest.approx(100.0) and out["bbox_AR_100"] == pytest.approx(100.0)

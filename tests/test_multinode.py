@@ -2,20 +2,14 @@
 through a c10d rendezvous on 127.0.0.1 and train the weights one process trains with the same
 global batch."""
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from .conftest import PRETRAIN_RUN, ROOT, assert_same_tensors, output_of, run_cli
+from .conftest import PRETRAIN_RUN, ROOT, assert_same_tensors, free_port, output_of, run_cli
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _agent(node_rank: int, port: int, sets: list[str]) -> subprocess.Popen:
@@ -33,7 +27,7 @@ def test_two_torchrun_agents_train_the_weights_of_one_process(tmp_path):
     one = run_cli("pretrain", [*base, "optim.batch_size=16", f"run.output_dir={tmp_path / 'one'}"],
                   "--nproc_per_node=1")
     assert one.returncode == 0, output_of(one)
-    port = _free_port()
+    port = free_port()
     sets = [*base, "optim.batch_size=8", f"run.output_dir={tmp_path / 'two'}"]
     agents = [_agent(rank, port, sets) for rank in (0, 1)]
     outputs = [agent.communicate(timeout=300) for agent in agents]

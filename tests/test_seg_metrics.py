@@ -3,7 +3,6 @@ mmseg's IoU / Acc conventions against hand counts and an independent set-based c
 flip, multi-scale and padded inference against whole-image inference; the confusion summed over
 two gloo processes against one process."""
 import math
-import socket
 
 import numpy as np
 import pytest
@@ -15,6 +14,8 @@ from torch import nn
 from star_mamba.evaluation.segmentation import (InferenceConfig, confusion_matrix,
                                                 evaluate_segmentation, predict,
                                                 segmentation_metrics, window_starts)
+
+from .conftest import free_port
 
 IGNORE = 255
 
@@ -234,11 +235,6 @@ def _rank_eval(rank: int, world: int, port: int, path: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.mark.slow  # two spawned interpreters importing torch: ~30 s on 2 busy cores
 def test_two_gloo_processes_sum_to_the_one_process_metrics(tmp_path):
@@ -246,7 +242,7 @@ def test_two_gloo_processes_sum_to_the_one_process_metrics(tmp_path):
     one = evaluate_segmentation(Pointwise(), [(images[i:i + 1], masks[i:i + 1]) for i in range(6)],
                                 torch.device("cpu"), None, 3, IGNORE, InferenceConfig(), 4)
     path = str(tmp_path / "out")
-    mp.spawn(_rank_eval, args=(2, _free_port(), path), nprocs=2, join=True)
+    mp.spawn(_rank_eval, args=(2, free_port(), path), nprocs=2, join=True)
     for rank in (0, 1):
         two = torch.load(f"{path}.{rank}")
         assert two["per_class"] == one["per_class"]  # exact: from the same integer counts

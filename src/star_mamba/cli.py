@@ -237,15 +237,17 @@ def _linprobe(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .engine.config import load_config
+    from .tasks.dense import checkpoint_task
     from .tasks.finetune import evaluate_checkpoint
-    from .tasks.detect import evaluate_detection_checkpoint, holds_detector
-    from .tasks.segment import evaluate_segmentation_checkpoint, holds_segmenter
-    if holds_detector(args.checkpoint):
+    task = checkpoint_task(args.checkpoint)
+    if task == "detect":
+        from .tasks.detect import evaluate_detection_checkpoint
         cfg = (load_config(args.config, args.overrides, task="detect")
                if args.config is not None else None)
         print(json.dumps(evaluate_detection_checkpoint(args.checkpoint, cfg, args.overrides)))
         return 0
-    if holds_segmenter(args.checkpoint):
+    if task == "segment":
+        from .tasks.segment import evaluate_segmentation_checkpoint
         cfg = (load_config(args.config, args.overrides, task="segment")
                if args.config is not None else None)
         result = evaluate_segmentation_checkpoint(args.checkpoint, cfg, overrides=args.overrides)

@@ -195,112 +195,103 @@ class RunOptions:
                        "for no EMA")
 
 
-@dataclass
-class SegmentOptions:
-    """``segment``: the dense model on the backbone and how it is scored (``star-mamba
-    segment``; read by no other task). The model fields are
-    :class:`~star_mamba.models.segmentation.SegmenterConfig`'s, the ``infer_`` fields
-    :class:`~star_mamba.evaluation.segmentation.InferenceConfig`'s, checked there."""
+@dataclass(frozen=True)
+class Part:
+    """One dataclass whose fields a composed config section holds (:func:`composed_section`)."""
 
-    head: Literal["upernet", "linear"] = "upernet"  # upernet | linear (frozen backbone probe)
-    taps: Optional[tuple[int, ...]] = None  # 0-based blocks; null: 4 evenly spaced, the last last
-    pyramid: tuple[float, ...] = (4.0, 2.0, 1.0, 0.5)  # simple feature pyramid scale per tap
-    channels: int = 128  # the head's width (mmseg's UPerNet: 512 or 768)
-    pool_scales: tuple[int, ...] = (1, 2, 3, 6)  # pyramid pooling bins
-    aux_weight: float = 0.4  # auxiliary FCN head's loss weight (0: no auxiliary head)
-    aux_tap: Optional[int] = None  # which tap feeds it (index into taps); null: the third of four
-    aux_channels: int = 64
-    aux_convs: int = 1  # 3x3 conv layers of the auxiliary head
-    linear_norm: bool = False  # head=linear: a LayerNorm before the per-patch classifier
-    dropout: float = 0.1  # before each classifier
-    norm: Literal["gn", "bn"] = "gn"  # gn: batch-independent, the same on 1 or N processes
-    gn_groups: int = 8
-    # -- evaluation: whole-image or sliding-window inference at the original resolution
-    infer_mode: Literal["whole", "slide"] = "whole"
-    infer_crop: Optional[int] = None  # slide: window side (null: model.img_size)
-    infer_stride: Optional[int] = None  # slide: window stride (null: 2/3 of the window)
-    infer_scales: tuple[float, ...] = (1.0,)  # multi-scale test: image scales, logits averaged
-    infer_flip: bool = False  # add the horizontally flipped image's prediction
-    eval_batch_size: Optional[int] = None  # null: optim.batch_size for scenes, 1 for files
-    viz_images: int = 6  # images drawn in predictions.png after each evaluation (0: none)
-
-    def __post_init__(self) -> None:
-        for name in ("channels", "aux_channels", "gn_groups"):
-            if getattr(self, name) <= 0:
-                raise _bad("segment", name, getattr(self, name), "expected a positive integer")
-        if self.aux_weight < 0 or not 0 <= self.dropout < 1:
-            raise _bad("segment", "aux_weight" if self.aux_weight < 0 else "dropout",
-                       self.aux_weight if self.aux_weight < 0 else self.dropout,
-                       "expected aux_weight >= 0 and dropout in [0, 1)")
-        if self.eval_batch_size is not None and self.eval_batch_size <= 0:
-            raise _bad("segment", "eval_batch_size", self.eval_batch_size,
-                       "expected a positive integer, or null")
-        if self.viz_images < 0:
-            raise _bad("segment", "viz_images", self.viz_images, "expected >= 0")
-        try:
-            self.segmenter_config(), self.inference_config()
-        except ValueError as e:
-            raise ConfigError(f"invalid config: segment: {e}") from None
-
-    def segmenter_config(self):
-        """The :class:`~star_mamba.models.segmentation.SegmenterConfig` this section sets."""
-        from ..models.segmentation import SegmenterConfig
-        return SegmenterConfig(head=self.head, taps=self.taps, pyramid=self.pyramid,
-                               channels=self.channels, pool_scales=self.pool_scales,
-                               aux_weight=self.aux_weight, aux_tap=self.aux_tap,
-                               aux_channels=self.aux_channels, aux_convs=self.aux_convs,
-                               linear_norm=self.linear_norm, dropout=self.dropout,
-                               norm=self.norm, gn_groups=self.gn_groups)
-
-    def inference_config(self):
-        """The :class:`~star_mamba.evaluation.segmentation.InferenceConfig` this section sets."""
-        from ..evaluation.segmentation import InferenceConfig
-        return InferenceConfig(mode=self.infer_mode, crop=self.infer_crop,
-                               stride=self.infer_stride, scales=self.infer_scales,
-                               flip=self.infer_flip)
+    cls: type
+    builder: str  # the section's method that builds ``cls`` from its fields
+    prefix: str = ""  # the fields' names in the section: prefix + the dataclass's name
+    left_out: tuple[str, ...] = ()  # fields the section does not hold (set elsewhere)
 
 
-def _detect_section() -> type:
-    """``detect``: the detector (:class:`~star_mamba.models.detection.DetectorConfig`'s fields,
-    but its own resize, which the data transforms do) and how its images are sized and
-    augmented (:class:`~star_mamba.data.detection.DetectionDataOptions`' fields, but
-    ``max_bad_fraction``, which is ``data``'s); read by ``star-mamba detect`` only. Built from
-    those two dataclasses, so each option and its default is written once, where it is used."""
-    from ..data.detection import DetectionDataOptions
-    from ..models.detection import DetectorConfig
-    model_fields = [f for f in dataclasses.fields(DetectorConfig)
-                    if f.name not in ("min_size", "max_size")]
-    data_fields = [f for f in dataclasses.fields(DetectionDataOptions)
-                   if f.name != "max_bad_fraction"]
-    hints = {**field_types(DetectorConfig), **field_types(DetectionDataOptions)}
-    extra = [("eval_batch_size", int, field(default=4)),  # images per evaluation batch
-             ("viz_images", int, field(default=4))]  # images drawn in predictions.png (0: none)
+def composed_section(name: str, doc: str, parts: Sequence[Part],
+                     extra: Sequence[tuple[str, Any, Any]] = (),
+                     check: Optional[Any] = None) -> type:
+    """A config section (a dataclass) holding the fields of ``parts``' dataclasses, with their
+    types and defaults, so each option is written once, where it is used; ``extra`` are the
+    section's own ``(name, type, default)`` fields and ``check(section)`` their checks. Each
+    part gets a method ``builder(**given)`` building its dataclass from the section's values
+    (and ``given``: the fields left out); building them all at construction checks every value,
+    the parts' errors reported as one :class:`ConfigError` line."""
+    def fields_of(part: Part):
+        return [f for f in dataclasses.fields(part.cls) if f.name not in part.left_out]
+
+    def builder(part: Part):
+        def build(self, **given: Any):
+            return part.cls(**{f.name: getattr(self, part.prefix + f.name)
+                               for f in fields_of(part)}, **given)
+        build.__doc__ = f"The :class:`{part.cls.__name__}` this section sets."
+        return build
 
     def post_init(self) -> None:
-        if self.eval_batch_size <= 0 or self.viz_images < 0:
-            raise ConfigError("invalid config: detect.eval_batch_size must be > 0 and "
-                              "detect.viz_images >= 0")
+        if check is not None:
+            check(self)
         try:
-            self.detector_config(), self.data_options()
-        except ValueError as e:
-            raise ConfigError(f"invalid config: {e}") from None
+            for part in parts:
+                getattr(self, part.builder)()
+        except ValueError as e:  # ConfigError included
+            message = str(e)
+            raise ConfigError(message if message.startswith("invalid config") else
+                              f"invalid config: {name}: {message}") from None
 
-    def detector_config(self) -> DetectorConfig:
-        return DetectorConfig(**{f.name: getattr(self, f.name) for f in model_fields})
-
-    def data_options(self, max_bad_fraction: float = 0.01) -> DetectionDataOptions:
-        return DetectionDataOptions(**{f.name: getattr(self, f.name) for f in data_fields},
-                                    max_bad_fraction=max_bad_fraction)
-
-    spec = [(f.name, hints[f.name], field(default=f.default) if f.default is not dataclasses.MISSING
-             else field(default_factory=f.default_factory)) for f in (*model_fields, *data_fields)]
-    return dataclasses.make_dataclass(
-        "DetectOptions", [*spec, *extra], namespace=dict(
-            __post_init__=post_init, detector_config=detector_config, data_options=data_options,
-            __doc__=_detect_section.__doc__))
+    spec = []
+    for part in parts:
+        hints = field_types(part.cls)
+        for f in fields_of(part):
+            default = (field(default=f.default) if f.default is not dataclasses.MISSING
+                       else field(default_factory=f.default_factory))
+            spec.append((part.prefix + f.name, hints[f.name], default))
+    spec += [(n, t, field(default=d)) for n, t, d in extra]
+    namespace = {part.builder: builder(part) for part in parts}
+    return dataclasses.make_dataclass(f"{name.capitalize()}Options", spec, namespace=dict(
+        __post_init__=post_init, __doc__=doc, **namespace))
 
 
-DetectOptions = _detect_section()
+def _check_segment(self) -> None:
+    if self.eval_batch_size is not None and self.eval_batch_size <= 0:
+        raise _bad("segment", "eval_batch_size", self.eval_batch_size,
+                   "expected a positive integer, or null")
+    if self.viz_images < 0:
+        raise _bad("segment", "viz_images", self.viz_images, "expected >= 0")
+
+
+def _check_detect(self) -> None:
+    if self.eval_batch_size <= 0 or self.viz_images < 0:
+        raise ConfigError("invalid config: detect.eval_batch_size must be > 0 and "
+                          "detect.viz_images >= 0")
+
+
+def _dense_sections() -> tuple[type, type]:
+    from ..data.detection import DetectionDataOptions
+    from ..evaluation.segmentation import InferenceConfig
+    from ..models.detection import DetectorConfig
+    from ..models.segmentation import SegmenterConfig
+    segment = composed_section(
+        "segment", """``segment``: the dense model on the backbone
+        (:class:`~star_mamba.models.segmentation.SegmenterConfig`'s fields) and how it is scored
+        (:class:`~star_mamba.evaluation.segmentation.InferenceConfig`'s, as ``infer_*``: whole
+        or sliding-window inference at the original resolution, multi-scale, flip); read by
+        ``star-mamba segment`` only.""",
+        [Part(SegmenterConfig, "segmenter_config"),
+         Part(InferenceConfig, "inference_config", prefix="infer_")],
+        # images per evaluation batch (null: optim.batch_size for scenes, 1 for files);
+        # images drawn in predictions.png after each evaluation (0: none)
+        [("eval_batch_size", Optional[int], None), ("viz_images", int, 6)], _check_segment)
+    detect = composed_section(
+        "detect", """``detect``: the detector
+        (:class:`~star_mamba.models.detection.DetectorConfig`'s fields, but its own resize, which
+        the data transforms do) and how its images are sized and augmented
+        (:class:`~star_mamba.data.detection.DetectionDataOptions`' fields, but
+        ``max_bad_fraction``, which is ``data``'s); read by ``star-mamba detect`` only.""",
+        [Part(DetectorConfig, "detector_config", left_out=("min_size", "max_size")),
+         Part(DetectionDataOptions, "data_options", left_out=("max_bad_fraction",))],
+        # images per evaluation batch; images drawn in predictions.png (0: none)
+        [("eval_batch_size", int, 4), ("viz_images", int, 4)], _check_detect)
+    return segment, detect
+
+
+SegmentOptions, DetectOptions = _dense_sections()
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "run": RunOptions, "probe": ProbeConfig,
             "segment": SegmentOptions, "detect": DetectOptions}
@@ -313,7 +304,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunOptions = field(default_factory=RunOptions)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
-    segment: SegmentOptions = field(default_factory=SegmentOptions)
+    segment: Any = field(default_factory=SegmentOptions)  # SegmentOptions
     detect: Any = field(default_factory=DetectOptions)  # DetectOptions
     task: str = "pretrain"
 

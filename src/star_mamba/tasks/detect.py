@@ -28,15 +28,14 @@ from ..engine.run import start_run
 from ..engine.trainer import Trainer, TrainTask
 from ..errors import CheckpointError, ConfigError
 from ..evaluation.detection import evaluate_detection, scenes_to_coco
-from ..models.convert import load_pretrained
 from ..models.detection import build_detector
 from ..seeding import seed_everything
+from .dense import load_backbone, saved_task
 
 log = logging.getLogger("star_mamba")
 
 EVAL_RESULT = "eval.json"
 PREDICTIONS = "predictions.png"
-DEFAULT_PRETRAINED = "runs/pretrain_fashion_mnist/checkpoint-latest.pth"
 SCORES = ("bbox_mAP", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP")  # logged each evaluation
 
 
@@ -56,14 +55,7 @@ def detector_for(cfg: RunConfig, num_classes: int):
     ``run.pretrained`` (the default checkpoint missing: a warning and random weights)."""
     model_cfg = cfg.model.star_config()
     model = build_detector(model_cfg, num_classes, detector_config(cfg))
-    source = cfg.run.pretrained
-    if source:
-        if not Path(source).exists() and source == DEFAULT_PRETRAINED:
-            log.warning(f"{source} does not exist (run `star-mamba pretrain` first): the backbone "
-                        "starts from random weights, which detects far worse")
-        else:
-            report = load_pretrained(model.backbone.body, source)
-            log.info(f"loaded {source} into the backbone: {report.summary()}")
+    load_backbone(model.backbone.body, cfg.run.pretrained, "detects")
     return model, model_cfg
 
 
@@ -89,7 +81,7 @@ def detect(cfg: RunConfig) -> dict[str, Any]:
     base = cfg.model.star_config()
     with start_run(cfg, trains=True) as ctx:  # the reader's counts (dropped boxes) reach log.txt
         train_set, eval_set, classes, label_to_category = detection_sets(
-            cfg.data, d.data_options(cfg.data.max_bad_fraction), base.in_chans, cfg.run.seed,
+            cfg.data, d.data_options(max_bad_fraction=cfg.data.max_bad_fraction), base.in_chans, cfg.run.seed,
             masks)
         coco_gt = ground_truth(cfg, eval_set)
         seed_everything(cfg.run.seed)
@@ -169,30 +161,18 @@ def draw_detections(model, dataset, classes: Sequence[str], out: Path, n: int,
     return out
 
 
-def is_detection_checkpoint(saved: Any) -> bool:
-    return isinstance(saved, dict) and (saved.get("run_config") or {}).get("task") == "detect"
-
-
-def holds_detector(checkpoint: str | Path) -> bool:
-    """Whether ``checkpoint`` (a file or a run directory) was written by ``star-mamba detect``."""
-    try:
-        return is_detection_checkpoint(load_checkpoint(Path(checkpoint)))
-    except Exception:  # noqa: BLE001 - reported by whichever loader reads it next
-        return False
-
-
 def evaluate_detection_checkpoint(checkpoint: str | Path, cfg: Optional[RunConfig] = None,
                                   overrides: Sequence[str] = ()) -> dict[str, Any]:
     """COCO box (and mask) AP of a ``detect`` checkpoint on its run's evaluation split."""
     saved = load_checkpoint(Path(checkpoint))
-    if not is_detection_checkpoint(saved):
+    if saved_task(saved) != "detect":
         raise CheckpointError(f"{checkpoint} is not a detection checkpoint")
     if cfg is None:
         cfg = load_config(None, overrides, task="detect", base=saved["run_config"])
     model_cfg = StarConfig.from_dict(saved["model_config"])
     masks = cfg.detect.kind == "mask_rcnn"
     _, eval_set, classes, label_to_category = detection_sets(
-        cfg.data, cfg.detect.data_options(cfg.data.max_bad_fraction), model_cfg.in_chans,
+        cfg.data, cfg.detect.data_options(max_bad_fraction=cfg.data.max_bad_fraction), model_cfg.in_chans,
         cfg.run.seed, masks, train=False)
     if len(classes) - 1 != model_cfg.num_classes:
         raise ConfigError(f"{checkpoint} detects {model_cfg.num_classes} classes but the "

@@ -27,9 +27,9 @@ from ..engine.run import maybe_compile, start_run
 from ..engine.trainer import Trainer, TrainTask
 from ..errors import CheckpointError, ConfigError
 from ..evaluation.segmentation import evaluate_segmentation
-from ..models.convert import load_pretrained
 from ..models.segmentation import StarSegmenter, segmentation_loss
 from ..seeding import seed_everything
+from .dense import load_backbone, saved_task
 
 log = logging.getLogger("star_mamba")
 
@@ -56,29 +56,20 @@ def build_segmenter(cfg: RunConfig, model_cfg: StarConfig) -> StarSegmenter:
     """The run's segmenter, its backbone loaded from ``run.pretrained`` (a missing default
     checkpoint is a warning and a random backbone; a missing named one is an error)."""
     model = StarSegmenter(model_cfg, model_cfg.num_classes, cfg.segment.segmenter_config())
-    source = cfg.run.pretrained
-    if source:
-        if not Path(source).exists() and source == DEFAULT_PRETRAINED:
-            log.warning(f"{source} does not exist (run `star-mamba pretrain` first): the backbone "
-                        "starts from random weights, which segments far worse")
-        else:
-            report = load_pretrained(model.backbone, source)
-            log.info(f"loaded {source} into the backbone: {report.summary()}")
+    load_backbone(model.backbone, cfg.run.pretrained, "segments")
     if cfg.segment.head == "linear":
         for p in model.backbone.parameters():
             p.requires_grad = False
     return model
 
 
-DEFAULT_PRETRAINED = "runs/pretrain_fashion_mnist/checkpoint-latest.pth"
-"""The default run's backbone (``configs/segment/scenes.yaml``): may be missing, then a warning."""
 
 
 def segment(cfg: RunConfig) -> dict[str, Any]:
     """Train a segmenter; returns the Trainer's summary with the last evaluation's scores."""
     if cfg.task != "segment":
         raise ConfigError(f"segment() needs a segmentation config, got task {cfg.task!r}")
-    o, r, s = cfg.optim, cfg.run, cfg.segment
+    r, s = cfg.run, cfg.segment
     base = cfg.model.star_config()
     train_set, eval_set, classes = segmentation_sets(cfg.data, base.img_size, base.in_chans,
                                                      r.seed)
@@ -135,6 +126,7 @@ def score(model: torch.nn.Module, loader, cfg: RunConfig, ctx, classes: Sequence
     return evaluate_segmentation(model, loader, ctx.device, ctx.amp_dtype, len(classes),
                                  cfg.data.ignore_index, cfg.segment.inference_config(),
                                  cfg.model.star_config().patch_size, classes,
+                                 align_corners=cfg.segment.align_corners,
                                  progress=cfg.run.progress and ctx.info.is_main)
 
 
@@ -188,28 +180,15 @@ def draw_predictions(model: StarSegmenter, dataset, cfg: RunConfig, out: Path,
 
 def load_segmenter(saved: dict, name: str, cfg: Optional[RunConfig] = None) -> StarSegmenter:
     """The segmenter a ``segment`` checkpoint holds, rebuilt from its model and run configs."""
-    run_config = saved.get("run_config") or {}
-    if run_config.get("task") != "segment":
+    if saved_task(saved) != "segment":
         raise CheckpointError(f"{name} is not a segmentation checkpoint (its run's task is "
-                              f"{run_config.get('task')!r})")
+                              f"{saved_task(saved)!r})")
+    run_config = saved["run_config"]
     cfg = cfg or load_config(None, task="segment", base=run_config)
     model_cfg = StarConfig.from_dict(saved["model_config"])
     model = StarSegmenter(model_cfg, model_cfg.num_classes, cfg.segment.segmenter_config())
     model.load_state_dict(saved["model"])
     return model
-
-
-def is_segmentation_checkpoint(saved: Any) -> bool:
-    return isinstance(saved, dict) and (saved.get("run_config") or {}).get("task") == "segment"
-
-
-def holds_segmenter(checkpoint: str | Path) -> bool:
-    """Whether ``checkpoint`` (a file or a run directory) was written by ``star-mamba segment``
-    (False for anything unreadable: the classifier path then says what is wrong with it)."""
-    try:
-        return is_segmentation_checkpoint(load_checkpoint(Path(checkpoint)))
-    except Exception:  # noqa: BLE001 - reported by whichever loader reads it next
-        return False
 
 
 def evaluate_segmentation_checkpoint(checkpoint: str | Path, cfg: Optional[RunConfig] = None,
@@ -218,7 +197,7 @@ def evaluate_segmentation_checkpoint(checkpoint: str | Path, cfg: Optional[RunCo
     split of the run that made it (``cfg``: another config; ``overrides`` applied to the saved
     one)."""
     saved = load_checkpoint(Path(checkpoint))
-    if not is_segmentation_checkpoint(saved):
+    if saved_task(saved) != "segment":
         raise CheckpointError(f"{checkpoint} is not a segmentation checkpoint")
     if cfg is None:
         cfg = load_config(None, overrides, task="segment", base=saved["run_config"])
