@@ -150,6 +150,10 @@ class RunOptions:
     # recompute each block in the backward instead of saving its activations (less memory,
     # about a third more compute; gradients unchanged)
     grad_checkpointing: bool = False
+    # ddp: a full model per process (the default, fastest while it fits); fsdp: FSDP2, each
+    # block's parameters, gradients and optimizer state sharded over the processes
+    # (engine/fsdp.py; pretrain and finetune)
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     # -- pretraining only: cross-image diagnostics (evaluation/diagnostics.py) on a fixed batch
     # of held-out images of data's eval split, logged as a "diag" row of metrics.jsonl
     diag_every: Optional[int] = 100  # optimizer steps between them; 0 or null = off
@@ -172,6 +176,9 @@ class RunOptions:
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise _bad("run", "amp", self.amp, "allowed: 'auto', 'off', 'bf16', 'fp16'"
                        + did_you_mean(self.amp, ("auto", "off", "bf16", "fp16")))
+        if self.parallel not in ("ddp", "fsdp"):
+            raise _bad("run", "parallel", self.parallel, "allowed: 'ddp', 'fsdp'"
+                       + did_you_mean(self.parallel, ("ddp", "fsdp")))
         if self.seed < 0:
             raise _bad("run", "seed", self.seed, "expected an integer >= 0")
         if self.head_init_std is not None and not self.head_init_std > 0:

@@ -141,11 +141,11 @@ def maybe_compile(model: torch.nn.Module, run: RunOptions) -> torch.nn.Module:
 
 
 def wrap_for_training(model: torch.nn.Module, run: RunOptions, device: torch.device,
-                      info: DistInfo) -> torch.nn.Module:
+                      info: DistInfo, ddp: bool = True) -> torch.nn.Module:
     """``model`` (already on ``device``), compiled if asked, then in DDP when there are several
-    processes and something to train."""
+    processes and something to train (``ddp=False``: a model FSDP has sharded already)."""
     model = maybe_compile(model, run)
-    if not (info.enabled and any(p.requires_grad for p in model.parameters())):
+    if not (ddp and info.enabled and any(p.requires_grad for p in model.parameters())):
         return model
     # The models' buffers are constants (position tables, masks, loss weights; no running
     # statistics), so they need no broadcast before each forward. Every parameter gets a

@@ -35,9 +35,9 @@ from tqdm import tqdm
 
 from .. import checkpoint as ckpt
 from ..config import StarConfig
-from ..errors import DataError, DivergedError, Interrupted, UnreadableImagesError
+from ..errors import ConfigError, DataError, DivergedError, Interrupted, UnreadableImagesError
 from ..seeding import block_seed, seed_everything
-from . import faults
+from . import faults, fsdp
 from .checkpointer import Checkpointer, rng_state, set_rng_state
 from .config import RunConfig
 from .dist import all_reduce_mean, all_reduce_sum, barrier, cleanup
@@ -82,6 +82,9 @@ class TrainTask:
     # samples -> (images, targets) for a batch, when default_collate's stacking does not fit
     # (detection: lists of images of several sizes and of target dicts)
     collate: Optional[Callable[[list], Any]] = None
+    # whether run.parallel=fsdp may shard the model (its evaluation runs the model on every
+    # rank, and no extra holds a copy of the weights)
+    shardable: bool = True
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -175,6 +178,7 @@ class Trainer:
         self.model = task.model.to(ctx.device)
         if r.grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        self.sharded = self.shard(task)
         self.global_batch = o.batch_size * o.accum_iter * info.world_size
         self.base_lr = o.base_lr(self.global_batch)
         self.optimizer = create_optimizer_v2(self.model, "adamw", lr=self.base_lr,
@@ -189,7 +193,7 @@ class Trainer:
         self.checkpointer = Checkpointer(ctx.output_dir, r.keep_last, info.is_main)
         resumed_from = self.resume()
         record_config(cfg, ctx)
-        self.trained = wrap_for_training(self.model, r, ctx.device, info)
+        self.trained = wrap_for_training(self.model, r, ctx.device, info, ddp=not self.sharded)
         self.loader, num_images, what = training_loader(task.dataset, cfg, info, ctx.device,
                                                         task.collate)
         self.sampler: BatchPlan = self.loader.sampler
@@ -209,17 +213,52 @@ class Trainer:
             self.writer.drop_after(self.state.step)  # rows of steps the resumed run redoes
         self.bad_images = BadImages(cfg.data.max_bad_fraction, num_images)
 
+    def shard(self, task: TrainTask) -> bool:
+        """Under ``run.parallel: fsdp`` with several processes, shard the model in place
+        (``fsdp.py``) before the optimizer is made over its shards; whether it was."""
+        r, info = self.cfg.run, self.ctx.info
+        if r.parallel != "fsdp":
+            return False
+        if not info.enabled:
+            log.info("run.parallel=fsdp with one process: nothing to shard, trained as is")
+            return False
+        why = ("this task's evaluation runs its model on rank 0 alone" if not task.shardable
+               else f"{', '.join(task.extras)} keeps a full copy of the weights (run.ema_decay="
+                    "null turns the EMA off)" if task.extras
+               else "fp16 needs a gradient scaler over the shards (run.amp=bf16 instead)"
+               if self.ctx.amp_dtype == torch.float16 else None)
+        if why:
+            raise ConfigError(f"invalid config: run.parallel=fsdp is not supported here: {why}; "
+                              "or use run.parallel=ddp")
+        param_dtype = self.ctx.amp_dtype if self.ctx.amp_dtype == torch.bfloat16 else None
+        fsdp.shard_model(self.model, param_dtype)
+        log.info(f"FSDP2: {len([m for m in self.model.modules() if isinstance(m, fsdp.SHARD_UNITS)])}"
+                 f" blocks sharded over {info.world_size} processes, parameters gathered in "
+                 f"{param_dtype or torch.float32}, gradients reduced in float32")
+        return True
+
     # ----------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        return dict(model=self.model.state_dict(), optimizer=self.optimizer.state_dict(),
+        """What a checkpoint holds. Sharded (FSDP), the model and optimizer states are gathered
+        to rank 0 in full, the optimizer's keyed by parameter name; collective then."""
+        if self.sharded:
+            model, optimizer = (fsdp.full_model_state(self.model),
+                                fsdp.full_optimizer_state(self.model, self.optimizer))
+        else:
+            model, optimizer = self.model.state_dict(), self.optimizer.state_dict()
+        return dict(model=model, optimizer=optimizer,
                     scaler=self.scaler.state_dict(), state=asdict(self.state), best=self.best,
                     rng=rng_state(),
                     extras={n: obj.state_dict() for n, obj in self.task.extras.items()},
                     model_config=self.task.model_cfg.to_dict(), run_config=self.cfg.to_dict())
 
-    def load_state_dict(self, saved: dict[str, Any]) -> None:
-        self.model.load_state_dict(saved["model"])
-        self.optimizer.load_state_dict(saved["optimizer"])
+    def load_state_dict(self, saved: dict[str, Any], path=None) -> None:
+        if self.sharded or fsdp.keyed_by_name(saved["optimizer"]):  # into FSDP, or an FSDP run's
+            fsdp.load_full_state(self.model, self.optimizer, saved["model"], saved["optimizer"],
+                                 path)
+        else:
+            self.model.load_state_dict(saved["model"])
+            self.optimizer.load_state_dict(saved["optimizer"])
         self.scaler.load_state_dict(saved["scaler"])
         for name, obj in self.task.extras.items():
             obj.load_state_dict(saved["extras"][name])
@@ -236,7 +275,7 @@ class Trainer:
             return None
         path, saved = found
         ckpt.check_same_model(saved["model_config"], self.task.model_cfg.to_dict(), path)
-        self.load_state_dict(saved)
+        self.load_state_dict(saved, path)
         st, epochs = self.state, self.cfg.optim.epochs
         log.info(f"resumed from {path} at step {st.step}, {st.batch_in_epoch} batches into epoch "
                  f"{st.epoch + 1}/{epochs}")
@@ -245,15 +284,18 @@ class Trainer:
     def save(self, names: Sequence[str]) -> None:
         """Write a checkpoint under each of ``names`` (rank 0). Refused, with the last good
         checkpoint left as it is, when a weight is not finite."""
+        if not (self.ctx.info.is_main or self.sharded):
+            return
+        payload = self.state_dict()  # sharded: every rank gathers, rank 0 receives
         if not self.ctx.info.is_main:
             return
-        bad = [n for n, p in self.model.state_dict().items()
+        bad = [n for n, p in payload["model"].items()
                if p.is_floating_point() and not torch.isfinite(p).all()]
         if bad:
             raise DivergedError(
                 f"non-finite weights at step {self.state.step} ({len(bad)} tensors, e.g. "
                 f"{bad[0]}); not saved. {self.resume_advice()}")
-        self.checkpointer.save(self.state_dict(), names)
+        self.checkpointer.save(payload, names)
 
     def resume_advice(self) -> str:
         """After a divergence at ``state.step``: which checkpoint to go on from, in a sentence.
@@ -388,7 +430,10 @@ class Trainer:
         seed_everything(block_seed(self.cfg.run.seed, state.epoch,
                                    self.sampler.global_block(state.batch_in_epoch)))
         images, targets = to_device(images, device), to_device(targets, device)
-        sync = (self.trained.no_sync() if (self.ctx.info.enabled and not last)
+        if self.sharded:  # FSDP2 reduce-scatters on the window's last backward only
+            self.model.set_requires_gradient_sync(last)
+        sync = (self.trained.no_sync() if (self.ctx.info.enabled and not last
+                                           and not self.sharded)
                 else contextlib.nullcontext())
         with sync:
             with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
@@ -404,8 +449,8 @@ class Trainer:
         gradient is not finite on any rank; True when it was taken."""
         o = self.cfg.optim
         self.scaler.unscale_(self.optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            self.trained.parameters(), o.clip_grad if o.clip_grad is not None else float("inf"))
+        grad_norm = fsdp.full_tensor(torch.nn.utils.clip_grad_norm_(
+            self.trained.parameters(), o.clip_grad if o.clip_grad is not None else float("inf")))
         ok = torch.isfinite(window_sum)
         if not self.scaler.is_enabled():  # fp16: the scaler itself skips steps with inf gradients
             ok &= torch.isfinite(grad_norm)
@@ -476,11 +521,12 @@ class Trainer:
             hook(self)
 
     def diagnose(self) -> None:
-        """Rank 0 only: the others go on to the next step's all-reduce and wait for it there."""
-        if not self.ctx.info.is_main:
+        """Rank 0 only: the others go on to the next step's all-reduce and wait for it there.
+        Sharded, every rank runs the model (its forward gathers the blocks); rank 0 writes."""
+        if not (self.ctx.info.is_main or self.sharded):
             return
         values = self.task.diagnose(self.model)
-        if values is not None:
+        if values is not None and self.ctx.info.is_main:
             self.writer.write(self.state.step, dict(epoch=self.state.epoch, diag=values))
 
     def end_epoch(self, epoch_loss: Optional[float]) -> None:

@@ -112,7 +112,7 @@ def detect(cfg: RunConfig) -> dict[str, Any]:
             num_classes=len(classes) - 1), train_set, loss_fn,
             describe=f", {model_cfg.directions} directions, simple feature pyramid "
                      f"({d.fpn_channels} channels), {len(classes) - 1} classes",
-            evaluate=run_eval, collate=collate_detection,
+            evaluate=run_eval, collate=collate_detection, shardable=False,
             loss_name="sum of the R-CNN losses (RPN, box" + (", mask)" if masks else ")"))
         summary = Trainer(cfg, ctx, task).train()
     return {**summary, **{k: last[k] for k in SCORES if k in last}}

@@ -106,7 +106,7 @@ def segment(cfg: RunConfig) -> dict[str, Any]:
         task = TrainTask("STAR segmentation", model, model_cfg, train_set, loss_fn,
                          describe=f", {model_cfg.directions} directions, {head}, "
                                   f"{len(classes)} classes",
-                         evaluate=run_eval,
+                         evaluate=run_eval, shardable=False,
                          loss_name="per-pixel cross-entropy" + (f" + {s.aux_weight:g} x auxiliary"
                                                                 if s.aux_weight else ""))
         summary = Trainer(cfg, ctx, task).train()
