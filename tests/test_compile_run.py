@@ -6,6 +6,9 @@ import torch
 from star_mamba import checkpoint as ckpt
 from star_mamba.config import StarConfig
 from star_mamba.data.build import classification_sets
+from star_mamba.engine.config import load_config
+from star_mamba.engine.run import compiles
+from star_mamba.errors import ConfigError
 from star_mamba.tasks.finetune import evaluate_checkpoint, finetune
 from star_mamba.tasks.pretrain import pretrain
 from star_mamba.models.classifier import StarClassifier
@@ -56,3 +59,21 @@ def test_compiled_finetuning_and_eval_write_plain_checkpoints(tmp_path):
         assert result["top1"] == pytest.approx(100 * right / len(eval_set))
     assert runs[True] == runs[False]
     assert not any("_orig_mod" in k for k in runs[True][0] | runs[True][1]["ema"])
+
+
+@pytest.mark.parametrize("value,device,auto,expected", [
+    ("auto", "cpu", True, False),   # the default leaves the CPU eager
+    ("auto", "cuda", True, True),   # and compiles on CUDA
+    ("auto", "cuda", False, False),  # except for the dense tasks' models
+    (True, "cpu", False, True),     # an explicit value is taken as given
+    (False, "cuda", True, False),
+])
+def test_run_compile_auto_compiles_on_cuda_only(value, device, auto, expected):
+    run = load_config("pretrain/fashion_mnist", [f"run.compile={str(value).lower()}"]).run
+    assert run.compile == value
+    assert compiles(run, torch.device(device), auto) is expected
+
+
+def test_run_compile_rejects_other_values():
+    with pytest.raises(ConfigError, match=r"invalid config: run.compile='sometimes'"):
+        load_config("pretrain/fashion_mnist", ["run.compile=sometimes"])

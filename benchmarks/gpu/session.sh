@@ -40,7 +40,10 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log the outcome
   nvidia-smi -L 2>&1 || true
   $py -c "import torch, triton, timm; print('torch', torch.__version__, 'triton', triton.__version__,
 'timm', timm.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-  common=(--set "data.root=$data" --set run.progress=false --set run.log_every=20)
+  # eager (run.compile=auto would compile on CUDA): the engine steps check the loop, within
+  # their time limits; bench --gpu times eager against compiled itself
+  common=(--set "data.root=$data" --set run.progress=false --set run.log_every=20
+          --set run.compile=false)
   if [[ -z "$sections" ]]; then
     step pretrain-torchrun 100 "$py" -m torch.distributed.run --standalone --nproc_per_node=1 \
       -m star_mamba pretrain "${common[@]}" --output-dir "$work/pre" \

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Optional, Sequence
+from typing import Any, Literal, Mapping, Optional, Sequence, Union
 
 import yaml
 
@@ -145,7 +145,9 @@ class RunOptions:
     tensorboard: bool = True
     progress: bool = True
     max_nonfinite: int = 5  # stop after this many non-finite losses in a row
-    compile: bool = False  # torch.compile the model for training and evaluation
+    # torch.compile the model for training and evaluation: true | false | auto (on for CUDA,
+    # where it pays, off on CPU and for the dense tasks' models; engine/run.py compiles())
+    compile: Union[bool, Literal["auto"]] = "auto"
     compile_mode: Optional[str] = None  # torch.compile mode (e.g. max-autotune); null = default
     # recompute each block in the backward instead of saving its activations (less memory,
     # about a third more compute; gradients unchanged)

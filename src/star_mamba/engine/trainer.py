@@ -44,7 +44,7 @@ from .dist import all_reduce_mean, all_reduce_sum, barrier, cleanup
 from .loaders import training_loader
 from .lr_sched import lr_at, set_lr
 from .metrics import MetricWriter, plot_loss_curve
-from .run import RunContext, record_config, wrap_for_training
+from .run import RunContext, compiles, record_config, wrap_for_training
 from .sampler import BatchPlan
 from .signals import StopSignals
 
@@ -85,6 +85,8 @@ class TrainTask:
     # whether run.parallel=fsdp may shard the model (its evaluation runs the model on every
     # rank, and no extra holds a copy of the weights)
     shardable: bool = True
+    # whether run.compile=auto compiles the model on CUDA (engine/run.py compiles())
+    compile_auto: bool = True
 
 
 def to_device(batch: Any, device: torch.device) -> Any:
@@ -193,7 +195,8 @@ class Trainer:
         self.checkpointer = Checkpointer(ctx.output_dir, r.keep_last, info.is_main)
         resumed_from = self.resume()
         record_config(cfg, ctx)
-        self.trained = wrap_for_training(self.model, r, ctx.device, info, ddp=not self.sharded)
+        self.trained = wrap_for_training(self.model, r, ctx.device, info, ddp=not self.sharded,
+                                         auto_compile=task.compile_auto)
         self.loader, num_images, what = training_loader(task.dataset, cfg, info, ctx.device,
                                                         task.collate)
         self.sampler: BatchPlan = self.loader.sampler
@@ -207,7 +210,8 @@ class Trainer:
                  f"{n_train / 1e6:.2f}M trained){task.describe}, {what}, "
                  f"{info.world_size} process(es) on {ctx.device}, effective batch "
                  f"{self.global_batch}, lr {self.base_lr:.3e}, {self.steps_per_epoch} steps/epoch, "
-                 f"amp {ctx.amp_dtype}{', torch.compile' if r.compile else ''}")
+                 f"amp {ctx.amp_dtype}"
+                 f"{', torch.compile' if compiles(r, ctx.device, task.compile_auto) else ''}")
         self.writer = MetricWriter(ctx.output_dir, enabled=info.is_main, tensorboard=r.tensorboard)
         if resumed_from is not None:
             self.writer.drop_after(self.state.step)  # rows of steps the resumed run redoes

@@ -113,6 +113,7 @@ def detect(cfg: RunConfig) -> dict[str, Any]:
             describe=f", {model_cfg.directions} directions, simple feature pyramid "
                      f"({d.fpn_channels} channels), {len(classes) - 1} classes",
             evaluate=run_eval, collate=collate_detection, shardable=False,
+            compile_auto=False,
             loss_name="sum of the R-CNN losses (RPN, box" + (", mask)" if masks else ")"))
         summary = Trainer(cfg, ctx, task).train()
     return {**summary, **{k: last[k] for k in SCORES if k in last}}

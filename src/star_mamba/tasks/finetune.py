@@ -96,8 +96,8 @@ def finetune(cfg: RunConfig) -> dict[str, Any]:
         ema = (ModelEmaV3(model, decay=r.ema_decay, device=ctx.device)
                if r.ema_decay and not r.linprobe else None)
         loader = eval_loader(eval_set, o.batch_size, ctx.info, cfg.data.num_workers)
-        eval_model = maybe_compile(model, r)
-        eval_ema = maybe_compile(ema.module, r) if ema is not None else None
+        eval_model = maybe_compile(model, r, ctx.device)
+        eval_ema = maybe_compile(ema.module, r, ctx.device) if ema is not None else None
 
         progress = r.progress and ctx.info.is_main
 
@@ -159,7 +159,7 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: Optional[RunConfig] = None,
     ctx = start_run(cfg, record=False)
     if note is not None:
         log.info(note)
-    model = maybe_compile(model.to(ctx.device), cfg.run)
+    model = maybe_compile(model.to(ctx.device), cfg.run, ctx.device)
     result = evaluate(model, eval_loader(eval_set, cfg.optim.batch_size, ctx.info,
                                          cfg.data.num_workers), ctx.device, ctx.amp_dtype,
                       progress=cfg.run.progress and ctx.info.is_main)

@@ -87,7 +87,7 @@ def segment(cfg: RunConfig) -> dict[str, Any]:
                                      s.aux_weight, ignore)
 
         loader = eval_loader(eval_set, eval_batch_size(cfg), ctx.info, cfg.data.num_workers)
-        eval_model = maybe_compile(model, r)
+        eval_model = maybe_compile(model, r, ctx.device, auto=False)
         last: dict[str, Any] = {}
 
         def run_eval(epoch: int) -> dict[str, float]:
@@ -106,7 +106,7 @@ def segment(cfg: RunConfig) -> dict[str, Any]:
         task = TrainTask("STAR segmentation", model, model_cfg, train_set, loss_fn,
                          describe=f", {model_cfg.directions} directions, {head}, "
                                   f"{len(classes)} classes",
-                         evaluate=run_eval, shardable=False,
+                         evaluate=run_eval, shardable=False, compile_auto=False,
                          loss_name="per-pixel cross-entropy" + (f" + {s.aux_weight:g} x auxiliary"
                                                                 if s.aux_weight else ""))
         summary = Trainer(cfg, ctx, task).train()
@@ -208,7 +208,7 @@ def evaluate_segmentation_checkpoint(checkpoint: str | Path, cfg: Optional[RunCo
         raise ConfigError(f"{checkpoint} segments {model.num_classes} classes but the evaluation "
                           f"data (data.name={cfg.data.name}) has {len(classes)}")
     ctx = start_run(cfg, record=False)
-    model = maybe_compile(model.to(ctx.device), cfg.run)
+    model = maybe_compile(model.to(ctx.device), cfg.run, ctx.device, auto=False)
     result = score(model, eval_loader(eval_set, eval_batch_size(cfg), ctx.info,
                                       cfg.data.num_workers), cfg, ctx, classes)
     log.info(f"{checkpoint}: mIoU {result['mIoU']:.2f}, mAcc {result['mAcc']:.2f}, aAcc "
