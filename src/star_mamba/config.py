@@ -96,6 +96,9 @@ class StarConfig:
     directions: int = 1  # 1 causal (pretraining); 2 forward + reverse; 4 also over the transposed grid
     # how the scan runs, not what the model is: a checkpoint resumes under another backend
     scan_backend: str = field(default="auto", metadata={"runtime": True})
+    # fused memory-bound ops (ops/swiglu.py: the SwiGLU MLP as one projection, its product
+    # recomputed in the backward): the same outputs and parameters, fewer saved activations
+    fused_ops: bool = field(default=False, metadata={"runtime": True})
     # the most tokens one sequence may hold: a guard against absurd sizes, not part of the model
     max_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata={"runtime": True})
     # -- STAR sequence (pretraining)

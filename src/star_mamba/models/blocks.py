@@ -8,7 +8,25 @@ from timm.layers import DropPath, Mlp, SwiGLU
 from torch import Tensor, nn
 
 from ..config import StarConfig
+from ..ops.swiglu import swiglu_mlp
 from .mamba import Mamba, MambaState
+
+
+class SwiGLUMlp(SwiGLU):
+    """timm's ``SwiGLU`` (its parameters and keys), run by ``ops.swiglu_mlp`` when ``fused``:
+    one projection for gate and value, the product recomputed in the backward (fewer saved
+    activations, the same outputs). Without dropout or a hidden norm, as the blocks build it."""
+
+    def __init__(self, dim: int, hidden: int, fused: bool = False):
+        super().__init__(dim, hidden, act_layer=nn.SiLU)
+        self.fused = fused
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, L, D) -> (B, L, D)."""
+        if not self.fused:
+            return super().forward(x)
+        g, v, out = self.fc1_g, self.fc1_x, self.fc2
+        return swiglu_mlp(x, g.weight, g.bias, v.weight, v.bias, out.weight, out.bias)
 
 
 class MambaMLPBlock(nn.Module):
@@ -20,7 +38,7 @@ class MambaMLPBlock(nn.Module):
         self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
         self.mixer = Mamba.from_config(cfg)
         self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        self.mlp = SwiGLU(dim, cfg.mlp_hidden, act_layer=nn.SiLU)
+        self.mlp = SwiGLUMlp(dim, cfg.mlp_hidden, fused=cfg.fused_ops)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor, orders: Optional[Sequence[Tensor]] = None) -> Tensor:
