@@ -90,8 +90,9 @@ def main() -> None:
                            saved_bytes(fused, x, autocast, device) / args.tokens / 1024, 2))
             rows.append(row)
             print(row)
-    machine = (f"{platform.machine()}, {torch.get_num_threads()} threads, torch "
-               f"{torch.__version__}, {device}; GEMM {gemm_flops() / 1e9:.1f} GFLOP/s (float32, 2048^3)")
+    machine = (f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+               + (torch.cuda.get_device_name(device) if device.type == "cuda" else
+                  f"cpu; GEMM {gemm_flops() / 1e9:.1f} GFLOP/s (float32, 2048^3)"))
     command = f"PYTHONPATH=src .venv/bin/python benchmarks/fused_ops.py --device {args.device}"
     out = Path(args.out)
     (out / "fused_ops.json").write_text(json.dumps(dict(command=command, machine=machine,

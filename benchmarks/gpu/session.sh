@@ -7,7 +7,7 @@
 # 1. engine: `star-mamba pretrain` of the default star_tiny run under torchrun (NCCL, bf16
 #    autocast by run.amp=auto, 4 loader workers), then `star-mamba finetune` from its checkpoint
 #    with EMA, then `star-mamba eval --ema`: the CLI paths users run, on CUDA. Fashion-MNIST from
-#    $STAR_DATA (default: the Debian package's folder).
+#    $STAR_DATA (default: the Debian package's folder). Then benchmarks/fused_ops.py on CUDA.
 # 2. `star-mamba bench --gpu --budget BENCH_BUDGET_S` (default 390 s) into OUT_DIR: the
 #    acceptance run of benchmarks/gpu/acceptance.py.
 # Everything prints to OUT_DIR/session.log. Each step has a hard time limit; a failing step is
@@ -57,6 +57,8 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log the outcome
     for f in pre/metrics.jsonl ft/metrics.jsonl; do
       [[ -f "$work/$f" ]] && cp "$work/$f" "$out/engine_${f%%/*}_metrics.jsonl"
     done
+    # the fused SwiGLU against timm's on the GPU (time and saved bytes, float32 and bf16)
+    step fused-ops 60 "$py" benchmarks/fused_ops.py --device cuda --tokens 16384 --out "$out"
   fi
   args=(--gpu --budget "$budget" --output-dir "$out")
   [[ -n "$sections" ]] && args+=(--sections "$sections")
