@@ -44,6 +44,8 @@ the head then reads every token)."""
 DIRECTIONS = (1, 2, 4)
 INIT_SCHEMES = ("arm", "trunc_normal")
 """Weight initialisation schemes (``star_mamba.models.init``)."""
+ATTENTION_KERNELS = ("sdpa", "flex")
+"""The pretraining decoder's attention: SDPA with a boolean mask, or FlexAttention (CUDA)."""
 
 DEFAULT_MAX_TOKENS = 2 ** 16
 """Default ``model.max_tokens``, the most tokens one sequence may hold (an image's patches; in
@@ -99,6 +101,9 @@ class StarConfig:
     # fused memory-bound ops (ops/swiglu.py: the SwiGLU MLP as one projection, its product
     # recomputed in the backward): the same outputs and parameters, fewer saved activations
     fused_ops: bool = field(default=False, metadata={"runtime": True})
+    # the pretraining decoder's attention kernel: sdpa (everywhere) or flex (FlexAttention with
+    # a block mask built once per layout, on CUDA; elsewhere SDPA, as flex has no CPU backward)
+    attention: str = field(default="sdpa", metadata={"runtime": True})
     # the most tokens one sequence may hold: a guard against absurd sizes, not part of the model
     max_tokens: int = field(default=DEFAULT_MAX_TOKENS, metadata={"runtime": True})
     # -- STAR sequence (pretraining)
@@ -154,6 +159,7 @@ class StarConfig:
             _fail("drop_path_rate", self.drop_path_rate, "expected a value in [0, 1)")
         _choice("directions", self.directions, DIRECTIONS)
         _choice("init", self.init, INIT_SCHEMES)
+        _choice("attention", self.attention, ATTENTION_KERNELS)
         _choice("separator", self.separator, SEPARATORS)
         _choice("separator_position", self.separator_position, SEPARATOR_POSITIONS)
         _choice("separator_space", self.separator_space, SEPARATOR_SPACES)

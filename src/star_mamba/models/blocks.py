@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, SwiGLU
 from torch import Tensor, nn
@@ -52,6 +53,33 @@ class MambaMLPBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+def flex_block_mask(mask: Tensor):
+    """A FlexAttention ``BlockMask`` for the boolean (Lq, Lk) ``mask`` (True = may attend), on
+    ``mask``'s device: blocks that ``mask`` rules out entirely are skipped, not computed."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return mask[q_idx, kv_idx]
+
+    lq, lk = mask.shape
+    return create_block_mask(mask_mod, None, None, lq, lk, device=mask.device)
+
+
+_compiled_flex = None
+
+
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
+    """FlexAttention, compiled once per process on CUDA (eager on the CPU: forward only, the
+    unfused reference that the tests compare with SDPA)."""
+    global _compiled_flex
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    if q.device.type != "cuda":
+        return flex(q, k, v, block_mask=block_mask)
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex, dynamic=False)
+    return _compiled_flex(q, k, v, block_mask=block_mask)
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention from queries (B, Lq, D) to memory (B, Lk, D) through SDPA."""
 
@@ -70,11 +98,15 @@ class CrossAttention(nn.Module):
         k, v = self.kv(memory).reshape(b, -1, 2, h, d // h).permute(2, 0, 3, 1, 4)  # (B, h, Lk, d/h)
         return q, k, v
 
-    def forward(self, x: Tensor, memory: Tensor, mask: Optional[Tensor] = None) -> Tensor:
-        """mask: (Lq, Lk) bool, True = may attend."""
+    def forward(self, x: Tensor, memory: Tensor, mask=None) -> Tensor:
+        """mask: (Lq, Lk) bool, True = may attend (SDPA), or a FlexAttention ``BlockMask``
+        (:func:`flex_block_mask`)."""
         b, lq, d = x.shape
         q, k, v = self.heads(x, memory)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, Lq, d/h)
+        if mask is None or isinstance(mask, Tensor):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, Lq, d/h)
+        else:
+            out = flex_attention(q, k, v, mask)
         return self.proj(out.transpose(1, 2).reshape(b, lq, d))
 
     def attention_probs(self, x: Tensor, memory: Tensor, mask: Optional[Tensor] = None) -> Tensor:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ..config import StarConfig
 from .. import sequence as seq
 from .backbone import StarBackbone
-from .blocks import CrossAttentionBlock
+from .blocks import CrossAttentionBlock, flex_block_mask
 from .init import init_decoder_, init_separator_
 from .pos_embed import sincos_2d
 
@@ -161,13 +161,24 @@ class StarPretrain(nn.Module, PyTorchModelHubMixin, library_name="star-mamba",
         final, taps = self.encoder.forward_blocks(x, taps=self.cfg.taps)
         return [final if t == self.cfg.depth else f for t, f in zip(self.cfg.taps, taps)]
 
+    def decoder_mask(self):
+        """The decoder's block-causal mask: the (L, L) boolean buffer for SDPA, or, under
+        ``attention='flex'`` on CUDA, its FlexAttention block mask (built once per device;
+        elsewhere SDPA runs, as FlexAttention has no CPU backward)."""
+        if self.cfg.attention != "flex" or self.mask.device.type != "cuda":
+            return self.mask
+        cached = getattr(self, "_block_mask", None)
+        if cached is None or cached[0] != self.mask.device:
+            self._block_mask = (self.mask.device, flex_block_mask(self.mask))
+        return self._block_mask[1]
+
     def forward_decoder(self, taps: Sequence[Tensor]) -> Tensor:
         """n x (B, (T-1)*c^2, D) -> pred (B, T-1, c^2, p*p*C)."""
         cfg = self.cfg
         table = (self.dec_pos if self.sep_query_pos is None
                  else torch.cat([self.dec_pos, self.sep_query_pos.to(self.dec_pos.dtype)]))
         query_pos = table[self.query_index].unsqueeze(0)  # (1, (T-1)*c^2, Dd)
-        pred = self.decoder(taps, query_pos, self.mask)  # (B, (T-1)*c^2, P)
+        pred = self.decoder(taps, query_pos, self.decoder_mask())  # (B, (T-1)*c^2, P)
         return pred.reshape(pred.shape[0], cfg.num_segments - 1, cfg.tokens_per_segment, -1)
 
     def target_pixels(self, images: Tensor) -> Tensor:
