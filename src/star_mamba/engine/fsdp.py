@@ -44,10 +44,11 @@ def _fsdp():
     return fully_shard, MixedPrecisionPolicy
 
 
-def shard_model(model: nn.Module, param_dtype: Optional[torch.dtype]) -> nn.Module:
+def shard_model(model: nn.Module, param_dtype: Optional[torch.dtype]) -> int:
     """Shard ``model`` in place over the default process group: each of its
-    :data:`SHARD_UNITS` one unit, then the root. ``param_dtype``: the dtype parameters are
-    gathered in (bf16 under bf16 autocast; None keeps float32); gradients reduce in float32."""
+    :data:`SHARD_UNITS` one unit, then the root; returns the number of units. ``param_dtype``:
+    the dtype parameters are gathered in (bf16 under bf16 autocast; None keeps float32);
+    gradients reduce in float32."""
     fully_shard, MixedPrecisionPolicy = _fsdp()
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     units = [m for m in model.modules() if isinstance(m, SHARD_UNITS)]
@@ -58,11 +59,7 @@ def shard_model(model: nn.Module, param_dtype: Optional[torch.dtype]) -> nn.Modu
     # warns at every forward that an in-place op on one would skip its hook. No task of ours
     # writes into a model's outputs (their losses are out of place), so the warning is noise.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
-    return model
-
-
-def is_sharded(model: nn.Module) -> bool:
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+    return len(units)
 
 
 def _options(**kw):
@@ -132,4 +129,4 @@ def full_tensor(value: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = ["SHARD_UNITS", "full_model_state", "full_optimizer_state", "full_tensor",
-           "is_sharded", "keyed_by_name", "load_full_state", "name_keyed", "shard_model"]
+           "keyed_by_name", "load_full_state", "name_keyed", "shard_model"]

@@ -226,18 +226,20 @@ class Trainer:
         if not info.enabled:
             log.info("run.parallel=fsdp with one process: nothing to shard, trained as is")
             return False
-        why = ("this task's evaluation runs its model on rank 0 alone" if not task.shardable
-               else f"{', '.join(task.extras)} keeps a full copy of the weights (run.ema_decay="
-                    "null turns the EMA off)" if task.extras
-               else "fp16 needs a gradient scaler over the shards (run.amp=bf16 instead)"
-               if self.ctx.amp_dtype == torch.float16 else None)
+        why = None
+        if not task.shardable:
+            why = "this task's evaluation runs its model on rank 0 alone"
+        elif task.extras:
+            why = (f"{', '.join(task.extras)} keeps a full copy of the weights (run.ema_decay=null "
+                   "turns the EMA off)")
+        elif self.ctx.amp_dtype == torch.float16:
+            why = "fp16 needs a gradient scaler over the shards (run.amp=bf16 instead)"
         if why:
             raise ConfigError(f"invalid config: run.parallel=fsdp is not supported here: {why}; "
                               "or use run.parallel=ddp")
         param_dtype = self.ctx.amp_dtype if self.ctx.amp_dtype == torch.bfloat16 else None
-        fsdp.shard_model(self.model, param_dtype)
-        log.info(f"FSDP2: {len([m for m in self.model.modules() if isinstance(m, fsdp.SHARD_UNITS)])}"
-                 f" blocks sharded over {info.world_size} processes, parameters gathered in "
+        units = fsdp.shard_model(self.model, param_dtype)
+        log.info(f"FSDP2: {units} blocks sharded over {info.world_size} processes, parameters gathered in "
                  f"{param_dtype or torch.float32}, gradients reduced in float32")
         return True
 

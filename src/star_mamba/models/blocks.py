@@ -1,6 +1,7 @@
 """Residual blocks: the MambaMLP encoder block and the decoder's cross-attention block."""
 from __future__ import annotations
 
+import functools
 from typing import Optional, Sequence
 
 import torch
@@ -65,19 +66,19 @@ def flex_block_mask(mask: Tensor):
     return create_block_mask(mask_mod, None, None, lq, lk, device=mask.device)
 
 
-_compiled_flex = None
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention as flex
+    return torch.compile(flex, dynamic=False)
 
 
 def flex_attention(q: Tensor, k: Tensor, v: Tensor, block_mask) -> Tensor:
     """FlexAttention, compiled once per process on CUDA (eager on the CPU: forward only, the
     unfused reference that the tests compare with SDPA)."""
-    global _compiled_flex
-    from torch.nn.attention.flex_attention import flex_attention as flex
     if q.device.type != "cuda":
+        from torch.nn.attention.flex_attention import flex_attention as flex
         return flex(q, k, v, block_mask=block_mask)
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex, dynamic=False)
-    return _compiled_flex(q, k, v, block_mask=block_mask)
+    return _compiled_flex()(q, k, v, block_mask=block_mask)
 
 
 class CrossAttention(nn.Module):

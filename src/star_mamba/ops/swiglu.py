@@ -1,8 +1,8 @@
 """SwiGLU MLP in one autograd node: ``fc2(silu(x W_g^T + b_g) * (x W_x^T + b_x))``.
 
 timm's ``SwiGLU`` runs two input projections (``fc1_g``, ``fc1_x``) and keeps, for the backward,
-the input twice (and, under autocast, its low-precision copy twice), the gate, its SiLU, the
-value and their product: 4 hidden-width tensors and two of the input width per token. Here the
+the input, the gate, its SiLU, the value and their product: 4 hidden-width tensors and one of
+the input width per token (counted in ``tests/test_fused_ops.py``). Here the
 two projections are one GEMM over the concatenated weights (so the input is read, and cast,
 once) and the backward keeps only the input, in the compute dtype, and the projection's output
 ``h = [gate, value]``: 2 hidden-width tensors. The SiLU and the product are recomputed from ``h``
